@@ -1,0 +1,49 @@
+"""vrpo_fast: fast Variance-Reduced Preference Optimization (arXiv 2504.03784)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def _version() -> str:
+    for line in (ROOT / "vrpo_fast" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("__version__ not found in vrpo_fast/__init__.py")
+
+
+setup(
+    name="vrpo-fast",
+    version=_version(),
+    description="Triton-kernel-optimized trainer for Variance-Reduced Preference Optimization",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # The top-level kernels/ folder installs as `vrpo_fast.kernels`: a bare `kernels` would
+    # shadow Hugging Face's package of that name, which transformers probes for.
+    packages=["vrpo_fast", "vrpo_fast.kernels"]
+    + [f"vrpo_fast.{p}" for p in find_packages("vrpo_fast")],
+    package_dir={"vrpo_fast": "vrpo_fast", "vrpo_fast.kernels": "kernels"},
+    package_data={"vrpo_fast": ["py.typed"]},
+    install_requires=[
+        # 2.13.0 is the CPU build CI installs; current CUDA builds sit inside the range.
+        "torch>=2.6,<3",
+        "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=4.51,<6",
+        "tokenizers>=0.21",
+        "datasets>=3.0,<6",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "liger-kernel>=0.5"],
+        "vllm": ["vllm>=0.8"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["vrpo-fast=vrpo_fast.cli:main"]},
+)

@@ -1,0 +1,90 @@
+"""Tiny models and a byte-level tokenizer built from a config: no hub download needed.
+
+Used by the tests, `configs/tiny.yaml` and `vrpo-fast demo`. Real runs load a model path instead
+(`load_causal_lm`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vrpo_fast.errors import UserError
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+# A minimal chat template in the common role-tagged style; `add_generation_prompt` opens an
+# assistant turn so that sampled responses continue the prompt exactly.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_tokenizer(add_bos: bool = True):
+    """A byte-level BPE tokenizer with no merges (vocab = 256 bytes + <s>, </s>, <pad>).
+
+    Every string round-trips exactly; ids 0..2 are the special tokens. With `add_bos` the
+    tokenizer prepends <s> like Llama's does, which the data code must not duplicate.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {BOS: 0, EOS: 1, PAD: 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 0)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        add_bos_token=add_bos,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama_config(vocab_size: int = 259, hidden_size: int = 64, num_layers: int = 2,
+                      num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
+                      max_position_embeddings: int = 1024, tie_word_embeddings: bool = False,
+                      arch: str = "llama", **extra):
+    """A transformers config for a tiny Llama-style (or Qwen2-style, `arch="qwen2"`) model."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(arch)
+    if cls is None:
+        raise UserError(f"model.arch: unknown architecture {arch!r} (expected llama or qwen2)")
+    return cls(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        **extra,
+    )
+
+
+def build_tiny_causal_lm(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A randomly initialised tiny causal LM (deterministic under `seed`)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama_config(**config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(dtype)
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "model.path"):
+    """Load a causal LM from a local path or hub name, with one clear error if it cannot be."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what}: cannot load a causal LM from {path!r}: {first}") from None

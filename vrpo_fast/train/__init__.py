@@ -1,0 +1,1 @@
+"""Training loop, configs and checkpoints."""
