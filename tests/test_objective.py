@@ -52,8 +52,9 @@ def ref_loss_and_grad(pol, ref, g, beta, loss_type, estimator, h=1e-6):
     grad = [[0.0] * K for _ in range(B)]
     for i in range(B):
         for j in range(K):
-            up = list(pol[i]); up[j] += h
-            dn = list(pol[i]); dn[j] -= h
+            up, dn = list(pol[i]), list(pol[i])
+            up[j] += h
+            dn[j] -= h
             fp = ref_prompt_loss(up, ref[i], g[i], beta, loss_type, estimator)
             fm = ref_prompt_loss(dn, ref[i], g[i], beta, loss_type, estimator)
             grad[i][j] = (fp - fm) / (2 * h) / B

@@ -1,7 +1,8 @@
 """The VRPO objective (arXiv 2504.03784) and its plain DPO / Bradley-Terry special cases.
 
-Columns of the (B, 2 + 2M) inputs: chosen, rejected, a_11, a_12, ..., a_M1, a_M2. Pair 0 is the
-labelled pair (chosen, rejected); pair m >= 1 is the Monte Carlo pair (a_m1, a_m2) drawn from pi_ref.
+Columns of the (B, 2 + 2M) inputs: chosen, rejected, a_11, a_12, ..., a_M1, a_M2. Pair 0 is
+the labelled pair (chosen, rejected); pair m >= 1 is the Monte Carlo pair (a_m1, a_m2) drawn
+from pi_ref.
 With u_p the margin of pair p (beta * h for the one-stage form, a reward difference for the
 two-stage form), g_p = g(first beats second) and l the pairwise loss,
 
@@ -38,7 +39,7 @@ def pairwise_loss(u: torch.Tensor, loss_type: str, beta: float = 1.0) -> torch.T
         return (u / beta - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return F.relu(1 - u)
-    raise ValueError(f"loss_type: unknown {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
 
 
 def vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
@@ -72,7 +73,8 @@ def vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
     """
     _check_float(policy_logps, "policy_logps")
     if policy_logps.dim() != 2:
-        raise ValueError(f"policy_logps: expected (B, 2 + 2M), got shape {tuple(policy_logps.shape)}")
+        raise ValueError(
+            f"policy_logps: expected (B, 2 + 2M), got shape {tuple(policy_logps.shape)}")
     if ref_logps is None:
         ref_logps = torch.zeros_like(policy_logps)
     _check_float(ref_logps, "ref_logps")
@@ -107,6 +109,11 @@ def vrpo_reward_loss(rewards: torch.Tensor, aux_prefs: torch.Tensor, *,
                      check_inputs=check_inputs, name="rewards")
 
 
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: unknown {value!r}; expected one of {', '.join(choices)}")
+
+
 def _check_float(x, name):
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
@@ -125,12 +132,9 @@ def _estimate(rewards, aux_prefs, *, beta, loss_type, estimator, dro_tau, labell
     if aux_prefs.shape != (B, 1 + M):
         raise ValueError(f"aux_prefs: expected shape (B, 1 + M) = ({B}, {1 + M}) for {name} of "
                          f"shape {tuple(rewards.shape)}, got {tuple(aux_prefs.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: unknown {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator: unknown {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: unknown {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("estimator", estimator, ESTIMATORS)
+    _check_choice("reduction", reduction, REDUCTIONS)
     if dro_tau is not None and not dro_tau > 0:
         raise ValueError(f"dro_tau: must be > 0 or None, got {dro_tau}")
     if dro_tau is not None and reduction != "mean":
