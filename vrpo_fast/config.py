@@ -1,0 +1,363 @@
+"""Configs: dataclasses with a doc per field, loaded from YAML, overridden as --section.key=value.
+
+Every stage (sample, score, train, train-reward, train-rl, eval) reads the same file; each uses
+the sections it needs. Unknown keys, wrong types and impossible combinations are one-line
+`UserError`s naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vrpo_fast.errors import UserError
+
+
+def F(default, doc: str):
+    """A dataclass field with its documentation (shown by `vrpo-fast config-doc`)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = F(None, "Hugging Face model path or hub name of the policy's starting "
+                               "point (pi_ref unless ref.path says otherwise).")
+    tiny: dict | None = F(None, "Instead of a path: build a tiny Llama-style model from these "
+                                "config keys (see vrpo_fast.models.tiny_llama_config); for tests "
+                                "and the demo.")
+    tokenizer: str | None = F(None, "Tokenizer path or hub name; default model.path; 'byte' "
+                                    "is the built-in byte-level tokenizer.")
+    dtype: Literal["auto", "float32", "bfloat16"] = F(
+        "auto", "Parameter dtype. auto: float32 master weights (bf16 compute on GPU via FSDP2 "
+                "mixed precision).")
+    seed: int = F(0, "Initialisation seed of a tiny model.")
+
+
+@dataclass
+class RefConfig:
+    path: str | None = F(None, "pi_ref if different from model.path (e.g. an SFT checkpoint). "
+                               "Samples must come from this model.")
+    source: Literal["cache", "online", "none"] = F(
+        "cache", "Reference log-probs: from the data's ref_logps column (cache; computed once by "
+                 "`vrpo-fast score`), one no-grad packed pass per step (online), or none "
+                 "(reference-free).")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = F(None, "Training data: JSONL, Parquet, a saved datasets directory or "
+                               "a hub name.")
+    split: str = F("train", "Split to read from a datasets directory or hub name.")
+    eval_path: str | None = F(None, "Held-out data for evaluation.")
+    max_prompt_length: int | None = F(None, "Prompts longer than this keep their END.")
+    max_response_length: int | None = F(None, "Responses longer than this keep their START.")
+    max_length: int | None = F(None, "Rows whose prompt + response exceed this are bad rows.")
+    on_bad_row: Literal["error", "skip"] = F("error", "Bad rows stop the run (error) or are "
+                                                      "skipped and counted (skip).")
+    cache_dir: str | None = F(None, "Where tokenized data is cached (default: "
+                                    "<train.output_dir>/cache).")
+
+
+@dataclass
+class LossConfig:
+    beta: float = F(0.1, "KL strength beta: margins are beta * h.")
+    loss_type: Literal["sigmoid", "ramp", "ipo", "hinge"] = F("sigmoid", "Pairwise loss l(u).")
+    estimator: Literal["vrpo", "dpo"] = F("vrpo", "vrpo adds the control variate; dpo is the "
+                                                  "plain DPO loss on the labelled pair.")
+    dro_tau: float | None = F(None, "KL-DRO temperature over prompts (None: plain mean).")
+    num_mc_pairs: int | None = F(None, "M: Monte Carlo pairs per prompt to use (None: all the "
+                                       "data has; fewer uses the first M pairs).")
+
+
+@dataclass
+class AuxConfig:
+    mode: Literal["given", "lm", "lagged", "reward_model", "none"] = F(
+        "given", "Where g comes from: data columns (given), a second causal LM's implicit "
+                 "preference (lm), a frozen copy of the policy refreshed every refresh_every "
+                 "steps (lagged), a sequence-classification reward model (reward_model), or "
+                 "none (g = 1/2; only with estimator dpo).")
+    path: str | None = F(None, "Model path for mode lm / reward_model.")
+    beta: float = F(0.1, "beta_aux of mode lm and lagged: g = sigmoid(beta_aux * h_aux).")
+    refresh_every: int = F(50, "Mode lagged: steps between refreshes of the frozen copy.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = F("runs/vrpo", "Checkpoints, metrics.jsonl, the resolved config and "
+                                     "final/ (Hugging Face format).")
+    max_steps: int = F(100, "Optimizer steps.")
+    save_every: int = F(50, "Steps between checkpoints (0: only at the end).")
+    keep_last: int = F(2, "Complete checkpoints kept on disk.")
+    seed: int = F(0, "Seed of data order, dropout and everything random in training.")
+    batch_groups: int = F(8, "Prompt groups per optimizer step, over all ranks.")
+    micro_batch_groups: int = F(8, "Prompt groups per forward/backward on one rank.")
+    max_tokens: int | None = F(None, "Packing budget: tokens per packed row (None: one row per "
+                                     "micro-batch).")
+    lr: float = F(5e-7, "Peak learning rate.")
+    min_lr_ratio: float = F(0.1, "Cosine schedule floor, as a fraction of lr.")
+    warmup_steps: int = F(10, "Linear warmup steps.")
+    weight_decay: float = F(0.0, "AdamW weight decay.")
+    adam_betas: list = F([0.9, 0.95], "AdamW betas.")
+    grad_clip: float = F(1.0, "Clip the global gradient norm to this (0: off).")
+    activation_checkpointing: bool = F(False, "Recompute decoder layers in backward.")
+    compile: bool = F(False, "torch.compile each decoder layer.")
+    mixed_precision: Literal["auto", "bf16", "fp32"] = F(
+        "auto", "auto: bf16 params/compute with fp32 reduction on GPU, fp32 on CPU.")
+    max_bad_steps: int = F(5, "Stop after this many non-finite steps in a row.")
+    log_every: int = F(1, "Steps between console/metrics lines.")
+    tensorboard: bool = F(False, "Also log to TensorBoard (<output_dir>/tb).")
+    wandb_project: str | None = F(None, "Also log to this Weights & Biases project.")
+    shuffle: bool = F(True, "Reshuffle the data each epoch (seeded).")
+
+
+@dataclass
+class SampleConfig:
+    backend: Literal["auto", "vllm", "transformers"] = F(
+        "auto", "auto: vllm when it imports and a GPU is present, else transformers.")
+    num_samples: int = F(4, "2M: responses drawn per prompt (even).")
+    temperature: float = F(1.0, "Sampling temperature; VRPO needs samples FROM pi_ref: keep 1.")
+    top_p: float = F(1.0, "Nucleus sampling; < 1 changes the sampling distribution.")
+    max_new_tokens: int = F(128, "Longest response.")
+    seed: int = F(0, "Sampling seed.")
+    batch_size: int = F(16, "Prompts per generate call (transformers backend).")
+    shard_size: int = F(256, "Prompts per resumable output shard.")
+    tensor_parallel_size: int = F(1, "vLLM tensor parallelism.")
+    output: str | None = F(None, "Output directory of the sampled data set.")
+
+
+@dataclass
+class ScoreConfig:
+    input: str | None = F(None, "Sampled data set to score (default: sample.output).")
+    output: str | None = F(None, "Output directory of the scored data set.")
+    max_tokens: int = F(4096, "Packing budget per scoring pass.")
+    shard_size: int = F(256, "Prompts per resumable output shard.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes(config_cls=Config) -> dict[str, type]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats belong."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp in (dict, list):
+        if not isinstance(value, tp):
+            raise UserError(f"{key}: expected a {'mapping' if tp is dict else 'list'}, "
+                            f"got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            close = _closest(key, names)
+            hint = f" (did you mean {prefix}{close}?)" if close else ""
+            raise UserError(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _closest(key, names):
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(names), n=1)
+    return match[0] if match else None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['--train.max_steps=10', 'loss.beta=0.2'] -> {'train': {'max_steps': 10}, ...}."""
+    tree: dict = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise UserError(f"{item}: overrides are written --section.key=value")
+        dotted, value = text.split("=", 1)
+        section, key = dotted.split(".", 1)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            parsed = value
+        tree.setdefault(section, {})[key] = parsed
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                config_cls=Config) -> Config:
+    """Read a YAML config, apply overrides, check every key and type, then the combinations."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"--config: no such file {str(p)!r}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise UserError(f"--config: {p} is not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"--config: {p} must hold a mapping of sections")
+    for section, values in parse_overrides(overrides or []).items():
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"{section}: expected a mapping")
+        raw[section].update(values)
+    classes = _section_classes(config_cls)
+    kwargs = {}
+    for section, values in raw.items():
+        if section not in classes:
+            close = _closest(section, classes)
+            hint = f" (did you mean {close}?)" if close else ""
+            raise UserError(f"{section}: unknown section{hint}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise UserError(f"{section}: expected a mapping of keys, got {values!r}")
+        kwargs[section] = _build(classes[section], values, f"{section}.")
+    cfg = config_cls(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Impossible combinations, each named by the key to change."""
+    t, loss, aux = cfg.train, cfg.loss, cfg.aux
+    for key, value in [("train.max_steps", t.max_steps), ("train.batch_groups", t.batch_groups),
+                       ("train.micro_batch_groups", t.micro_batch_groups),
+                       ("train.keep_last", t.keep_last), ("train.max_bad_steps", t.max_bad_steps),
+                       ("train.log_every", t.log_every), ("sample.num_samples",
+                                                          cfg.sample.num_samples)]:
+        if value < 1:
+            raise UserError(f"{key}: must be >= 1, got {value}")
+    for key, value in [("train.save_every", t.save_every), ("train.warmup_steps", t.warmup_steps),
+                       ("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
+                       ("train.grad_clip", t.grad_clip)]:
+        if value < 0:
+            raise UserError(f"{key}: must be >= 0, got {value}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise UserError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
+                                         for b in t.adam_betas):
+        raise UserError(f"train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
+    if t.batch_groups % t.micro_batch_groups:
+        raise UserError(f"train.micro_batch_groups: {t.micro_batch_groups} does not divide "
+                        f"train.batch_groups = {t.batch_groups}")
+    if t.max_tokens is not None and t.max_tokens < 2:
+        raise UserError(f"train.max_tokens: must be >= 2, got {t.max_tokens}")
+    if loss.beta <= 0:
+        raise UserError(f"loss.beta: must be > 0, got {loss.beta}")
+    if loss.dro_tau is not None and loss.dro_tau <= 0:
+        raise UserError(f"loss.dro_tau: must be > 0, got {loss.dro_tau}")
+    if loss.num_mc_pairs is not None and loss.num_mc_pairs < 0:
+        raise UserError(f"loss.num_mc_pairs: must be >= 0, got {loss.num_mc_pairs}")
+    if aux.mode in ("lm", "reward_model") and not aux.path:
+        raise UserError(f"aux.path: required with aux.mode = {aux.mode}")
+    if aux.mode == "lagged" and aux.refresh_every < 1:
+        raise UserError(f"aux.refresh_every: must be >= 1 with aux.mode = lagged, got "
+                        f"{aux.refresh_every}")
+    if aux.mode == "none" and loss.estimator == "vrpo" and loss.num_mc_pairs != 0:
+        raise UserError("aux.mode: 'none' gives no g; use loss.estimator = dpo, "
+                        "loss.num_mc_pairs = 0, or an auxiliary model")
+    if aux.mode == "lm" and cfg.ref.source == "none":
+        raise UserError("aux.mode: 'lm' measures its implicit preference against pi_ref; "
+                        "ref.source = none gives no reference")
+    if model_missing(cfg):
+        raise UserError("model.path: set a model path (or model.tiny for a tiny test model)")
+    if cfg.model.path and cfg.model.tiny:
+        raise UserError("model.tiny: give either model.path or model.tiny, not both")
+    s = cfg.sample
+    if s.num_samples % 2:
+        raise UserError(f"sample.num_samples: must be even (2M), got {s.num_samples}")
+    if s.temperature <= 0:
+        raise UserError(f"sample.temperature: must be > 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise UserError(f"sample.top_p: must be in (0, 1], got {s.top_p}")
+    if s.max_new_tokens < 1:
+        raise UserError(f"sample.max_new_tokens: must be >= 1, got {s.max_new_tokens}")
+
+
+def model_missing(cfg: Config) -> bool:
+    return not cfg.model.path and not cfg.model.tiny
+
+
+def describe(config_cls=Config) -> str:
+    """Every key with its type, default and doc, as YAML comments (for `vrpo-fast config-doc`)."""
+    lines = []
+    for section, cls in _section_classes(config_cls).items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = str(hints[f.name]).replace("typing.", "")
+            lines.append(f"  # {f.metadata.get('doc', '')} [{tp}]")
+            lines.append(f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip()}"
+                         .replace("\n...", ""))
+        lines.append("")
+    return "\n".join(lines)
