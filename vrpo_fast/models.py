@@ -88,3 +88,35 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "m
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what}: cannot load a causal LM from {path!r}: {first}") from None
+
+
+def load_tokenizer(name: str | None, what: str = "model.tokenizer"):
+    """'byte' (or None with a tiny model) gives the built-in tokenizer; else AutoTokenizer."""
+    if name in (None, "byte"):
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what}: cannot load a tokenizer from {name!r}: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_from_config(cfg, which: str = "policy", dtype: torch.dtype = torch.float32):
+    """The policy's starting point (`which="policy"`) or pi_ref (`which="ref"`) of a Config.
+
+    pi_ref is ref.path when set, otherwise the same weights as the policy's starting point.
+    """
+    path = cfg.ref.path if which == "ref" and cfg.ref.path else cfg.model.path
+    what = "ref.path" if which == "ref" and cfg.ref.path else "model.path"
+    if path:
+        return load_causal_lm(path, dtype=dtype, what=what)
+    return build_tiny_causal_lm(seed=cfg.model.seed, dtype=dtype, **(cfg.model.tiny or {}))
+
+
+def tokenizer_from_config(cfg):
+    return load_tokenizer(cfg.model.tokenizer or cfg.model.path, "model.tokenizer")
