@@ -391,3 +391,17 @@ def test_vrpo_reduces_gradient_variance_as_m_grows():
     assert 0.9 < ratios[1] < 1.1, ratios
     assert ratios[4] < 0.85, ratios
     assert ratios[16] < ratios[4] - 0.03, ratios
+
+
+def test_implicit_and_reward_preference():
+    from vrpo_fast.objective import implicit_preference, reward_preference
+
+    pol, ref, _ = random_inputs(3, 2)
+    g = implicit_preference(pol, ref, 0.5)
+    for i in range(3):
+        for p in range(3):
+            h = (pol[i, 2 * p] - ref[i, 2 * p]) - (pol[i, 2 * p + 1] - ref[i, 2 * p + 1])
+            assert g[i, p].item() == pytest.approx(1 / (1 + math.exp(-0.5 * h.item())), rel=1e-6)
+    r = reward_preference(pol)
+    assert r[1, 2].item() == pytest.approx(
+        1 / (1 + math.exp(-(pol[1, 4] - pol[1, 5]).item())), rel=1e-6)

@@ -202,3 +202,22 @@ def _masked_mean(x, mask):
     if mask is None:
         return x.mean()
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def implicit_preference(logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                        beta: float) -> torch.Tensor:
+    """g of an auxiliary LM (or a lagged policy copy) from its implicit reward, never differentiated.
+
+    logps, ref_logps: (B, 2 + 2M) in the column order of `vrpo_loss` -> (B, 1 + M) with
+    g_p = sigmoid(beta * h_p), h_p the log-ratio margin of pair p against pi_ref.
+    """
+    r = logps.detach().float()
+    if ref_logps is not None:
+        r = r - ref_logps.detach().float()
+    return torch.sigmoid(beta * (r[:, 0::2] - r[:, 1::2]))
+
+
+def reward_preference(rewards: torch.Tensor) -> torch.Tensor:
+    """g of a reward model: (B, 2 + 2M) scores -> (B, 1 + M) sigmoid(r(y) - r(y'))."""
+    r = rewards.detach().float()
+    return torch.sigmoid(r[:, 0::2] - r[:, 1::2])
