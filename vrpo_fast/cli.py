@@ -16,6 +16,7 @@ from vrpo_fast.errors import UserError
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("vrpo_fast.data.cli", "validate a preference data set, one line per problem"),
+    "train": ("vrpo_fast.train.cli", "train a policy with VRPO (or DPO), resuming automatically"),
 }
 
 
@@ -28,34 +29,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vrpo-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        # Arguments are added lazily (see main) so --help does not import torch.
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    for name, (_module, help_text) in COMMANDS.items():
+        # Listed for --help only: main() hands a command's own arguments to its module, so
+        # `vrpo-fast --help` imports nothing heavy.
+        sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    top = parser.parse_args(argv)
-    if top.command is None:
+    if not argv or argv[0] not in COMMANDS:
+        parser = build_parser()
+        parser.parse_args(argv)  # --help, --version, or an "invalid choice" error (exit 2)
         parser.print_help()
         return 2
-    module = importlib.import_module(top._module)
-    sub = argparse.ArgumentParser(
-        prog=f"vrpo-fast {top.command}", description=COMMANDS[top.command][1]
-    )
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"vrpo-fast {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(top.rest)
+    args = sub.parse_args(rest)
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"vrpo-fast {top.command}: error: {err}", file=sys.stderr)
+        print(f"vrpo-fast {name}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"vrpo-fast {top.command}: interrupted", file=sys.stderr)
+        print(f"vrpo-fast {name}: interrupted", file=sys.stderr)
         return 130
 
 
