@@ -62,3 +62,12 @@ def test_every_field_is_documented():
     text = describe()
     assert "train:" in text and "  max_steps: 100" in text
     assert "# \n" not in text and "#  [" not in text  # no empty doc
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        load_config(path)
