@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"vrpo-fast {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(rest)
+    args, extra = sub.parse_known_args(rest)
+    if extra:
+        # Commands built on a config take --section.key=value overrides; others reject extras.
+        if not hasattr(args, "overrides"):
+            sub.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return int(module.run(args) or 0)
     except UserError as err:

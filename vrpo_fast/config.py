@@ -189,6 +189,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-3" (no dot) as a string; it is a number here.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -361,3 +367,15 @@ def describe(config_cls=Config) -> str:
                          .replace("\n...", ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def add_config_arguments(parser) -> None:
+    """--config FILE plus any number of --section.key=value overrides (the CLI hands every
+    argument it does not know to `overrides`)."""
+    parser.add_argument("--config", help="YAML config file (see configs/); any "
+                                         "--section.key=value after it overrides the file")
+    parser.set_defaults(overrides=[])
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, args.overrides)

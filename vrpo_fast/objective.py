@@ -206,7 +206,7 @@ def _masked_mean(x, mask):
 
 def implicit_preference(logps: torch.Tensor, ref_logps: torch.Tensor | None,
                         beta: float) -> torch.Tensor:
-    """g of an auxiliary LM (or a lagged policy copy) from its implicit reward, never differentiated.
+    """g of an auxiliary LM (or a lagged policy copy) from its implicit reward (not differentiated).
 
     logps, ref_logps: (B, 2 + 2M) in the column order of `vrpo_loss` -> (B, 1 + M) with
     g_p = sigmoid(beta * h_p), h_p the log-ratio margin of pair p against pi_ref.

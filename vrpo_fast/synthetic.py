@@ -4,7 +4,8 @@ Prompts are two letters and a marker, e.g. "ac>"; responses are short strings ov
 "abcd". Two annotator populations judge a pair:
   - population 1 (weight 0.7) likes responses with many copies of the prompt's FIRST letter;
   - population 2 (weight 0.3) likes the prompt's SECOND letter and dislikes length.
-The true preference P*(y beats y') = 0.7 sigmoid(s (r1(y) - r1(y'))) + 0.3 sigmoid(s (r2(y) - r2(y')))
+The true preference
+    P*(y beats y') = 0.7 sigmoid(s (r1(y) - r1(y'))) + 0.3 sigmoid(s (r2(y) - r2(y')))
 is a mixture of two Bradley-Terry models, which is not Bradley-Terry itself: the primary model of
 DPO is misspecified, as in the paper's controlled study. Everything is computable exactly, so the
 evaluator can judge with the truth.

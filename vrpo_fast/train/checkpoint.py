@@ -1,0 +1,121 @@
+"""Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of <output_dir>/checkpoints/:
+    step_00000050/            a complete checkpoint (DCP shards + .metadata, config.yaml,
+                              trainer_rank{r}.pt with scheduler, RNG states, step, skipped steps)
+    step_00000100.tmp/        a save in progress; never read, removed on the next start
+A save writes into the .tmp folder and is renamed only after every rank has finished, so a crash
+during a save leaves the previous checkpoint intact. Only the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from vrpo_fast.train.distributed import barrier
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
+    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+
+
+def remove_incomplete(output_dir: str | Path, is_main: bool) -> None:
+    root = checkpoint_root(output_dir)
+    if is_main and root.is_dir():
+        for p in root.iterdir():
+            if p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+    barrier()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, *, rank: int,
+                    keep_last: int, config_yaml: str, frozen: dict | None = None) -> Path:
+    """Write step_<step> atomically (see module docstring); returns its path.
+
+    `frozen`: name -> module of extra models whose weights are training state (a lagged copy).
+    """
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    state.update({name: get_model_state_dict(m) for name, m in (frozen or {}).items()})
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(extra, tmp / f"trainer_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        (tmp / "config.yaml").write_text(config_yaml)
+        if final.exists():  # an earlier run reached this step and crashed after the rename
+            shutil.rmtree(final)
+        tmp.rename(final)
+        done = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)),
+                      key=lambda p: p.name)
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, *, rank: int,
+                    frozen: dict | None = None) -> dict:
+    """Restore model, optimizer (and `frozen` models) in place; returns this rank's state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    state.update({name: get_model_state_dict(m) for name, m in (frozen or {}).items()})
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    for name, m in (frozen or {}).items():
+        set_model_state_dict(m, state[name])
+    return torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
+
+
+def full_model_state_dict(model) -> dict:
+    """Unsharded weights on CPU (rank 0 gets them; other ranks get an empty dict)."""
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

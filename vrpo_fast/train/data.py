@@ -1,0 +1,161 @@
+"""Training data: validated and tokenized once at start-up, then served as prompt groups.
+
+The order of groups is a pure function of (seed, step), so the data position of a checkpoint is
+its step and resume needs no iterator state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vrpo_fast.errors import UserError
+
+
+@dataclass
+class GroupBatch:
+    """Micro-batch of G prompt groups, each with K = 2 + 2M responses (chosen, rejected, a_*)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[list[int]]]
+    _aux: list | None
+    _ref: list | None
+    _labelled: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def has_aux(self) -> bool:
+        return all(a is not None for a in self._aux)
+
+    def aux_prefs(self, device) -> torch.Tensor:
+        return torch.tensor(self._aux, dtype=torch.float32, device=device)
+
+    def ref_logps(self, device) -> torch.Tensor:
+        return torch.tensor(self._ref, dtype=torch.float32, device=device)
+
+    def labelled_mask(self, device) -> torch.Tensor | None:
+        if all(self._labelled):
+            return None
+        return torch.tensor(self._labelled, dtype=torch.bool, device=device)
+
+
+class TrainingGroups:
+    """All tokenized groups, truncated to the M Monte Carlo pairs the loss uses."""
+
+    def __init__(self, examples, num_mc_pairs: int, eos_id: int):
+        self.num_mc_pairs = num_mc_pairs
+        K = 2 + 2 * num_mc_pairs
+        self.prompt_ids, self.response_ids, self.aux, self.ref, self.labelled = [], [], [], [], []
+        for ex in examples:
+            responses = list(ex.response_ids)
+            if not ex.labelled:
+                # Unlabelled prompts carry only Monte Carlo pairs; a one-token placeholder keeps
+                # K fixed, and the loss ignores it (labelled mask).
+                responses = [[eos_id], [eos_id]] + responses
+            self.prompt_ids.append(ex.prompt_ids)
+            self.response_ids.append(responses[:K])
+            self.aux.append(None if ex.aux_prefs is None else list(ex.aux_prefs[:1 + num_mc_pairs]))
+            ref = None if ex.ref_logps is None else list(ex.ref_logps)
+            if ref is not None and not ex.labelled:
+                ref = [0.0, 0.0] + ref
+            self.ref.append(None if ref is None else ref[:K])
+            self.labelled.append(bool(ex.labelled))
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, idx: list[int]) -> GroupBatch:
+        return GroupBatch([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx],
+                          [self.aux[i] for i in idx], [self.ref[i] for i in idx],
+                          [self.labelled[i] for i in idx])
+
+
+class GroupStream:
+    """Step -> global batch of group indices: consecutive slices of seeded epoch permutations."""
+
+    def __init__(self, n: int, batch_groups: int, *, seed: int, shuffle: bool = True):
+        self.n, self.batch_groups, self.seed, self.shuffle = n, batch_groups, seed, shuffle
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._perms[epoch] = torch.randperm(self.n, generator=gen).tolist()
+            else:
+                self._perms[epoch] = list(range(self.n))
+        return self._perms[epoch]
+
+    def global_indices(self, step: int) -> list[int]:
+        start = step * self.batch_groups
+        stop = start + self.batch_groups
+        return [self._perm(i // self.n)[i % self.n] for i in range(start, stop)]
+
+    def indices(self, step: int, rank: int, world_size: int) -> list[int]:
+        """This rank's share of step's global batch (contiguous, equal sizes)."""
+        g = self.global_indices(step)
+        per = len(g) // world_size
+        return g[rank * per:(rank + 1) * per]
+
+
+def load_training_groups(cfg, tokenizer, dist) -> tuple[TrainingGroups, object]:
+    """Load, validate (data.on_bad_row), check provenance and tokenize the training data."""
+    from vrpo_fast.data.load import load_preference_data
+    from vrpo_fast.data.tokenize import tokenize_dataset
+
+    d = cfg.data
+    if not d.path:
+        raise UserError("data.path: no training data given")
+    examples, report = load_preference_data(d.path, on_bad_row=d.on_bad_row, split=d.split,
+                                            tokenizer=tokenizer, max_length=d.max_length)
+    if dist.is_main and getattr(report, "skipped", 0):
+        print(f"data: skipped {report.skipped} bad rows of {d.path} (data.on_bad_row = skip)")
+    if not examples:
+        raise UserError(f"data.path: {d.path} holds no usable rows")
+    _check_provenance(cfg, d.path, tokenizer)
+    cache = d.cache_dir or f"{cfg.train.output_dir}/cache"
+    tokenized, stats = tokenize_dataset(examples, tokenizer, cache_dir=cache,
+                                        max_prompt_length=d.max_prompt_length,
+                                        max_response_length=d.max_response_length)
+    if dist.is_main and stats.get("truncated"):
+        print(f"data: truncated {stats['truncated']} rows (prompts keep their end, responses "
+              f"their start)")
+    available = min(len(ex.response_ids) - (2 if ex.labelled else 0) for ex in tokenized) // 2
+    M = available if cfg.loss.num_mc_pairs is None else cfg.loss.num_mc_pairs
+    if M > available:
+        raise UserError(f"loss.num_mc_pairs: {M} Monte Carlo pairs asked for, but the data has "
+                        f"{available} per prompt")
+    _check_columns(cfg, tokenized, M)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return TrainingGroups(tokenized, M, eos), report
+
+
+def _check_columns(cfg, tokenized, M) -> None:
+    uses_g = cfg.loss.estimator == "vrpo" and M > 0
+    for ex in tokenized:
+        if cfg.ref.source == "cache" and ex.ref_logps is None:
+            raise UserError(f"ref.source: 'cache' needs ref_logps in the data, row {ex.row} has "
+                            f"none: run `vrpo-fast score` first, or set ref.source=online")
+        if uses_g and cfg.aux.mode == "given" and ex.aux_prefs is None:
+            raise UserError(f"aux.mode: 'given' needs aux_prefs (g) in the data, row {ex.row} has "
+                            f"none: run `vrpo-fast score`, or choose aux.mode lm / lagged / "
+                            f"reward_model")
+        if not ex.labelled and (M == 0 or cfg.loss.estimator == "dpo"):
+            raise UserError(f"data.path: row {ex.row} is unlabelled, which only the vrpo "
+                            f"estimator with M >= 1 can use")
+
+
+def _check_provenance(cfg, path, tokenizer) -> None:
+    from pathlib import Path
+
+    root = Path(path)
+    prov = (root if root.is_dir() else root.parent) / "provenance.json"
+    if not prov.is_file():
+        return
+    from vrpo_fast.models import model_from_config
+    from vrpo_fast.provenance import check_provenance
+
+    check_provenance(prov.parent, model_from_config(cfg, "ref"), tokenizer)

@@ -1,0 +1,334 @@
+"""The VRPO training loop: lean FSDP2, packed shared-prefix steps, atomic checkpoints.
+
+    vrpo-fast train --config configs/tiny.yaml [--train.max_steps=20 ...]
+    torchrun --nproc-per-node 2 -m vrpo_fast.cli train --config configs/tiny.yaml
+
+One optimizer step = `train.batch_groups` prompt groups over all ranks, each group packed as its
+prompt once followed by its 2 + 2M responses; the policy runs forward/backward on the packed
+rows, the LM head only on response positions (fused log-prob kernel), and the loss is normalised
+by the global number of groups.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vrpo_fast.config import Config
+from vrpo_fast.errors import UserError
+from vrpo_fast.objective import implicit_preference, vrpo_loss
+from vrpo_fast.packing import pack_groups
+from vrpo_fast.train import checkpoint as ckpt
+from vrpo_fast.train.data import GroupStream, load_training_groups
+from vrpo_fast.train.distributed import Dist, all_reduce_, init_distributed
+from vrpo_fast.train.metrics import MetricsLogger, peak_flops
+from vrpo_fast.train.modules import SequenceLogps, SequenceRewards, shard
+
+
+def cosine_lr(step: int, cfg) -> float:
+    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist: Dist | None = None):
+        self.cfg = cfg
+        self.dist = dist or init_distributed()
+        self.device = self.dist.device
+        t = cfg.train
+        world = self.dist.world_size
+        if t.batch_groups % (world * t.micro_batch_groups):
+            raise UserError(f"train.batch_groups: {t.batch_groups} prompt groups do not split "
+                            f"into {world} ranks x train.micro_batch_groups = "
+                            f"{t.micro_batch_groups}")
+        self.local_groups = t.batch_groups // world
+        self.out = Path(t.output_dir)
+        self._seed_everything(t.seed)
+
+        from vrpo_fast.models import model_from_config, tokenizer_from_config
+
+        self.tokenizer = tokenizer_from_config(cfg)
+        self.groups, self.data_report = load_training_groups(cfg, self.tokenizer, self.dist)
+        self.M = self.groups.num_mc_pairs
+        self.stream = GroupStream(len(self.groups), t.batch_groups, seed=t.seed,
+                                  shuffle=t.shuffle)
+
+        on_gpu = self.device.type == "cuda"
+        mixed = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and on_gpu)
+        self.lm = model_from_config(cfg, "policy").to(self.device)
+        self.lm.config.use_cache = False
+        self.policy = shard(SequenceLogps(self.lm), self.lm, mixed_precision=mixed,
+                            activation_checkpointing=t.activation_checkpointing,
+                            compile_layers=t.compile)
+        self.ref = None
+        if cfg.ref.source == "online":
+            self.ref = self._frozen(SequenceLogps(model_from_config(cfg, "ref")), mixed)
+        self.aux = self._build_aux(mixed)
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
+            fused=on_gpu or None)
+        self.step = 0
+        self.skipped_total = 0
+        self.bad_in_row = 0
+        self.metrics = MetricsLogger(self.out, cfg, is_main=self.dist.is_main)
+        self._warned_margin = False
+        self._n_params = sum(p.numel() for p in self.lm.parameters())
+        self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _frozen(self, wrapper, mixed):
+        wrapper.to(self.device).eval().requires_grad_(False)
+        inner = getattr(wrapper, "lm", None) or wrapper.classifier
+        return shard(wrapper, inner, mixed_precision=mixed)
+
+    def _build_aux(self, mixed):
+        mode = self.cfg.aux.mode
+        if mode == "lm":
+            from vrpo_fast.models import load_causal_lm
+
+            return self._frozen(SequenceLogps(load_causal_lm(self.cfg.aux.path,
+                                                             what="aux.path")), mixed)
+        if mode == "reward_model":
+            from transformers import AutoModelForSequenceClassification
+
+            try:
+                rm = AutoModelForSequenceClassification.from_pretrained(
+                    self.cfg.aux.path, attn_implementation="sdpa")
+            except (OSError, ValueError) as err:
+                raise UserError(f"aux.path: cannot load a reward model from "
+                                f"{self.cfg.aux.path!r}: {str(err).splitlines()[0]}") from None
+            return self._frozen(SequenceRewards(rm), mixed)
+        if mode == "lagged":
+            from vrpo_fast.models import model_from_config
+
+            frozen = self._frozen(SequenceLogps(model_from_config(self.cfg, "policy")), mixed)
+            self._refresh_lagged(frozen)
+            return frozen
+        return None
+
+    @torch.no_grad()
+    def _refresh_lagged(self, frozen=None) -> None:
+        # Both are sharded identically, so copying local shards copies the whole model.
+        frozen = frozen or self.aux
+        for dst, src in zip(frozen.parameters(), self.policy.parameters()):
+            dst.copy_(src)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _preferences(self, batch, groups, ref_logps):
+        mode = self.cfg.aux.mode
+        if mode == "given" and groups.has_aux:
+            return groups.aux_prefs(self.device)
+        if mode in ("none", "given"):  # no g needed: estimator dpo or M = 0
+            return torch.full((batch.num_groups, 1 + self.M), 0.5, device=self.device)
+        with torch.no_grad():
+            if mode == "reward_model":
+                from vrpo_fast.objective import reward_preference
+
+                return reward_preference(self.aux(batch))
+            return implicit_preference(self.aux(batch), ref_logps, self.cfg.aux.beta)
+
+    def _micro_step(self, groups) -> tuple[torch.Tensor, dict, int]:
+        cfg = self.cfg
+        batch = pack_groups(groups.prompt_ids, groups.response_ids,
+                            max_tokens=cfg.train.max_tokens).to(self.device)
+        policy_logps = self.policy(batch)
+        if cfg.ref.source == "cache":
+            ref_logps = groups.ref_logps(self.device)
+        elif cfg.ref.source == "online":
+            with torch.no_grad():
+                ref_logps = self.ref(batch)
+        else:
+            ref_logps = None
+        g = self._preferences(batch, groups, ref_logps)
+        labelled = groups.labelled_mask(self.device)
+        # Inputs were validated when the data was loaded; value checks here would add host syncs.
+        common = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
+                      estimator=cfg.loss.estimator, labelled=labelled, check_inputs=False)
+        n = len(groups)
+        if cfg.loss.dro_tau is not None:
+            # KL-DRO weights are computed over each micro-batch, whose weighted sum is one
+            # micro-batch's share of the mean.
+            loss, stats = vrpo_loss(policy_logps, ref_logps, g, dro_tau=cfg.loss.dro_tau,
+                                    **common)
+            loss = loss * (n / self.local_groups)
+        else:
+            per_prompt, stats = vrpo_loss(policy_logps, ref_logps, g, reduction="none",
+                                          **common)
+            # FSDP averages gradients over ranks, so dividing by this rank's groups gives the
+            # mean over the global batch when every rank holds the same number of groups.
+            loss = per_prompt.sum() / self.local_groups
+        return loss, stats, batch.num_tokens
+
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.policy.train()
+        lr = cosine_lr(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        indices = self.stream.indices(self.step, self.dist.rank, self.dist.world_size)
+        micro = [indices[i:i + t.micro_batch_groups]
+                 for i in range(0, len(indices), t.micro_batch_groups)]
+        loss_sum = torch.zeros((), device=self.device)
+        stat_sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        start = time.perf_counter()
+        for i, idx in enumerate(micro):
+            # Reduce-scatter gradients only after the last micro-batch.
+            self.policy.set_requires_gradient_sync(i == len(micro) - 1)
+            loss, stats, ntok = self._micro_step(self.groups.select(idx))
+            loss.backward()
+            loss_sum += loss.detach()
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0) + v.float() / len(micro)
+            tokens += ntok
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_sum = all_reduce_(loss_sum) / self.dist.world_size
+        # Host sync (one per step): the skip decision needs the loss and the gradient norm.
+        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.bad_in_row = 0
+        else:
+            self.skipped_total += 1
+            self.bad_in_row += 1
+            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                          f"({self.bad_in_row} in a row)", stacklevel=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if cfg.aux.mode == "lagged" and self.step % cfg.aux.refresh_every == 0:
+            self._refresh_lagged()
+        elapsed = time.perf_counter() - start
+        tokens_t = all_reduce_(torch.tensor(float(tokens)))
+        record = {"step": self.step, "loss": loss_sum.item(), "lr": lr,
+                  "grad_norm": grad_norm.item(), "tokens": int(tokens_t.item()),
+                  "tokens_per_s": tokens_t.item() / max(elapsed, 1e-9),
+                  "skipped": int(not finite), "skipped_total": self.skipped_total}
+        for k, v in stat_sums.items():
+            record[k] = (all_reduce_(v.detach().clone()) / self.dist.world_size).item()
+        if self._peak_flops:
+            # 6 N per token for forward + backward of the policy (reference passes not counted).
+            record["mfu"] = 6 * self._n_params * record["tokens_per_s"] / (
+                self._peak_flops * self.dist.world_size)
+        self._check_margins(record)
+        return record
+
+    def _check_margins(self, record) -> None:
+        # With the sigmoid loss the VRPO objective is bounded below only through the Monte
+        # Carlo term; a long run on little data can drive margins off to infinity.
+        if not self._warned_margin and abs(record.get("margin", 0.0)) > 50:
+            self._warned_margin = True
+            warnings.warn(f"step {record['step']}: mean chosen-rejected margin "
+                          f"{record['margin']:.1f} is exploding; the sigmoid VRPO objective is "
+                          f"unbounded below on small data: consider loss.loss_type=ramp, a "
+                          f"smaller train.lr or fewer steps", stacklevel=1)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def resume_if_possible(self) -> None:
+        ckpt.remove_incomplete(self.out, self.dist.is_main)
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            return
+        state = ckpt.load_checkpoint(latest, self.policy, self.optimizer, rank=self.dist.rank,
+                                     frozen=self._frozen_state())
+        self.step = state["step"]
+        self.skipped_total = state["skipped_total"]
+        ckpt.set_rng_state(state["rng"])
+        self.metrics.truncate_after(self.step)
+        if self.dist.is_main:
+            print(f"resumed from {latest} at step {self.step}")
+
+    def _frozen_state(self) -> dict:
+        # The lagged copy is training state: it is not a function of the current weights.
+        return {"lagged": self.aux} if self.cfg.aux.mode == "lagged" else {}
+
+    def save(self) -> None:
+        if not self._weights_finite():
+            raise UserError(f"step {self.step}: weights are not finite; no checkpoint written "
+                            f"(the previous one is intact)")
+        extra = {"step": self.step, "skipped_total": self.skipped_total, "rng": ckpt.rng_state()}
+        ckpt.save_checkpoint(self.out, self.step, self.policy, self.optimizer, extra,
+                             rank=self.dist.rank, keep_last=self.cfg.train.keep_last,
+                             config_yaml=self.cfg.to_yaml(), frozen=self._frozen_state())
+
+    def _weights_finite(self) -> bool:
+        bad = torch.zeros((), device=self.device)
+        for p in self.policy.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).sum()
+        return all_reduce_(bad).item() == 0  # host sync: once per save
+
+    def save_final(self) -> Path:
+        """<output_dir>/final/: a Hugging Face model + tokenizer, written atomically."""
+        full = ckpt.full_model_state_dict(self.policy)
+        final = self.out / "final"
+        if self.dist.is_main:
+            from transformers import AutoModelForCausalLM
+
+            tmp = self.out / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            plain = AutoModelForCausalLM.from_config(self.lm.config)
+            plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
+            plain.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        from vrpo_fast.train.distributed import barrier
+
+        barrier()
+        return final
+
+    def fit(self) -> Path:
+        t = self.cfg.train
+        self.resume_if_possible()
+        self.metrics.start(self.step, t.max_steps, self._summary())
+        while self.step < t.max_steps:
+            record = self.train_step()
+            if record["skipped"] and self.bad_in_row >= t.max_bad_steps:
+                self.metrics.close()
+                raise UserError(f"step {self.step}: {self.bad_in_row} non-finite steps in a row "
+                                f"(train.max_bad_steps = {t.max_bad_steps}); stopping. Lower "
+                                f"train.lr, use loss.loss_type=ramp, or check the data")
+            self.metrics.log(record)
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+                self.save()
+        self.metrics.close()
+        return self.save_final()
+
+    def _summary(self) -> str:
+        return (f"policy: {self._n_params / 1e6:.2f}M parameters on {self.device} x "
+                f"{self.dist.world_size}; {len(self.groups)} prompt groups, M = {self.M} "
+                f"Monte Carlo pairs ({2 + 2 * self.M} responses per group); "
+                f"{self.cfg.train.batch_groups} groups per step; loss {self.cfg.loss.loss_type}"
+                f"/{self.cfg.loss.estimator}, g: {self.cfg.aux.mode}, "
+                f"reference: {self.cfg.ref.source}")
+
+
+def train(cfg: Config) -> Path:
+    """Run (or resume) the training job of `cfg`; returns the final model's folder."""
+    trainer = Trainer(cfg)
+    return trainer.fit()
