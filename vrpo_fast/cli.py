@@ -16,6 +16,10 @@ from vrpo_fast.errors import UserError
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("vrpo_fast.data.cli", "validate a preference data set, one line per problem"),
+    "sample": ("vrpo_fast.sample", "draw 2M responses per prompt from pi_ref (vLLM or "
+                                   "transformers)"),
+    "score": ("vrpo_fast.score", "reference log-probs and g for every response, one packed pass "
+                                 "per group"),
     "train": ("vrpo_fast.train.cli", "train a policy with VRPO (or DPO), resuming automatically"),
 }
 

@@ -125,10 +125,12 @@ def _datasets_rows(ds):
 
 
 def validate_file(path: str, *, tokenizer=None, max_length: int | None = None,
-                  split: str = "train") -> tuple[list[PreferenceExample], ValidationReport]:
+                  split: str = "train", prompts_only: bool = False
+                  ) -> tuple[list[PreferenceExample], ValidationReport]:
     """Every row checked; returns the valid examples and a report of every problem."""
     unit, rows = load_rows(path, split=split)
-    validator = RowValidator(unit=unit, tokenizer=tokenizer, max_length=max_length)
+    validator = RowValidator(unit=unit, tokenizer=tokenizer, max_length=max_length,
+                             prompts_only=prompts_only)
     report = ValidationReport(source=str(path))
     examples = []
     for number, raw in rows:
@@ -143,13 +145,14 @@ def validate_file(path: str, *, tokenizer=None, max_length: int | None = None,
 
 
 def load_preference_data(path: str, *, on_bad_row: str = "error", tokenizer=None,
-                         max_length: int | None = None, split: str = "train"):
+                         max_length: int | None = None, split: str = "train",
+                         prompts_only: bool = False):
     """Load and validate; bad rows stop with the same lines `check-data` prints (error) or are
-    dropped and counted in the report (skip)."""
+    dropped and counted in the report (skip). `prompts_only`: rows may hold a prompt alone."""
     if on_bad_row not in ("error", "skip"):
         raise UserError(f"data.on_bad_row: {on_bad_row!r} is not 'error' or 'skip'")
     examples, report = validate_file(path, tokenizer=tokenizer, max_length=max_length,
-                                     split=split)
+                                     split=split, prompts_only=prompts_only)
     if report.bad_rows:
         if on_bad_row == "error":
             shown = "; ".join(str(p) for p in report.problems[:5])

@@ -74,8 +74,11 @@ class RowValidator:
     """Checks rows one by one; remembers the sample count of the first good row so that a row
     with a different number of samples is caught."""
 
-    def __init__(self, *, unit: str = "line", tokenizer=None, max_length: int | None = None):
+    def __init__(self, *, unit: str = "line", tokenizer=None, max_length: int | None = None,
+                 prompts_only: bool = False):
         self.unit, self.tokenizer, self.max_length = unit, tokenizer, max_length
+        # The sampling stage reads prompts: rows without any response are fine there.
+        self.prompts_only = prompts_only
         self.expected_samples: int | None = None
 
     def check(self, raw, row: int) -> tuple[PreferenceExample | None, list[Problem]]:
@@ -101,7 +104,7 @@ class RowValidator:
         labelled = chosen is not None or rejected is not None
         if (msg := _text_problem(prompt)) is not None:
             bad("prompt", msg)
-        if labelled or not samples:
+        if labelled or not (samples or self.prompts_only):
             for name, value in (("chosen", chosen), ("rejected", rejected)):
                 if (msg := _text_problem(value)) is not None:
                     bad(name, msg)
