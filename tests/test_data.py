@@ -147,8 +147,15 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path, capsys):
 
 
 def test_hub_name_unreachable_is_a_clear_error(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Offline mode makes the lookup fail at once instead of waiting on the network; the flags
+    # are read at import time, so set the module constants too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(UserError, match=r"data.path: cannot load 'someone/no-such-set' from "
                                         r"the Hugging Face hub"):
         load_preference_data("someone/no-such-set")

@@ -24,6 +24,7 @@ import torch
 from vrpo_fast.config import Config
 from vrpo_fast.errors import UserError
 from vrpo_fast.objective import implicit_preference, vrpo_loss
+from vrpo_fast.ops import per_prompt_vrpo_loss
 from vrpo_fast.packing import pack_groups
 from vrpo_fast.train import checkpoint as ckpt
 from vrpo_fast.train.data import GroupStream, load_training_groups
@@ -173,8 +174,18 @@ class Trainer:
                                     **common)
             loss = loss * (n / self.local_groups)
         else:
-            per_prompt, stats = vrpo_loss(policy_logps, ref_logps, g, reduction="none",
-                                          **common)
+            if labelled is None and policy_logps.is_cuda:
+                # The fused loss kernel; the statistics come from the reference formula on
+                # detached values (B x K numbers).
+                per_prompt = per_prompt_vrpo_loss(policy_logps, ref_logps, g,
+                                                  beta=cfg.loss.beta,
+                                                  loss_type=cfg.loss.loss_type,
+                                                  estimator=cfg.loss.estimator)
+                _, stats = vrpo_loss(policy_logps.detach(), ref_logps, g, reduction="none",
+                                     **common)
+            else:
+                per_prompt, stats = vrpo_loss(policy_logps, ref_logps, g, reduction="none",
+                                              **common)
             # FSDP averages gradients over ranks, so dividing by this rank's groups gives the
             # mean over the global batch when every rank holds the same number of groups.
             loss = per_prompt.sum() / self.local_groups
