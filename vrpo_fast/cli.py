@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("vrpo_fast.score", "reference log-probs and g for every response, one packed pass "
                                  "per group"),
     "train": ("vrpo_fast.train.cli", "train a policy with VRPO (or DPO), resuming automatically"),
+    "demo": ("vrpo_fast.demo", "VRPO beside DPO on a synthetic non-Bradley-Terry task (CPU, "
+                               "minutes)"),
+    "eval": ("vrpo_fast.evaluate", "win rate against a baseline under a judge, reward and KL"),
 }
 
 

@@ -44,7 +44,7 @@ def cosine_lr(step: int, cfg) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist: Dist | None = None):
+    def __init__(self, cfg: Config, dist: Dist | None = None, *, quiet: bool = False):
         self.cfg = cfg
         self.dist = dist or init_distributed()
         self.device = self.dist.device
@@ -85,7 +85,7 @@ class Trainer:
         self.step = 0
         self.skipped_total = 0
         self.bad_in_row = 0
-        self.metrics = MetricsLogger(self.out, cfg, is_main=self.dist.is_main)
+        self.metrics = MetricsLogger(self.out, cfg, is_main=self.dist.is_main, quiet=quiet)
         self._warned_margin = False
         self._n_params = sum(p.numel() for p in self.lm.parameters())
         self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
@@ -339,7 +339,8 @@ class Trainer:
                 f"reference: {self.cfg.ref.source}")
 
 
-def train(cfg: Config) -> Path:
-    """Run (or resume) the training job of `cfg`; returns the final model's folder."""
-    trainer = Trainer(cfg)
+def train(cfg: Config, *, quiet: bool = False) -> Path:
+    """Run (or resume) the training job of `cfg`; returns the final model's folder.
+    `quiet` keeps the progress bar but not the resolved config (it is still saved)."""
+    trainer = Trainer(cfg, quiet=quiet)
     return trainer.fit()

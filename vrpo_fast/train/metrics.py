@@ -20,8 +20,8 @@ def peak_flops(device_name: str) -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, out: Path, cfg, *, is_main: bool):
-        self.out, self.cfg, self.is_main = Path(out), cfg, is_main
+    def __init__(self, out: Path, cfg, *, is_main: bool, quiet: bool = False):
+        self.out, self.cfg, self.is_main, self.quiet = Path(out), cfg, is_main, quiet
         self.path = self.out / "metrics.jsonl"
         self.bar = self.tb = self.wandb = None
 
@@ -31,8 +31,9 @@ class MetricsLogger:
         self.out.mkdir(parents=True, exist_ok=True)
         resolved = self.cfg.to_yaml()
         (self.out / "config.yaml").write_text(resolved)
-        print("resolved config:\n" + "\n".join("  " + line for line in resolved.splitlines()))
-        print(summary)
+        if not self.quiet:
+            print("resolved config:\n" + "\n".join("  " + line for line in resolved.splitlines()))
+            print(summary)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=max_steps, initial=step, desc="train", unit="step",
