@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vrpo_fast.cli import main as cli_main
+from vrpo_fast.errors import UserError
 from vrpo_fast.evaluate import (
     CallableJudge,
     Estimate,
@@ -15,7 +16,6 @@ from vrpo_fast.evaluate import (
     make_judge,
     win_rate,
 )
-from vrpo_fast.errors import UserError
 from vrpo_fast.models import build_tiny_causal_lm
 from vrpo_fast.synthetic import SyntheticTask
 
