@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vrpo_fast.train.cli", "train a policy with VRPO (or DPO), resuming automatically"),
     "demo": ("vrpo_fast.demo", "VRPO beside DPO on a synthetic non-Bradley-Terry task (CPU, "
                                "minutes)"),
+    "bench": ("vrpo_fast.bench", "run the benchmark suite and print the table"),
     "eval": ("vrpo_fast.evaluate", "win rate against a baseline under a judge, reward and KL"),
 }
 
