@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vrpo_fast.demo", "VRPO beside DPO on a synthetic non-Bradley-Terry task (CPU, "
                                "minutes)"),
     "bench": ("vrpo_fast.bench", "run the benchmark suite and print the table"),
+    "train-reward": ("vrpo_fast.train.reward", "two-stage VRPO, stage 1: a variance-reduced "
+                                               "reward model"),
+    "train-rl": ("vrpo_fast.train.rloo", "two-stage VRPO, stage 2: RLOO against the reward "
+                                         "model, KL to pi_ref"),
     "eval": ("vrpo_fast.evaluate", "win rate against a baseline under a judge, reward and KL"),
 }
 

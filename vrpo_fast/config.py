@@ -142,6 +142,19 @@ class ScoreConfig:
 
 
 @dataclass
+class RLConfig:
+    reward_model: str | None = F(None, "`vrpo-fast train-rl`: the reward model scoring the "
+                                       "policy's samples (a sequence-classification folder, "
+                                       "e.g. the final/ of `vrpo-fast train-reward`).")
+    num_samples: int = F(4, "k: on-policy samples per prompt and step; RLOO's leave-one-out "
+                            "baseline needs k >= 2.")
+    kl_coef: float = F(0.05, "KL penalty to pi_ref: reward - kl_coef * (log pi - log pi_ref) "
+                             "per sequence.")
+    max_new_tokens: int = F(64, "Longest sampled response.")
+    temperature: float = F(1.0, "Sampling temperature of the on-policy samples.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ref: RefConfig = field(default_factory=RefConfig)
@@ -151,6 +164,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -347,6 +361,13 @@ def validate(cfg: Config) -> None:
         raise UserError(f"sample.top_p: must be in (0, 1], got {s.top_p}")
     if s.max_new_tokens < 1:
         raise UserError(f"sample.max_new_tokens: must be >= 1, got {s.max_new_tokens}")
+    rl = cfg.rl
+    if rl.num_samples < 2:
+        raise UserError(f"rl.num_samples: RLOO needs k >= 2 samples per prompt, got "
+                        f"{rl.num_samples}")
+    if rl.kl_coef < 0 or rl.temperature <= 0 or rl.max_new_tokens < 1:
+        raise UserError("rl.kl_coef: must be >= 0 (and rl.temperature > 0, "
+                        "rl.max_new_tokens >= 1)")
 
 
 def model_missing(cfg: Config) -> bool:

@@ -61,16 +61,15 @@ class Trainer:
         from vrpo_fast.models import model_from_config, tokenizer_from_config
 
         self.tokenizer = tokenizer_from_config(cfg)
-        self.groups, self.data_report = load_training_groups(cfg, self.tokenizer, self.dist)
-        self.M = self.groups.num_mc_pairs
+        self.load_data()
         self.stream = GroupStream(len(self.groups), t.batch_groups, seed=t.seed,
                                   shuffle=t.shuffle)
 
         on_gpu = self.device.type == "cuda"
         mixed = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and on_gpu)
-        self.lm = model_from_config(cfg, "policy").to(self.device)
+        self.lm = self.build_model().to(self.device)
         self.lm.config.use_cache = False
-        self.policy = shard(SequenceLogps(self.lm), self.lm, mixed_precision=mixed,
+        self.policy = shard(self.wrap(self.lm), self.lm, mixed_precision=mixed,
                             activation_checkpointing=t.activation_checkpointing,
                             compile_layers=t.compile)
         self.ref = None
@@ -90,7 +89,22 @@ class Trainer:
         self._n_params = sum(p.numel() for p in self.lm.parameters())
         self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
 
-    # -- set-up ------------------------------------------------------------------------------
+    # -- set-up (the two-stage trainers override these four) ---------------------------------
+
+    export_class = "AutoModelForCausalLM"    # the Hugging Face class of <output_dir>/final
+
+    def load_data(self) -> None:
+        self.groups, self.data_report = load_training_groups(self.cfg, self.tokenizer,
+                                                             self.dist)
+        self.M = self.groups.num_mc_pairs
+
+    def build_model(self):
+        from vrpo_fast.models import model_from_config
+
+        return model_from_config(self.cfg, "policy")
+
+    def wrap(self, model):
+        return SequenceLogps(model)
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -120,9 +134,7 @@ class Trainer:
                                 f"{self.cfg.aux.path!r}: {str(err).splitlines()[0]}") from None
             return self._frozen(SequenceRewards(rm), mixed)
         if mode == "lagged":
-            from vrpo_fast.models import model_from_config
-
-            frozen = self._frozen(SequenceLogps(model_from_config(self.cfg, "policy")), mixed)
+            frozen = self._frozen(self.wrap(self.build_model()), mixed)
             self._refresh_lagged(frozen)
             return frozen
         return None
@@ -162,11 +174,16 @@ class Trainer:
         else:
             ref_logps = None
         g = self._preferences(batch, groups, ref_logps)
-        labelled = groups.labelled_mask(self.device)
+        loss, stats = self._loss(policy_logps, ref_logps, g, groups.labelled_mask(self.device),
+                                 len(groups))
+        return loss, stats, batch.num_tokens
+
+    def _loss(self, policy_logps, ref_logps, g, labelled, n):
+        """This micro-batch's share of the global mean loss, and its statistics."""
+        cfg = self.cfg
         # Inputs were validated when the data was loaded; value checks here would add host syncs.
         common = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
                       estimator=cfg.loss.estimator, labelled=labelled, check_inputs=False)
-        n = len(groups)
         if cfg.loss.dro_tau is not None:
             # KL-DRO weights are computed over each micro-batch, whose weighted sum is one
             # micro-batch's share of the mean.
@@ -189,7 +206,7 @@ class Trainer:
             # FSDP averages gradients over ranks, so dividing by this rank's groups gives the
             # mean over the global batch when every rank holds the same number of groups.
             loss = per_prompt.sum() / self.local_groups
-        return loss, stats, batch.num_tokens
+        return loss, stats
 
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -298,12 +315,13 @@ class Trainer:
         full = ckpt.full_model_state_dict(self.policy)
         final = self.out / "final"
         if self.dist.is_main:
-            from transformers import AutoModelForCausalLM
+            import transformers
 
             tmp = self.out / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            plain = AutoModelForCausalLM.from_config(self.lm.config)
-            plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
+            plain = getattr(transformers, self.export_class).from_config(self.lm.config)
+            prefix = next(iter(full)).split(".")[0] + "."    # the wrapper's attribute name
+            plain.load_state_dict({k.removeprefix(prefix): v for k, v in full.items()})
             plain.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""Two-stage VRPO, stage 1: `vrpo-fast train-reward --config X.yaml`.
+
+A reward model r = a causal LM body with a scalar head (transformers' sequence-classification
+models, num_labels = 1) scores every response at its last token; all 2 + 2M responses of a
+prompt go through ONE packed shared-prefix forward. The loss is `vrpo_reward_loss` (margins
+u = r(y) - r(y')), with g from the data (given), a lagged copy of the reward model
+(g = sigmoid(r_lag(y) - r_lag(y'))) or an auxiliary LM (lm). The loop, checkpoints, resume,
+metrics and faults are the policy trainer's. <output_dir>/final/ is a Hugging Face
+sequence-classification model that other RLHF tools load as a reward model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from vrpo_fast.errors import UserError
+from vrpo_fast.objective import reward_preference, vrpo_reward_loss
+from vrpo_fast.train.loop import Trainer
+from vrpo_fast.train.modules import SequenceRewards
+
+
+def build_reward_model(cfg, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    if cfg.model.path:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.model.path, num_labels=1, attn_implementation="sdpa")
+        except (OSError, ValueError) as err:
+            raise UserError(f"model.path: cannot load a reward model from {cfg.model.path!r}: "
+                            f"{str(err).splitlines()[0]}") from None
+    else:
+        from vrpo_fast.models import tiny_llama_config
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.model.seed)
+            model = AutoModelForSequenceClassification.from_config(
+                tiny_llama_config(num_labels=1, **(cfg.model.tiny or {})),
+                attn_implementation="sdpa")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+class RewardTrainer(Trainer):
+    export_class = "AutoModelForSequenceClassification"
+
+    def __init__(self, cfg, *args, **kwargs):
+        if cfg.loss.loss_type == "ipo":
+            raise UserError("loss.loss_type: 'ipo' is a policy loss; a reward model uses "
+                            "sigmoid, ramp or hinge")
+        if cfg.aux.mode != "lm" and cfg.ref.source != "none":
+            # Only an auxiliary LM's implicit preference needs pi_ref's log-probs.
+            cfg = dataclasses.replace(cfg, ref=dataclasses.replace(cfg.ref, source="none"))
+        super().__init__(cfg, *args, **kwargs)
+
+    def build_model(self):
+        return build_reward_model(self.cfg, self.tokenizer)
+
+    def wrap(self, model):
+        return SequenceRewards(model)
+
+    def _preferences(self, batch, groups, ref_logps):
+        if self.cfg.aux.mode == "lagged":
+            with torch.no_grad():
+                return reward_preference(self.aux(batch))
+        return super()._preferences(batch, groups, ref_logps)
+
+    def _loss(self, rewards, ref_logps, g, labelled, n):
+        cfg = self.cfg
+        common = dict(loss_type=cfg.loss.loss_type, estimator=cfg.loss.estimator,
+                      labelled=labelled, check_inputs=False)
+        if cfg.loss.dro_tau is not None:
+            loss, stats = vrpo_reward_loss(rewards, g, dro_tau=cfg.loss.dro_tau, **common)
+            return loss * (n / self.local_groups), stats
+        per_prompt, stats = vrpo_reward_loss(rewards, g, reduction="none", **common)
+        return per_prompt.sum() / self.local_groups, stats
+
+
+def train_reward(cfg, *, quiet: bool = False):
+    return RewardTrainer(cfg, quiet=quiet).fit()
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, examples, *, max_tokens: int = 4096) -> torch.Tensor:
+    """(B, K) scores of every response of each example (one packed pass per batch)."""
+    from vrpo_fast.data.tokenize import tokenize_example
+    from vrpo_fast.score import packed_scores
+    from vrpo_fast.score import reward_scores as packed_reward_scores
+
+    tok = [tokenize_example(ex, tokenizer) for ex in examples]
+    groups = [(t.prompt_ids, t.response_ids) for t in tok]
+    return torch.tensor(packed_scores(
+        lambda p, r, b: packed_reward_scores(model, p, r, b), groups, max_tokens))
+
+
+def evaluate_reward_model(model, tokenizer, examples, *, true_preference=None,
+                          bins: int = 10) -> dict:
+    """Pairwise accuracy on held-out labelled pairs, a reliability table (predicted
+    P(chosen > rejected) against the observed frequency), and, when the true preference is
+    known, accuracy against it: how often sign(r(y) - r(y')) agrees with P*(y, y') > 1/2."""
+    labelled = [ex for ex in examples if ex.labelled]
+    if not labelled:
+        raise UserError("reward evaluation needs labelled pairs (chosen, rejected)")
+    scores = reward_scores(model.eval(), tokenizer, labelled)
+    p = torch.sigmoid(scores[:, 0] - scores[:, 1])
+    report = {"pairs": len(labelled), "accuracy": (p > 0.5).float().mean().item()}
+    # Reliability: in each bin of predicted probability, how often the chosen one won.
+    table = []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        # Predictions are symmetric: a pair predicted q for chosen is 1 - q for rejected.
+        preds = torch.cat([p, 1 - p])
+        outcome = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
+        inside = (preds >= lo) & ((preds < hi) if b < bins - 1 else (preds <= hi))
+        if inside.any():
+            table.append({"bin": [lo, hi], "predicted": preds[inside].mean().item(),
+                          "observed": outcome[inside].mean().item(),
+                          "count": int(inside.sum())})
+    report["reliability"] = table
+    report["ece"] = sum(abs(t["predicted"] - t["observed"]) * t["count"] for t in table) / (
+        2 * len(labelled))
+    if true_preference is not None:
+        agree = []
+        for ex, s in zip(labelled, scores):
+            truth = true_preference(ex.prompt, ex.chosen, ex.rejected)
+            if not math.isclose(truth, 0.5):
+                agree.append(float((s[0] > s[1]).item() == (truth > 0.5)))
+        report["accuracy_vs_truth"] = sum(agree) / max(1, len(agree))
+    return report
+
+
+def reliability_plot(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.plot([t["predicted"] for t in report["reliability"]],
+            [t["observed"] for t in report["reliability"]], "o-")
+    ax.set_xlabel("predicted P(y beats y')")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"reliability (ECE {report['ece']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    from vrpo_fast.config import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    from vrpo_fast.config import config_from_args
+
+    final = train_reward(config_from_args(args))
+    print(f"reward model: {final}")
+    return 0
+
+
+@torch.no_grad()
+def best_of_n(policy, reward_model, tokenizer, prompts: list[str], n: int, *, seed: int = 0,
+              max_new_tokens: int = 64) -> list[str]:
+    """For each prompt, n samples from `policy`, returning the one the reward model scores
+    highest (all n scored in one packed pass per prompt batch)."""
+    from vrpo_fast.evaluate import draw
+    from vrpo_fast.score import packed_scores
+    from vrpo_fast.score import reward_scores as packed_reward_scores
+
+    texts, prompt_ids, ids = draw(policy, tokenizer, prompts, n, seed=seed,
+                                  max_new_tokens=max_new_tokens)
+    eos = tokenizer.eos_token_id
+    groups = [(p, [r if r else [eos] for r in per]) for p, per in zip(prompt_ids, ids)]
+    scores = torch.tensor(packed_scores(
+        lambda p, r, b: packed_reward_scores(reward_model.eval(), p, r, b), groups, 4096))
+    return [per[i] for per, i in zip(texts, scores.argmax(dim=1).tolist())]

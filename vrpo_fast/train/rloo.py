@@ -1,0 +1,134 @@
+"""Two-stage VRPO, stage 2: `vrpo-fast train-rl --config X.yaml`, RLOO against a reward model.
+
+REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024): each step draws k samples per
+prompt from the current policy (the project's sampler), scores them with the reward model
+(rl.reward_model, e.g. the output of `vrpo-fast train-reward`) and penalises the KL to pi_ref:
+
+    r_i = R(x, y_i) - kl_coef (log pi(y_i|x) - log pi_ref(y_i|x))
+    A_i = r_i - mean_{j != i} r_j,          loss = -mean_i A_i log pi(y_i|x)
+
+The k samples share their prompt, so the policy, reference and reward-model passes are each one
+packed shared-prefix forward. The loop, checkpoints, resume and metrics are the policy trainer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vrpo_fast.errors import UserError
+from vrpo_fast.packing import pack_groups
+from vrpo_fast.train.loop import Trainer
+from vrpo_fast.train.modules import SequenceRewards
+
+
+class PromptGroups:
+    """Prompts only: the responses are drawn on-policy every step."""
+
+    num_mc_pairs = 0
+
+    def __init__(self, prompt_ids):
+        self.prompt_ids = prompt_ids
+
+    def __len__(self):
+        return len(self.prompt_ids)
+
+    def select(self, idx):
+        return PromptGroups([self.prompt_ids[i] for i in idx])
+
+
+class RLOOTrainer(Trainer):
+    def __init__(self, cfg, *args, **kwargs):
+        if not cfg.rl.reward_model:
+            raise UserError("rl.reward_model: train-rl needs a reward model folder")
+        # The policy's own samples need fresh reference log-probs; there is no cache of them.
+        cfg = dataclasses.replace(cfg, ref=dataclasses.replace(cfg.ref, source="online"),
+                                  aux=dataclasses.replace(cfg.aux, mode="none"))
+        super().__init__(cfg, *args, **kwargs)
+        from transformers import AutoModelForSequenceClassification
+
+        try:
+            rm = AutoModelForSequenceClassification.from_pretrained(cfg.rl.reward_model)
+        except (OSError, ValueError) as err:
+            raise UserError(f"rl.reward_model: cannot load {cfg.rl.reward_model!r}: "
+                            f"{str(err).splitlines()[0]}") from None
+        on_gpu = self.device.type == "cuda"
+        self.reward = self._frozen(SequenceRewards(rm), on_gpu)
+        # The sampler runs on an unsharded copy that receives the policy's weights before each
+        # draw, as an inference engine would (generation never goes through FSDP's hooks).
+        self.generator = self.build_model().to(self.device).eval().requires_grad_(False)
+
+    def load_data(self) -> None:
+        from vrpo_fast.data.load import load_preference_data
+        from vrpo_fast.data.tokenize import tokenize_prompt
+
+        d = self.cfg.data
+        if not d.path:
+            raise UserError("data.path: no prompts given")
+        examples, report = load_preference_data(d.path, on_bad_row=d.on_bad_row,
+                                                split=d.split, prompts_only=True)
+        if not examples:
+            raise UserError(f"data.path: {d.path} holds no usable prompts")
+        self.groups = PromptGroups([tokenize_prompt(ex.prompt, self.tokenizer)
+                                    for ex in examples])
+        self.data_report, self.M = report, 0
+
+    @torch.no_grad()
+    def _draw(self, prompt_ids):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        from vrpo_fast.samplers import TransformersSampler
+
+        rl = self.cfg.rl
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
+        self.generator.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
+        sampler = TransformersSampler(self.generator, self.tokenizer,
+                                      temperature=rl.temperature,
+                                      max_new_tokens=rl.max_new_tokens,
+                                      batch_size=len(prompt_ids))
+        seed = (self.cfg.train.seed * 1_000_003 + self.step) * self.dist.world_size + \
+            self.dist.rank
+        draws = sampler.sample(prompt_ids, rl.num_samples, seed=seed)
+        eos = self.tokenizer.eos_token_id
+        return [[ids if ids else [eos] for ids in per] for per in draws]
+
+    def _micro_step(self, groups):
+        rl = self.cfg.rl
+        samples = self._draw(groups.prompt_ids)
+        batch = pack_groups(groups.prompt_ids, samples,
+                            max_tokens=self.cfg.train.max_tokens).to(self.device)
+        logps = self.policy(batch)                                    # (G, k)
+        with torch.no_grad():
+            ref = self.ref(batch)
+            scores = self.reward(batch)
+            kl = logps.detach() - ref
+            r = scores - rl.kl_coef * kl
+            k = r.shape[1]
+            advantage = r - (r.sum(dim=1, keepdim=True) - r) / (k - 1)
+        per_prompt = -(advantage * logps).mean(dim=1)
+        stats = {"reward": scores.mean(), "kl": kl.mean(), "penalised_reward": r.mean(),
+                 "advantage_std": advantage.std(), "response_tokens": batch.targets.new_tensor(
+                     batch.targets.numel(), dtype=torch.float32) / (len(groups) * k)}
+        return per_prompt.sum() / self.local_groups, stats, batch.num_tokens
+
+
+def train_rl(cfg, *, quiet: bool = False):
+    return RLOOTrainer(cfg, quiet=quiet).fit()
+
+
+def add_arguments(parser) -> None:
+    from vrpo_fast.config import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    from vrpo_fast.config import config_from_args
+
+    final = train_rl(config_from_args(args))
+    print(f"policy: {final}")
+    return 0
