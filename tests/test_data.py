@@ -62,7 +62,7 @@ BAD_ROWS = [
     ("[1, 2]", "line 2: expected a JSON object"),
     (with_(GOOD_LIST, prompt=...), "line 2: field 'prompt': missing"),
     (with_(GOOD_LIST, chosen=""), "line 2: field 'chosen': empty string"),
-    (with_(GOOD_LIST, rejected="  "), "line 2: field 'rejected': empty string"),
+    (with_(GOOD_LIST, prompt=""), "line 2: field 'prompt': empty string"),
     (with_(GOOD_LIST, rejected=...), "line 2: field 'rejected': missing"),
     (with_(GOOD_LIST, chosen=42), "line 2: field 'chosen': expected text, got int"),
     (with_(GOOD_LIST, prompt={"a": 1}), "line 2: field 'prompt': expected text, got dict"),

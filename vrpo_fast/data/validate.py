@@ -50,13 +50,14 @@ def _text_problem(value) -> str | None:
     if value is None:
         return "missing"
     if isinstance(value, str):
-        return "empty string" if not value.strip() else None
+        # Whitespace is text (a model can answer with a newline); only "" is empty.
+        return "empty string" if value == "" else None
     if isinstance(value, list):
         if not value:
             return "empty message list"
         if not _is_messages(value):
             return "expected a string or a list of {role, content} messages"
-        if not any(m["content"].strip() for m in value):
+        if not any(m["content"] for m in value):
             return "messages with empty content"
         return None
     return f"expected text, got {type(value).__name__} {value!r:.40}"
