@@ -1,8 +1,10 @@
 """The `vrpo-fast` command line: one sub-command per pipeline stage.
 
-Each sub-command lives in its own module, which defines `add_arguments(parser)` and
-`run(args) -> int`; modules are imported only when their command runs, so `vrpo-fast --help`
-stays fast. Errors a user can cause are raised as `UserError` and printed as one line.
+Each sub-command lives in its own module, imported only when the command runs (so
+`vrpo-fast --help` stays fast). A pipeline stage defines `STAGE(cfg) -> output path` and takes
+`--config FILE` plus `--section.key=value` overrides; any other command defines
+`add_arguments(parser)` and `run(args) -> int`. Errors a user can cause are raised as
+`UserError` and printed as one line, with exit status 1.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                    "transformers)"),
     "score": ("vrpo_fast.score", "reference log-probs and g for every response, one packed pass "
                                  "per group"),
-    "train": ("vrpo_fast.train.cli", "train a policy with VRPO (or DPO), resuming automatically"),
+    "train": ("vrpo_fast.train.loop", "train a policy with VRPO (or DPO), resuming automatically"),
     "demo": ("vrpo_fast.demo", "VRPO beside DPO on a synthetic non-Bradley-Terry task (CPU, "
                                "minutes)"),
     "bench": ("vrpo_fast.bench", "run the benchmark suite and print the table"),
@@ -59,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"vrpo-fast {name}", description=help_text)
-    module.add_arguments(sub)
+    stage = getattr(module, "STAGE", None)
+    if stage is not None:
+        from vrpo_fast.config import add_config_arguments
+
+        add_config_arguments(sub)
+    else:
+        module.add_arguments(sub)
     args, extra = sub.parse_known_args(rest)
     if extra:
         # Commands built on a config take --section.key=value overrides; others reject extras.
@@ -67,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             sub.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
+        if stage is not None:
+            from vrpo_fast.config import config_from_args
+
+            print(f"{name}: wrote {stage(config_from_args(args))}")
+            return 0
         return int(module.run(args) or 0)
     except UserError as err:
         print(f"vrpo-fast {name}: error: {err}", file=sys.stderr)

@@ -14,20 +14,6 @@ from vrpo_fast import shards
 from vrpo_fast.errors import UserError
 
 
-def add_arguments(parser) -> None:
-    from vrpo_fast.config import add_config_arguments
-
-    add_config_arguments(parser)
-
-
-def run(args) -> int:
-    from vrpo_fast.config import config_from_args
-
-    out = sample_stage(config_from_args(args))
-    print(f"samples: {out}")
-    return 0
-
-
 def choose_backend(cfg) -> str:
     from vrpo_fast.samplers import vllm_available
 
@@ -135,3 +121,7 @@ def _row(ex, sample_ids, tokenizer) -> dict:
     row["samples"] = texts
     row["sample_ids"] = [list(map(int, ids)) for ids in sample_ids]
     return row
+
+
+# `vrpo-fast <command> --config FILE [--section.key=value ...]` runs this (see cli.py).
+STAGE = sample_stage

@@ -19,20 +19,6 @@ from vrpo_fast import shards
 from vrpo_fast.errors import UserError
 
 
-def add_arguments(parser) -> None:
-    from vrpo_fast.config import add_config_arguments
-
-    add_config_arguments(parser)
-
-
-def run(args) -> int:
-    from vrpo_fast.config import config_from_args
-
-    out = score_stage(config_from_args(args))
-    print(f"scored data: {out}")
-    return 0
-
-
 def token_batches(groups: list[tuple[list[int], list[list[int]]]], max_tokens: int):
     """Consecutive index ranges whose groups fit the budget together (a lone group may exceed
     it: it then gets a batch of its own)."""
@@ -60,14 +46,12 @@ def packed_scores(module_fn, groups, max_tokens: int) -> list[list[float]]:
 
 def reward_scores(classifier, prompt_ids, response_ids, max_tokens) -> torch.Tensor:
     """(G, K) scores of a sequence-classification model at each response's last token."""
-    from vrpo_fast.logprobs import packed_body
     from vrpo_fast.packing import pack_groups
+    from vrpo_fast.train.modules import SequenceRewards
 
     device = next(classifier.parameters()).device
     batch = pack_groups(prompt_ids, response_ids, max_tokens=max_tokens).to(device)
-    hidden = packed_body(classifier, batch).flatten(0, 1)[batch.last_index]
-    return classifier.score(hidden).squeeze(-1).float().view(batch.num_groups,
-                                                             batch.group_size)
+    return SequenceRewards(classifier)(batch)
 
 
 def score_stage(cfg, *, progress: bool = True) -> Path:
@@ -169,3 +153,7 @@ def _labelled_g(g: torch.Tensor, tok) -> list[list[float]]:
     for row, t in zip(g.tolist(), tok):
         out.append(row if t.labelled else [0.5] + row)
     return out
+
+
+# `vrpo-fast <command> --config FILE [--section.key=value ...]` runs this (see cli.py).
+STAGE = score_stage

@@ -362,3 +362,7 @@ def train(cfg: Config, *, quiet: bool = False) -> Path:
     `quiet` keeps the progress bar but not the resolved config (it is still saved)."""
     trainer = Trainer(cfg, quiet=quiet)
     return trainer.fit()
+
+
+# `vrpo-fast train --config FILE [--section.key=value ...]` runs this (see cli.py).
+STAGE = train

@@ -150,20 +150,6 @@ def reliability_plot(report: dict, path) -> None:
     plt.close(fig)
 
 
-def add_arguments(parser) -> None:
-    from vrpo_fast.config import add_config_arguments
-
-    add_config_arguments(parser)
-
-
-def run(args) -> int:
-    from vrpo_fast.config import config_from_args
-
-    final = train_reward(config_from_args(args))
-    print(f"reward model: {final}")
-    return 0
-
-
 @torch.no_grad()
 def best_of_n(policy, reward_model, tokenizer, prompts: list[str], n: int, *, seed: int = 0,
               max_new_tokens: int = 64) -> list[str]:
@@ -180,3 +166,7 @@ def best_of_n(policy, reward_model, tokenizer, prompts: list[str], n: int, *, se
     scores = torch.tensor(packed_scores(
         lambda p, r, b: packed_reward_scores(reward_model.eval(), p, r, b), groups, 4096))
     return [per[i] for per, i in zip(texts, scores.argmax(dim=1).tolist())]
+
+
+# `vrpo-fast <command> --config FILE [--section.key=value ...]` runs this (see cli.py).
+STAGE = train_reward

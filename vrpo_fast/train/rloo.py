@@ -120,15 +120,5 @@ def train_rl(cfg, *, quiet: bool = False):
     return RLOOTrainer(cfg, quiet=quiet).fit()
 
 
-def add_arguments(parser) -> None:
-    from vrpo_fast.config import add_config_arguments
-
-    add_config_arguments(parser)
-
-
-def run(args) -> int:
-    from vrpo_fast.config import config_from_args
-
-    final = train_rl(config_from_args(args))
-    print(f"policy: {final}")
-    return 0
+# `vrpo-fast <command> --config FILE [--section.key=value ...]` runs this (see cli.py).
+STAGE = train_rl
