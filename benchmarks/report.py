@@ -40,7 +40,8 @@ def tables(rows: list[dict]) -> str:
     groups = defaultdict(list)
     for r in rows:
         groups[(r["op"], json.dumps(r["shape"], sort_keys=True), r.get("backward"))].append(r)
-    order = {"linear_logprob": 0, "vrpo_loss": 1, "sequence_logps": 2, "train_step": 3}
+    order = {"linear_logprob": 0, "vrpo_loss": 1, "sequence_logps": 2, "train_step": 3,
+             "sampling": 4}
     for (op, shape, backward), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]],
                                                                             kv[0][1])):
         title = f"### {op} {shape}" + ("" if backward is None else
@@ -61,8 +62,9 @@ def tables(rows: list[dict]) -> str:
                            f"layout; (c)/(b): {base['vrpo_fast'] / base['dpo_naive']:.2f} of a "
                            f"naive DPO step's time")
         else:
-            ref = base.get("eager") or base.get("naive")
-            out.append("| provider | ms (median, min-max) | speed-up vs eager/naive | extra |")
+            ref = base.get("eager") or base.get("naive") or base.get("transformers")
+            out.append("| provider | ms (median, min-max) | speed-up vs eager / naive / "
+                       "transformers | extra |")
             out.append("|---|---|---|---|")
             for r in rs:
                 extra = []
@@ -73,6 +75,8 @@ def tables(rows: list[dict]) -> str:
                                  f"{_mb(r.get('lower_bound_bytes'))})")
                 if r.get("tokens") is not None:
                     extra.append(f"{r['tokens']} tokens")
+                if r.get("responses_per_s") is not None:
+                    extra.append(f"{r['responses_per_s']:.1f} responses/s")
                 speed = f"{ref / r['median_s']:.2f}x" if ref else "-"
                 out.append(f"| {r['provider']} | {_ms(r)} | {speed} | {'; '.join(extra)} |")
         out.append("")

@@ -21,7 +21,7 @@ def test_benchmark_suite_smoke(tmp_path):
     rows = (tmp_path).glob("*.jsonl")
     lines = [line for path in rows for line in path.read_text().splitlines()]
     ops = {__import__("json").loads(line)["op"] for line in lines}
-    assert {"linear_logprob", "vrpo_loss", "sequence_logps", "train_step"} <= ops
+    assert {"linear_logprob", "vrpo_loss", "sequence_logps", "train_step", "sampling"} <= ops
 
 
 def test_bench_command_rejects_unknown_benchmark(capsys):
