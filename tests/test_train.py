@@ -252,7 +252,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
                         text=True, timeout=600)
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                         "--master-port=29517", "-m", "vrpo_fast.cli", "train", "--config",
+                         "--standalone", "-m", "vrpo_fast.cli", "train", "--config",
                          str(TINY), f"--train.output_dir={two}", *common],
                         env=_env(), capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
