@@ -3,6 +3,6 @@
 - `linear_logprob`: LM head + log-softmax + gather (+ per-segment sums), never building logits;
 - `vrpo_loss`: the VRPO / DPO loss and its gradient w.r.t. the policy log-probs.
 Kernels depend only on torch and triton; the trainer imports them, never the reverse. Their
-PyTorch references are `vrpo_fast.logprobs.chunked_linear_logprobs` and
+PyTorch references are `vrpo_fast.chunked.chunked_linear_logprobs` and
 `vrpo_fast.objective.vrpo_loss`.
 """

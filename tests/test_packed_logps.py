@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vrpo_fast.logprobs import chunked_linear_logprobs, sequence_logps
+from vrpo_fast.chunked import chunked_linear_logprobs
+from vrpo_fast.logprobs import sequence_logps
 from vrpo_fast.models import build_tiny_causal_lm
 from vrpo_fast.packing import pack_groups
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "LOSS_TYPES": "vrpo_fast.objective",
     "ESTIMATORS": "vrpo_fast.objective",
     "sequence_logps": "vrpo_fast.logprobs",
-    "chunked_linear_logprobs": "vrpo_fast.logprobs",
+    "chunked_linear_logprobs": "vrpo_fast.chunked",
     "pack_groups": "vrpo_fast.packing",
     "PackedBatch": "vrpo_fast.packing",
     "linear_logprobs": "vrpo_fast.ops",

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from vrpo_fast.logprobs import chunked_linear_logprobs
+from vrpo_fast.chunked import chunked_linear_logprobs
 from vrpo_fast.objective import _check_choice, vrpo_loss
 
 IMPLS = ("auto", "triton", "torch")
