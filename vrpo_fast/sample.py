@@ -1,13 +1,21 @@
-"""`vrpo-fast sample --config X.yaml`: draw 2M responses per prompt from pi_ref.
+"""`vrpo-fast sample --config X.yaml [--section.key=value ...]`: draw 2M responses per prompt
+from pi_ref.
 
-Reads prompts (and labelled pairs, when present) from data.path, writes sample.output/ as Parquet
-shards with the columns of the input plus `samples` (text) and `sample_ids` (the exact sampled
-token ids, which training uses so that no re-tokenization drift creeps in), and
-provenance.json. Killed and re-run with the same command, it continues where it stopped.
+Reads prompts (and labelled pairs, when present) from data.path and writes sample.output/:
+Parquet shards `shard_00000.parquet`, ... with the columns prompt, chosen, rejected (labelled
+rows), `samples` (the responses as text) and `sample_ids` (the exact sampled token ids, which
+scoring and training use, so no re-tokenization drift creeps in), plus provenance.json. The
+folder is what `data.path` / `score.input` take.
+
+Resumable: a shard exists only once complete (written to a temporary name, then renamed), and
+each shard is drawn under its own seed, so a killed job re-run with the same command skips the
+finished shards and produces exactly what an uninterrupted run would. Under torchrun (or with
+RANK / WORLD_SIZE set by hand) rank r draws shards r, r + W, r + 2W, ...
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vrpo_fast import shards
@@ -15,6 +23,8 @@ from vrpo_fast.errors import UserError
 
 
 def choose_backend(cfg) -> str:
+    """sample.backend, with auto = vllm when it imports, a GPU is present and the reference
+    model is a path vLLM can load (a tiny test model is not)."""
     from vrpo_fast.samplers import vllm_available
 
     backend = cfg.sample.backend
@@ -23,103 +33,165 @@ def choose_backend(cfg) -> str:
     return backend
 
 
-def make_sampler(cfg, tokenizer, backend: str):
+def _device():
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    # Under torchrun each rank takes its own GPU.
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def make_sampler(cfg, tokenizer, backend: str, ref_model=None):
+    """The sampler of `backend`; the transformers one runs `ref_model` (bf16 on a GPU)."""
+    import torch
+
     from vrpo_fast.samplers import TransformersSampler, VLLMSampler
 
     s = cfg.sample
     if backend == "vllm":
         path = cfg.ref.path or cfg.model.path
         if not path:
-            raise UserError("sample.backend: vllm needs a model path (ref.path or model.path)")
-        return VLLMSampler(path, tokenizer, temperature=s.temperature, top_p=s.top_p,
-                           max_new_tokens=s.max_new_tokens,
+            raise UserError("sample.backend: vllm needs a model path (ref.path or model.path), "
+                            "not model.tiny")
+        if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+            raise UserError("sample.backend: vllm under torchrun would put every rank on the "
+                            "same GPU; start one process per GPU with CUDA_VISIBLE_DEVICES=i "
+                            "RANK=i WORLD_SIZE=n, or use sample.tensor_parallel_size")
+        tok_path = cfg.model.tokenizer if cfg.model.tokenizer not in (None, "byte") else None
+        return VLLMSampler(path, tokenizer, tokenizer_path=tok_path, temperature=s.temperature,
+                           top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                            tensor_parallel_size=s.tensor_parallel_size, seed=s.seed)
-    import torch
-
-    from vrpo_fast.models import model_from_config
-
-    model = model_from_config(cfg, "ref")
-    if torch.cuda.is_available():
-        model = model.to("cuda", dtype=torch.bfloat16)
+    device = _device()
+    model = ref_model.to(device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
     return TransformersSampler(model, tokenizer, temperature=s.temperature, top_p=s.top_p,
                                max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
 
 
-def sampling_record(cfg, backend: str) -> dict:
-    s = cfg.sample
-    return {"num_samples": s.num_samples, "temperature": s.temperature, "top_p": s.top_p,
-            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "shard_size": s.shard_size,
-            "backend": backend}
+def shard_seed(seed: int, index: int) -> int:
+    """The seed of shard `index`: a resumed run draws each shard exactly as an uninterrupted
+    one would, whatever ran before it."""
+    return seed * 1_000_003 + index
 
 
 def sample_stage(cfg, *, progress: bool = True) -> Path:
     """Run (or resume) sampling; returns the output folder."""
+    import torch
+
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_prompt
     from vrpo_fast.models import model_from_config, tokenizer_from_config
     from vrpo_fast.provenance import (
         build_provenance,
+        identity_mismatch,
+        ids_fingerprint,
         read_provenance,
-        same_origin,
         write_provenance,
     )
+    from vrpo_fast.samplers import stop_token_ids
 
     s = cfg.sample
     if not s.output:
         raise UserError("sample.output: no output folder given")
     if not cfg.data.path:
         raise UserError("data.path: no prompts given")
+    if s.batch_size < 1 or s.shard_size < 1:
+        raise UserError(f"sample.batch_size, sample.shard_size: must be >= 1, got "
+                        f"{s.batch_size}, {s.shard_size}")
     out = Path(s.output)
     tokenizer = tokenizer_from_config(cfg)
     examples, report = load_preference_data(cfg.data.path, on_bad_row=cfg.data.on_bad_row,
                                             split=cfg.data.split, prompts_only=True)
     if report.skipped:
         print(f"sample: skipped {report.skipped} bad rows (data.on_bad_row = skip)")
+    if not examples:
+        raise UserError(f"data.path: {cfg.data.path} holds no prompts")
+    prompt_ids = [tokenize_prompt(ex.prompt, tokenizer) for ex in examples]
     backend = choose_backend(cfg)
-    sampler = make_sampler(cfg, tokenizer, backend)
-    ref_model = getattr(sampler, "model", None) or model_from_config(cfg, "ref")
-    record = build_provenance(ref_model, tokenizer, sampling=sampling_record(cfg, backend),
-                              backend=backend)
-    existing = read_provenance(out)
-    if existing is not None and not same_origin(existing, record):
-        raise UserError(f"sample.output: {out} already holds samples from another reference "
-                        f"model or other sampling settings; choose a new sample.output")
     rank, world = shards.rank_and_world()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_provenance(out, record)
+    ref = model_from_config(cfg, "ref")   # its weights identify pi_ref in the provenance
     num_shards = -(-len(examples) // s.shard_size)
+    sampling = {"num_samples": s.num_samples, "temperature": s.temperature, "top_p": s.top_p,
+                "max_new_tokens": s.max_new_tokens, "seed": s.seed, "backend": backend,
+                "stop_token_ids": stop_token_ids(tokenizer, ref.generation_config)}
+    on_gpu = torch.cuda.is_available()
+    runtime = {"device": "cuda" if on_gpu else "cpu",
+               "dtype": "auto" if backend == "vllm" else ("bfloat16" if on_gpu else "float32"),
+               "batch_size": s.batch_size if backend == "transformers" else None,
+               "tensor_parallel_size": s.tensor_parallel_size if backend == "vllm" else None,
+               "world_size": world}
+    record = build_provenance(
+        ref, tokenizer, sampling=sampling,
+        prompts={"source": str(cfg.data.path), "count": len(examples),
+                 "sha256": ids_fingerprint(prompt_ids)},
+        shards={"count": num_shards, "size": s.shard_size}, runtime=runtime, backend=backend)
+    existing = read_provenance(out)
+    if existing is not None:
+        differs = identity_mismatch(existing, record)
+        if differs:
+            raise UserError(f"sample.output: {out} already holds samples with another {differs} "
+                            f"(other model, prompts or sampling settings); choose a new "
+                            f"sample.output, or delete the folder to start over")
+    # Every rank creates the folder and the record (atomically), whichever starts first.
+    out.mkdir(parents=True, exist_ok=True)
+    if existing is None:
+        write_provenance(out, record)
     todo = shards.pending_shards(out, num_shards, rank, world)
+    mine = len(range(rank, num_shards, world))
+    print(f"sample: {len(examples)} prompts x {s.num_samples} responses, {num_shards} shards of "
+          f"{s.shard_size} ({mine - len(todo)} of this rank's {mine} done), backend {backend}, "
+          f"temperature {s.temperature}, top_p {s.top_p}, max_new_tokens {s.max_new_tokens}")
+    if s.temperature != 1.0 or s.top_p != 1.0:
+        print("sample: warning: temperature != 1 or top_p < 1 samples from a reshaped pi_ref, "
+              "not pi_ref itself; VRPO's correction term assumes samples from pi_ref")
+    if not todo:
+        return out
+    if backend == "vllm":
+        del ref                     # vLLM loads its own copy
+        ref = None
+    sampler = make_sampler(cfg, tokenizer, backend, ref)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        done = (num_shards - len(todo)) * s.shard_size if world == 1 else 0
-        bar = tqdm(total=len(examples) if world == 1 else len(todo) * s.shard_size,
-                   initial=min(done, len(examples)), desc=f"sample ({backend})", unit="prompt",
-                   dynamic_ncols=True)
+        def size(i):
+            return min(s.shard_size, len(examples) - i * s.shard_size)
+
+        total = sum(size(i) for i in range(rank, num_shards, world))
+        bar = tqdm(total=total, initial=total - sum(size(i) for i in todo),
+                   desc=f"sample ({backend})" + (f" rank {rank}" if world > 1 else ""),
+                   unit="prompt", dynamic_ncols=True)
+    eos_text = tokenizer.eos_token or ""
     for index in todo:
-        chunk = examples[index * s.shard_size:(index + 1) * s.shard_size]
-        prompt_ids = [tokenize_prompt(ex.prompt, tokenizer) for ex in chunk]
-        # One seed per shard: a resumed run draws exactly what an uninterrupted one would.
-        drawn = sampler.sample(prompt_ids, s.num_samples, seed=s.seed * 1_000_003 + index)
-        rows = [_row(ex, ids, tokenizer) for ex, ids in zip(chunk, drawn)]
+        lo, hi = index * s.shard_size, min((index + 1) * s.shard_size, len(examples))
+        drawn = sampler.sample(prompt_ids[lo:hi], s.num_samples, seed=shard_seed(s.seed, index))
+        rows = [sample_row(ex, ids, tokenizer, sampler.stop_ids, eos_text)
+                for ex, ids in zip(examples[lo:hi], drawn)]
         shards.write_shard(out, index, rows)
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(hi - lo)
     if bar is not None:
         bar.close()
     return out
 
 
-def _row(ex, sample_ids, tokenizer) -> dict:
-    eos = tokenizer.eos_token_id
-    texts = [tokenizer.decode([t for t in ids if t != eos]) for ids in sample_ids]
+def sample_row(ex, sample_ids: list[list[int]], tokenizer, stop_ids, eos_text: str) -> dict:
+    """One output row: the example's prompt and labelled pair, the samples' text and ids.
+
+    A sample's text is its decoded ids without the final stop token; a response that is the
+    stop token alone is written as the EOS text (an empty string is not a valid response) and
+    tokenizes back to [EOS]."""
+    texts = []
+    for ids in sample_ids:
+        body = ids[:-1] if ids and ids[-1] in stop_ids else ids
+        texts.append((tokenizer.decode(body) if body else "") or eos_text)
     row = {"prompt": ex.prompt}
     if ex.labelled:
         row["chosen"], row["rejected"] = ex.chosen, ex.rejected
     row["samples"] = texts
-    row["sample_ids"] = [list(map(int, ids)) for ids in sample_ids]
+    row["sample_ids"] = [[int(t) for t in ids] for ids in sample_ids]
     return row
 
 

@@ -1,16 +1,30 @@
-"""`vrpo-fast score --config X.yaml`: reference log-probs and g for every response.
+"""`vrpo-fast score --config X.yaml [--section.key=value ...]`: reference log-probs and g for
+every response.
 
-One no-grad packed pass per group through pi_ref gives `ref_logps` (2 + 2M: chosen, rejected,
-a_1 .. a_2M); g (`aux_prefs`, 1 + M) comes from the auxiliary model: `given` keeps the data's,
-`lm` is an auxiliary causal LM's implicit preference sigmoid(aux.beta * h_aux), `reward_model`
-is sigmoid(r(y) - r(y')) of a sequence-classification model; `lagged` is a training-time mode
-and leaves g as the data has it. Groups are batched by score.max_tokens; output in resumable
-Parquet shards with the input's provenance.json copied beside them.
+One no-grad packed pass per batch of prompt groups (each prompt once, its responses behind it;
+groups batched up to score.max_tokens tokens) through pi_ref gives `ref_logps` (2 + 2M: chosen,
+rejected, a_1 .. a_2M; 2M for an unlabelled row). g (`aux_prefs`, 1 + M: the labelled pair, then
+the Monte Carlo pairs (a_1, a_2), (a_3, a_4), ...) depends on aux.mode:
+
+    given         the data's aux_prefs, passed through unchanged
+    lm            an auxiliary causal LM's implicit preference sigmoid(aux.beta * h_aux), h_aux
+                  its log-ratio margin against pi_ref (`objective.implicit_preference`)
+    reward_model  sigmoid(r(y) - r(y')) of a sequence-classification model scored at each
+                  response's last token, in the same packed layout (`objective.reward_preference`)
+    lagged, none  nothing to compute offline (lagged g comes from the policy during training);
+                  the data's aux_prefs, if any, pass through
+Unlabelled rows have no labelled pair: their stored g starts with a placeholder 0.5.
+
+Responses are tokenized exactly as training tokenizes them (sample_ids when present, the data
+section's truncation), so the cached ref_logps match the policy's log-probs token for token.
+Output: resumable Parquet shards in score.output/ and provenance.json (the input's record, checked
+against pi_ref, plus a `scoring` section).
 """
 
 from __future__ import annotations
 
-import shutil
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -20,8 +34,8 @@ from vrpo_fast.errors import UserError
 
 
 def token_batches(groups: list[tuple[list[int], list[list[int]]]], max_tokens: int):
-    """Consecutive index ranges whose groups fit the budget together (a lone group may exceed
-    it: it then gets a batch of its own)."""
+    """Consecutive (start, stop) index ranges whose groups fit the token budget together (a lone
+    group over the budget gets a batch of its own)."""
     start, used = 0, 0
     for i, (prompt, responses) in enumerate(groups):
         size = len(prompt) + sum(map(len, responses))
@@ -35,17 +49,29 @@ def token_batches(groups: list[tuple[list[int], list[list[int]]]], max_tokens: i
 
 @torch.no_grad()
 def packed_scores(module_fn, groups, max_tokens: int) -> list[list[float]]:
-    """Apply `module_fn(prompt_ids, response_ids, budget) -> (G, K)` over token batches."""
-    out: list[list[float]] = []
-    for a, b in token_batches(groups, max_tokens):
-        chunk = groups[a:b]
-        budget = max(max_tokens, max(len(p) + sum(map(len, r)) for p, r in chunk))
-        out.extend(module_fn([p for p, _ in chunk], [r for _, r in chunk], budget).tolist())
+    """Apply `module_fn(prompt_ids, response_ids, budget) -> (G, K)` over token batches of
+    `groups` [(prompt ids, [response ids, ...]), ...]; one list of K values per group, in order.
+
+    Groups with different K (a labelled row has 2 + 2M responses, an unlabelled one 2M) go into
+    separate batches: one packed batch holds one K."""
+    out: list[list[float] | None] = [None] * len(groups)
+    by_k: dict[int, list[int]] = {}
+    for i, (_, responses) in enumerate(groups):
+        by_k.setdefault(len(responses), []).append(i)
+    for index in by_k.values():
+        sub = [groups[i] for i in index]
+        for a, b in token_batches(sub, max_tokens):
+            chunk = sub[a:b]
+            budget = max(max_tokens, max(len(p) + sum(map(len, r)) for p, r in chunk))
+            values = module_fn([p for p, _ in chunk], [r for _, r in chunk], budget)
+            for i, row in zip(index[a:b], values.tolist()):   # host sync: one per batch
+                out[i] = row
     return out
 
 
 def reward_scores(classifier, prompt_ids, response_ids, max_tokens) -> torch.Tensor:
-    """(G, K) scores of a sequence-classification model at each response's last token."""
+    """(G, K) scores of a sequence-classification model at each response's last token, from one
+    packed pass (the body on the packed rows, the `score` head on the gathered last tokens)."""
     from vrpo_fast.packing import pack_groups
     from vrpo_fast.train.modules import SequenceRewards
 
@@ -54,87 +80,173 @@ def reward_scores(classifier, prompt_ids, response_ids, max_tokens) -> torch.Ten
     return SequenceRewards(classifier)(batch)
 
 
+def stored_g(g_row: list[float], labelled: bool) -> list[float]:
+    """g as stored (1 + M): an unlabelled row's values cover its M Monte Carlo pairs only, so a
+    placeholder 0.5 stands for the missing labelled pair."""
+    return [float(v) for v in g_row] if labelled else [0.5] + [float(v) for v in g_row]
+
+
+def _device():
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def load_reward_model(path: str):
+    """A sequence-classification model with one output (num_labels = 1), or a UserError."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"aux.path: cannot load a reward model from {path!r}: {first}") from None
+    if model.config.num_labels != 1:
+        raise UserError(f"aux.path: a reward model has one output (num_labels = 1); {path} has "
+                        f"{model.config.num_labels}")
+    return model
+
+
+def _example_key(ex) -> list:
+    return [ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.sample_ids, ex.aux_prefs]
+
+
 def score_stage(cfg, *, progress: bool = True) -> Path:
     """Run (or resume) scoring; returns the output folder."""
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_example
     from vrpo_fast.logprobs import sequence_logps
-    from vrpo_fast.models import model_from_config, tokenizer_from_config
+    from vrpo_fast.models import load_causal_lm, model_from_config, tokenizer_from_config
     from vrpo_fast.objective import implicit_preference, reward_preference
+    from vrpo_fast.provenance import (
+        build_provenance,
+        check_provenance,
+        identity_mismatch,
+        ids_fingerprint,
+        library_versions,
+        read_provenance,
+        weights_fingerprint,
+        write_provenance,
+    )
 
-    sc = cfg.score
-    source = sc.input or cfg.sample.output or cfg.data.path
+    sc, d, aux_cfg = cfg.score, cfg.data, cfg.aux
+    source = sc.input or cfg.sample.output or d.path
     if not source:
         raise UserError("score.input: nothing to score (set score.input or sample.output)")
     if not sc.output:
         raise UserError("score.output: no output folder given")
+    if sc.max_tokens < 2 or sc.shard_size < 1:
+        raise UserError(f"score.max_tokens, score.shard_size: must be >= 2 and >= 1, got "
+                        f"{sc.max_tokens}, {sc.shard_size}")
     out = Path(sc.output)
+    src_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    if out.resolve() == src_dir.resolve():
+        raise UserError(f"score.output: {out} is the input's folder; scored shards need a "
+                        f"folder of their own")
     tokenizer = tokenizer_from_config(cfg)
-    examples, report = load_preference_data(str(source), on_bad_row=cfg.data.on_bad_row,
-                                             split=cfg.data.split)
+    examples, report = load_preference_data(str(source), on_bad_row=d.on_bad_row, split=d.split)
     if report.skipped:
         print(f"score: skipped {report.skipped} bad rows (data.on_bad_row = skip)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = model_from_config(cfg, "ref").to(device).eval()
-    from vrpo_fast.provenance import check_provenance
+    if not examples:
+        raise UserError(f"score.input: {source} holds no rows")
+    ref = model_from_config(cfg, "ref")
+    input_record = check_provenance(src_dir, ref, tokenizer, what="score.input")
 
-    src_dir = Path(source) if Path(source).is_dir() else Path(source).parent
-    check_provenance(src_dir, ref, tokenizer)
-    aux_mode, aux = cfg.aux.mode, None
-    if aux_mode == "lm":
-        from vrpo_fast.models import load_causal_lm
-
-        aux = load_causal_lm(cfg.aux.path, what="aux.path").to(device).eval()
-    elif aux_mode == "reward_model":
-        from transformers import AutoModelForSequenceClassification
-
-        try:
-            aux = AutoModelForSequenceClassification.from_pretrained(cfg.aux.path)
-        except (OSError, ValueError) as err:
-            raise UserError(f"aux.path: cannot load a reward model from {cfg.aux.path!r}: "
-                            f"{str(err).splitlines()[0]}") from None
-        aux = aux.to(device).eval()
-
-    rank, world = shards.rank_and_world()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if (src_dir / "provenance.json").is_file():
-            shutil.copyfile(src_dir / "provenance.json", out / "provenance.json")
+    mode, aux = aux_cfg.mode, None
+    if mode == "lm":
+        aux = load_causal_lm(aux_cfg.path, what="aux.path")
+    elif mode == "reward_model":
+        aux = load_reward_model(aux_cfg.path)
     num_shards = -(-len(examples) // sc.shard_size)
+    scoring = {
+        "aux_mode": mode,
+        "aux_path": aux_cfg.path if aux is not None else None,
+        "aux_weights_sha256": weights_fingerprint(aux) if aux is not None else None,
+        "aux_beta": aux_cfg.beta if mode == "lm" else None,
+        "max_prompt_length": d.max_prompt_length,
+        "max_response_length": d.max_response_length,
+        "input": {"source": str(source), "count": len(examples),
+                  "sha256": ids_fingerprint(_example_key(ex) for ex in examples)},
+    }
+    shard_info = {"count": num_shards, "size": sc.shard_size}
+    if input_record is not None:
+        record = {**input_record, "scoring": scoring, "shards": shard_info}
+    else:
+        # Samples of unknown origin: the record names the model the log-probs come from.
+        record = {**build_provenance(ref, tokenizer, sampling=None, prompts=None,
+                                     shards=shard_info), "scoring": scoring}
+    record["scoring_run"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "versions": library_versions(), "max_tokens": sc.max_tokens}
+    existing = read_provenance(out)
+    if existing is not None:
+        differs = identity_mismatch(existing, record)
+        if differs:
+            raise UserError(f"score.output: {out} already holds scores with another {differs} "
+                            f"(other input, model or settings); choose a new score.output, or "
+                            f"delete the folder to start over")
+    rank, world = shards.rank_and_world()
+    out.mkdir(parents=True, exist_ok=True)
+    if existing is None:
+        write_provenance(out, record)
     todo = shards.pending_shards(out, num_shards, rank, world)
+    mine = len(range(rank, num_shards, world))
+    print(f"score: {len(examples)} groups, {num_shards} shards of {sc.shard_size} "
+          f"({mine - len(todo)} of this rank's {mine} done), aux.mode {mode}, token budget "
+          f"{sc.max_tokens}")
+    if not todo:
+        return out
+
+    device = _device()
+    ref = ref.to(device).eval()
+    if aux is not None:
+        aux = aux.to(device).eval()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(len(examples[i * sc.shard_size:(i + 1) * sc.shard_size]) for i in todo)
-        bar = tqdm(total=total, desc="score", unit="group", dynamic_ncols=True)
+        def size(i):
+            return min(sc.shard_size, len(examples) - i * sc.shard_size)
+
+        total = sum(size(i) for i in range(rank, num_shards, world))
+        bar = tqdm(total=total, initial=total - sum(size(i) for i in todo),
+                   desc="score" + (f" rank {rank}" if world > 1 else ""), unit="group",
+                   dynamic_ncols=True)
 
     def logps_of(model):
         return lambda p, r, budget: sequence_logps(model, p, r, max_tokens=budget)
 
+    def aux_scores(fn, groups):
+        try:
+            return packed_scores(fn, groups, sc.max_tokens)
+        except ValueError as err:   # e.g. a token id outside the auxiliary model's vocabulary
+            raise UserError(f"aux.path: cannot score the data with {aux_cfg.path}: {err}") \
+                from None
+
     for index in todo:
         chunk = examples[index * sc.shard_size:(index + 1) * sc.shard_size]
-        tok = [tokenize_example(ex, tokenizer) for ex in chunk]
+        tok = [tokenize_example(ex, tokenizer, max_prompt_length=d.max_prompt_length,
+                                max_response_length=d.max_response_length) for ex in chunk]
         groups = [(t.prompt_ids, t.response_ids) for t in tok]
         ref_lp = packed_scores(logps_of(ref), groups, sc.max_tokens)
         g = [ex.aux_prefs for ex in chunk]
-        if aux_mode == "lm":
-            aux_lp = packed_scores(logps_of(aux), groups, sc.max_tokens)
-            g = _labelled_g(implicit_preference(torch.tensor(aux_lp), torch.tensor(ref_lp),
-                                                cfg.aux.beta), tok)
-        elif aux_mode == "reward_model":
-            rewards = packed_scores(lambda p, r, b: reward_scores(aux, p, r, b), groups,
-                                    sc.max_tokens)
-            g = _labelled_g(reward_preference(torch.tensor(rewards)), tok)
+        if mode == "lm":
+            aux_lp = aux_scores(logps_of(aux), groups)
+            g = [stored_g(implicit_preference(torch.tensor([a]), torch.tensor([r]),
+                                              aux_cfg.beta)[0].tolist(), t.labelled)
+                 for a, r, t in zip(aux_lp, ref_lp, tok)]
+        elif mode == "reward_model":
+            rewards = aux_scores(lambda p, r, b: reward_scores(aux, p, r, b), groups)
+            g = [stored_g(reward_preference(torch.tensor([w]))[0].tolist(), t.labelled)
+                 for w, t in zip(rewards, tok)]
         rows = []
         for ex, lp, gi in zip(chunk, ref_lp, g):
             row = {"prompt": ex.prompt}
             if ex.labelled:
                 row["chosen"], row["rejected"] = ex.chosen, ex.rejected
-            row["samples"] = ex.samples
+            row["samples"] = list(ex.samples)
             if ex.sample_ids is not None:
                 row["sample_ids"] = ex.sample_ids
-            row["ref_logps"] = lp
+            row["ref_logps"] = [float(v) for v in lp]
             if gi is not None:
                 row["aux_prefs"] = [float(v) for v in gi]
             rows.append(row)
@@ -143,15 +255,6 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    return out
-
-
-def _labelled_g(g: torch.Tensor, tok) -> list[list[float]]:
-    """Unlabelled rows have no (chosen, rejected) pair: their g starts at the first MC pair,
-    and the stored list keeps the 1 + M layout with 0.5 for the missing labelled pair."""
-    out = []
-    for row, t in zip(g.tolist(), tok):
-        out.append(row if t.labelled else [0.5] + row)
     return out
 
 

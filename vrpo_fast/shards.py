@@ -25,6 +25,10 @@ def write_shard(directory: Path, index: int, rows: list[dict]) -> Path:
 
     final = shard_path(directory, index)
     tmp = final.with_name(f".{final.name}.tmp")
+    # from_pylist takes its columns from the first row alone: give every row every column
+    # (None where absent), or a labelled row after an unlabelled one would lose its pair.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    rows = [{key: row.get(key) for key in columns} for row in rows]
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

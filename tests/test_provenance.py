@@ -1,0 +1,125 @@
+"""Provenance: what the record holds, the weights fingerprint, and the checks that refuse data
+sampled from another reference model or tokenizer, unfinished runs and other truncation."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from vrpo_fast.config import load_config
+from vrpo_fast.errors import UserError
+from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer, load_causal_lm
+from vrpo_fast.provenance import check_provenance, read_provenance, weights_fingerprint
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+TINY_YAML = ("{hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+             "intermediate_size: 64}")
+
+
+def sample(tmp_path, *extra):
+    from vrpo_fast.sample import sample_stage
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("ab>", "cd>", "e>")))
+    cfg = load_config(None, [f"--data.path={prompts}", f"--sample.output={tmp_path / 'sampled'}",
+                             "--sample.num_samples=2", "--sample.max_new_tokens=3",
+                             "--sample.shard_size=1", "--sample.seed=5",
+                             "--model.tokenizer=byte", *extra])
+    return sample_stage(cfg, progress=False)
+
+
+def test_record_names_model_tokenizer_sampling_and_versions(tmp_path):
+    ref_dir = tmp_path / "ref"
+    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(ref_dir)
+    out = sample(tmp_path, f"--model.path={ref_dir}")
+    record = read_provenance(out)
+    model = record["reference_model"]
+    assert model["path"] == str(ref_dir) and re.fullmatch(r"[0-9a-f]{64}",
+                                                          model["weights_sha256"])
+    assert model["weights_sha256"] == weights_fingerprint(load_causal_lm(str(ref_dir)))
+    assert "revision" in model                     # the hub commit; None for a local folder
+    assert re.fullmatch(r"[0-9a-f]{64}", record["tokenizer"]["sha256"])
+    assert record["sampling"] == {"num_samples": 2, "temperature": 1.0, "top_p": 1.0,
+                                  "max_new_tokens": 3, "seed": 5, "backend": "transformers",
+                                  "stop_token_ids": [1]}
+    assert record["prompts"]["count"] == 3 and record["shards"] == {"count": 3, "size": 1}
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["python"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["created"])
+    assert record["runtime"]["batch_size"] == 16 and record["runtime"]["device"] == "cpu"
+
+
+def test_weights_fingerprint_identifies_the_weights_not_their_container(tmp_path):
+    a = build_tiny_causal_lm(seed=0, **TINY)
+    assert weights_fingerprint(a) == weights_fingerprint(build_tiny_causal_lm(seed=0, **TINY))
+    assert weights_fingerprint(a) != weights_fingerprint(build_tiny_causal_lm(seed=1, **TINY))
+    a.save_pretrained(tmp_path / "a")                   # what training loads from a path
+    assert weights_fingerprint(load_causal_lm(str(tmp_path / "a"))) == weights_fingerprint(a)
+
+    b = build_tiny_causal_lm(seed=0, **TINY)
+    with torch.no_grad():
+        w = b.model.layers[0].mlp.up_proj.weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))   # one ulp
+    assert weights_fingerprint(b) != weights_fingerprint(a)
+
+    # A bf16 copy hashes like its exact float32 upcast, and unlike the float32 original.
+    half = build_tiny_causal_lm(seed=0, **TINY).to(torch.bfloat16)
+    upcast = build_tiny_causal_lm(seed=0, **TINY).to(torch.bfloat16).to(torch.float32)
+    assert weights_fingerprint(half) == weights_fingerprint(upcast) != weights_fingerprint(a)
+
+
+def test_check_accepts_the_same_model_and_refuses_another_or_another_tokenizer(tmp_path):
+    out = sample(tmp_path, f"--model.tiny={TINY_YAML}")
+    ref = build_tiny_causal_lm(seed=0, **TINY)
+    assert check_provenance(out, ref, byte_tokenizer())["sampling"]["seed"] == 5
+    assert check_provenance(tmp_path / "nowhere", ref, byte_tokenizer()) is None
+
+    with pytest.raises(UserError, match="drawn from a different reference model") as err:
+        check_provenance(out, build_tiny_causal_lm(seed=1, **TINY), byte_tokenizer())
+    assert "\n" not in str(err.value) and str(err.value).startswith("data.path: ")
+    with pytest.raises(UserError, match="different tokenizer"):
+        check_provenance(out, ref, byte_tokenizer(add_bos=False))
+
+
+def test_check_refuses_an_unfinished_folder_but_not_a_copied_record(tmp_path):
+    out = sample(tmp_path, f"--model.tiny={TINY_YAML}")
+    ref = build_tiny_causal_lm(seed=0, **TINY)
+    (tmp_path / "copy").mkdir()
+    shutil.copyfile(out / "provenance.json", tmp_path / "copy" / "provenance.json")
+    assert check_provenance(tmp_path / "copy", ref, byte_tokenizer()) is not None
+    (out / "shard_00002.parquet").unlink()
+    with pytest.raises(UserError, match="holds 2 of 3 shards \\(shard 2 missing\\)"):
+        check_provenance(out, ref, byte_tokenizer())
+
+
+def test_check_refuses_scores_of_another_truncation_and_warns_on_reshaped_sampling(
+        tmp_path, capsys):
+    out = sample(tmp_path, f"--model.tiny={TINY_YAML}", "--sample.temperature=0.8")
+    ref = build_tiny_causal_lm(seed=0, **TINY)
+    check_provenance(out, ref, byte_tokenizer())
+    assert "temperature 0.8" in capsys.readouterr().err
+    record = read_provenance(out)
+    record["scoring"] = {"max_prompt_length": None, "max_response_length": 64}
+    (out / "provenance.json").write_text(json.dumps(record))
+    same = {"max_prompt_length": None, "max_response_length": 64}
+    check_provenance(out, ref, byte_tokenizer(), truncation=same)
+    with pytest.raises(UserError, match="^data.max_response_length: .* computed with "
+                                        "max_response_length = 64, this run uses 32"):
+        check_provenance(out, ref, byte_tokenizer(),
+                         truncation={"max_prompt_length": None, "max_response_length": 32})
+    (out / "provenance.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        check_provenance(out, ref, byte_tokenizer())
+
+
+def test_training_refuses_samples_of_another_reference_model(tmp_path):
+    from vrpo_fast.train.loop import Trainer
+
+    out = sample(tmp_path, f"--model.tiny={TINY_YAML}")
+    other = load_config(None, [f"--data.path={out}", "--model.tokenizer=byte",
+                               f"--model.tiny={TINY_YAML}", "--model.seed=1",
+                               "--ref.source=online", "--loss.estimator=dpo",
+                               f"--train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="drawn from a different reference model"):
+        Trainer(other)

@@ -1,0 +1,431 @@
+"""Sampling from pi_ref: counts, stop tokens, seeds, the distribution sampled (chi-square against
+the model's softmax), left padding, the sample stage's output, kill-and-resume, ranks, and the
+vLLM backend's request/output mapping against a stand-in module."""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from vrpo_fast import shards
+from vrpo_fast.config import load_config
+from vrpo_fast.errors import UserError
+from vrpo_fast.models import build_tiny_causal_lm
+from vrpo_fast.samplers import (
+    TransformersSampler,
+    VLLMSampler,
+    prompt_seed,
+    stop_token_ids,
+    trim_at_stop,
+)
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+TINY_YAML = ("{hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+             "intermediate_size: 64}")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SmallVocab:
+    """Token ids 0..11, EOS = 1: a stop is sampled often enough to see both endings."""
+    eos_token_id, pad_token_id = 1, 2
+
+
+def small_model(seed=0, sharpen=1.0):
+    model = build_tiny_causal_lm(seed=seed, vocab_size=12, **TINY)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+    return model
+
+
+def chi2_bound(dof: int, z: float = 3.72) -> float:
+    """The 1 - 1e-4 quantile of chi-square(dof) (Wilson-Hilferty; z = 3.72 is the normal's)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def chi2(counts: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[float, int]:
+    """Pearson's statistic with the bins of expected count < 5 pooled."""
+    expected = probs * n
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    exp = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    if exp[-1] < 5:
+        obs, exp = obs[:-1], exp[:-1]
+    return ((obs - exp) ** 2 / exp).sum().item(), len(obs) - 1
+
+
+# --- the transformers sampler -----------------------------------------------------------------
+
+def test_counts_stop_tokens_and_max_new_tokens():
+    model = small_model()
+    model.generation_config.eos_token_id = [1, 7]        # a chat model's extra end-of-turn id
+    s = TransformersSampler(model, SmallVocab(), max_new_tokens=6, batch_size=3)
+    assert s.stop_ids == [1, 7]
+    prompts = [[0, 5, 6], [0, 7, 8, 9, 10, 11, 3], [0, 4], [0, 9, 9, 9]]   # padded batches
+    out = s.sample(prompts, 5, seed=1)
+    assert len(out) == 4 and all(len(per) == 5 for per in out)
+    ends = []
+    for per in out:
+        for ids in per:
+            assert 1 <= len(ids) <= 6 and all(0 <= t < 12 for t in ids)
+            assert not {1, 7} & set(ids[:-1])             # cut after the first stop token
+            assert ids[-1] in (1, 7) or len(ids) == 6      # stopped, or hit max_new_tokens
+            ends.append(ids[-1] if ids[-1] in (1, 7) else "cut")
+    assert {1, 7, "cut"} <= set(ends)                      # every ending was seen
+
+
+def test_same_seed_same_draws_other_seed_other_draws(tokenizer):
+    s = TransformersSampler(build_tiny_causal_lm(seed=0, **TINY), tokenizer, max_new_tokens=6,
+                            batch_size=2)
+    prompts = [tokenizer(p)["input_ids"] for p in ("ab>", "cd>", "bdd>")]
+    a = s.sample(prompts, 4, seed=7)
+    assert a == s.sample(prompts, 4, seed=7)
+    assert a != s.sample(prompts, 4, seed=8)
+    assert len({tuple(map(tuple, per)) for per in a}) == 3   # prompts do not share draws
+
+
+def test_first_tokens_follow_the_model_softmax_despite_checkpoint_defaults():
+    """Chi-square goodness of fit of the first sampled token to softmax(logits) at temperature
+    1, for a prompt left-padded beside a longer one, with a generation_config that carries
+    sampling defaults (a real checkpoint's generation_config.json may): they must not apply."""
+    model = small_model(sharpen=8.0)                       # a far-from-uniform distribution
+    gc = model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.no_repeat_ngram_size, gc.temperature = 3.0, 2, 1, 0.3
+    prompt, longer = [0, 5, 6, 7], [0, 3, 4, 8, 9, 10, 11]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].double()
+    probs = torch.softmax(logits, -1)
+    assert probs[5:8].sum() > 0.05        # a repetition penalty would visibly move these
+
+    n = 4000
+    s = TransformersSampler(model, SmallVocab(), max_new_tokens=1, batch_size=2)
+    draws, _ = s.sample([prompt, longer], n, seed=3)
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=12).double()
+    stat, dof = chi2(counts, probs, n)
+    assert stat < chi2_bound(dof), (stat, dof)
+    assert model.generation_config is gc and gc.repetition_penalty == 3.0   # restored
+
+    # The test has power: a sharpened sampler (temperature 0.5) fails it by far.
+    cold, _ = TransformersSampler(model, SmallVocab(), max_new_tokens=1, batch_size=2,
+                                  temperature=0.5).sample([prompt, longer], n, seed=3)
+    cc = torch.bincount(torch.tensor([d[0] for d in cold]), minlength=12).double()
+    assert chi2(cc, probs, n)[0] > 5 * chi2_bound(dof)
+
+
+def _greedy(model, prompt, steps, eos):
+    """Argmax decoding one unpadded forward at a time, and the smallest top-1 / top-2 gap."""
+    ids, gap = list(prompt), float("inf")
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            top = logits.topk(2).values
+            gap = min(gap, (top[0] - top[1]).item())
+            ids.append(int(logits.argmax()))
+            if ids[-1] == eos:
+                break
+    return ids[len(prompt):], gap
+
+
+def test_left_padding_keeps_every_position_of_the_distribution():
+    """At a tiny temperature the sampler follows the argmax path; in a left-padded batch it must
+    be the path of the unpadded model at EVERY step (positions and masking right)."""
+    model = small_model(sharpen=4.0)
+    prompts = [[0, 5], [0, 3, 4, 8, 9, 10, 11, 6], [0, 9, 4, 4]]
+    expected = []
+    for p in prompts:
+        path, gap = _greedy(model, p, 6, eos=1)
+        assert gap > 0.02, "choose a model with clear argmax steps"
+        expected.append(path)
+    s = TransformersSampler(model, SmallVocab(), max_new_tokens=6, batch_size=3,
+                            temperature=1e-3)
+    out = s.sample(prompts, 3, seed=0)
+    assert out == [[path] * 3 for path in expected]
+
+
+def test_trim_and_stop_ids(tokenizer):
+    assert trim_at_stop([5, 6, 1, 2, 2], [1]) == [5, 6, 1]
+    assert trim_at_stop([5, 7, 3, 1], [1, 7]) == [5, 7]
+    assert trim_at_stop([5, 6], [1]) == [5, 6]
+    gc = types.SimpleNamespace(eos_token_id=[1, 9])
+    assert stop_token_ids(tokenizer, gc) == [1, 9]
+    assert stop_token_ids(tokenizer, types.SimpleNamespace(eos_token_id=1)) == [1]
+    assert stop_token_ids(tokenizer, None) == [1]
+
+
+# --- the sample stage -------------------------------------------------------------------------
+
+PROMPTS = [{"prompt": "ab>"}, {"prompt": "cd>", "chosen": "aa", "rejected": "b"},
+           {"prompt": "ba>", "chosen": "a", "rejected": "bb"}, {"prompt": "dc>"},
+           {"prompt": "ac>", "chosen": "c", "rejected": "d"}]
+
+
+def write_prompts(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    return path
+
+
+def overrides(root: Path, **extra) -> list[str]:
+    out = [f"--data.path={write_prompts(root / 'prompts.jsonl')}",
+           f"--sample.output={root / 'sampled'}", "--sample.num_samples=4",
+           "--sample.max_new_tokens=5", "--sample.shard_size=2", "--sample.batch_size=2",
+           "--model.tokenizer=byte", f"--model.tiny={TINY_YAML}"]
+    return out + [f"--{k}={v}" for k, v in extra.items()]
+
+
+def config(root: Path, **extra):
+    return load_config(None, overrides(root, **extra))
+
+
+def test_sample_stage_output_is_training_data(tmp_path, tokenizer):
+    """Every prompt once, in order, with 2M samples whose ids tokenization keeps exactly; the
+    labelled pairs survive (also after an unlabelled first row of a shard)."""
+    from vrpo_fast.data.load import load_preference_data
+    from vrpo_fast.data.tokenize import tokenize_example, tokenize_prompt
+    from vrpo_fast.sample import sample_stage
+
+    out = sample_stage(config(tmp_path), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "provenance.json", "shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    examples, report = load_preference_data(str(out))
+    assert report.bad_rows == 0 and len(examples) == len(PROMPTS)
+    for ex, src in zip(examples, PROMPTS):
+        assert ex.prompt == src["prompt"] and ex.chosen == src.get("chosen")
+        assert ex.rejected == src.get("rejected")
+        assert len(ex.samples) == 4 == len(ex.sample_ids)
+        t = tokenize_example(ex, tokenizer)
+        assert t.prompt_ids == tokenize_prompt(src["prompt"], tokenizer)
+        samples = t.response_ids[2:] if ex.labelled else t.response_ids
+        for ids, text, got in zip(ex.sample_ids, ex.samples, samples):
+            assert 1 <= len(ids) <= 5
+            if ids[-1] == 1:                      # stopped: the ids are used as they are
+                assert got == ids
+                body = ids[:-1]
+                assert text == (tokenizer.decode(body) if body else tokenizer.eos_token)
+            else:
+                assert len(ids) == 5 and text == tokenizer.decode(ids)
+
+
+def test_sample_row_text_of_stopped_cut_and_empty_responses(tokenizer):
+    from vrpo_fast.data.schema import PreferenceExample
+    from vrpo_fast.sample import sample_row
+
+    ex = PreferenceExample(prompt="p", chosen=None, rejected=None)
+    a = tokenizer("hi", add_special_tokens=False)["input_ids"]
+    row = sample_row(ex, [a + [1], [1], a], tokenizer, [1], "</s>")
+    assert row == {"prompt": "p", "samples": ["hi", "</s>", "hi"],
+                   "sample_ids": [a + [1], [1], a]}
+
+
+def test_seeds_per_shard_and_per_prompt_are_distinct():
+    from vrpo_fast.sample import shard_seed
+
+    assert len({shard_seed(s, i) for s in range(5) for i in range(100)}) == 500
+    seeds = sorted(prompt_seed(3, i) for i in range(2000))
+    # vLLM seeds the j-th of n samples with seed + j: neighbouring prompts stay far apart.
+    assert min(b - a for a, b in zip(seeds, seeds[1:])) > 1000
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_resume_refuses_other_settings_or_prompts(tmp_path):
+    from vrpo_fast.sample import sample_stage
+
+    sample_stage(config(tmp_path), progress=False)
+    with pytest.raises(UserError, match="another sampling"):
+        sample_stage(config(tmp_path, **{"sample.temperature": 0.7}), progress=False)
+    with pytest.raises(UserError, match="another shards"):
+        sample_stage(config(tmp_path, **{"sample.shard_size": 3}), progress=False)
+    PROMPTS.append({"prompt": "zz>"})
+    try:
+        with pytest.raises(UserError, match="another prompts"):
+            sample_stage(config(tmp_path), progress=False)
+    finally:
+        PROMPTS.pop()
+    # batch_size is not part of the identity: a run resumed with a smaller batch is accepted.
+    sample_stage(config(tmp_path, **{"sample.batch_size": 1}), progress=False)
+
+
+KILLER = """
+import os, signal, sys
+from vrpo_fast import shards
+
+real = shards.write_shard
+
+
+def dying(directory, index, rows):
+    if index == 2:
+        # SIGKILL halfway through writing shard 2: its temporary file is on disk, unrenamed.
+        tmp = shards.shard_path(directory, index).with_name(".shard_00002.parquet.tmp")
+        tmp.write_bytes(b"PAR1 half a shard")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(directory, index, rows)
+
+
+shards.write_shard = dying
+from vrpo_fast.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_with_sigkill_then_rerun_equals_uninterrupted(tmp_path, capsys):
+    """A real process killed mid-shard; the same command run again completes the data set, which
+    equals an uninterrupted run's: no prompt lost or duplicated, the same samples."""
+    import yaml
+
+    from vrpo_fast.cli import main
+    from vrpo_fast.sample import sample_stage
+
+    PROMPTS.extend([{"prompt": "aa>"}, {"prompt": "bb>", "chosen": "x", "rejected": "y"}])
+    try:
+        write_prompts(tmp_path / "prompts.jsonl")
+        cfg_path = tmp_path / "sample.yaml"
+        cfg_path.write_text(yaml.safe_dump({
+            "model": {"tiny": yaml.safe_load(TINY_YAML), "tokenizer": "byte"},
+            "data": {"path": str(tmp_path / "prompts.jsonl")},
+            "sample": {"output": str(tmp_path / "killed"), "num_samples": 4,
+                       "max_new_tokens": 5, "shard_size": 2, "batch_size": 2}}))
+        (tmp_path / "killer.py").write_text(KILLER)
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), "sample",
+                               "--config", str(cfg_path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        killed = tmp_path / "killed"
+        assert sorted(p.name for p in killed.glob("shard_*")) == ["shard_00000.parquet",
+                                                                  "shard_00001.parquet"]
+        assert (killed / ".shard_00002.parquet.tmp").is_file()
+
+        assert main(["sample", "--config", str(cfg_path)]) == 0         # the same command
+        assert "2 of this rank's 4 done" in capsys.readouterr().out
+        straight = sample_stage(load_config(cfg_path, [
+            f"--sample.output={tmp_path / 'straight'}"]), progress=False)
+        resumed = shards.read_shards(killed)
+        assert len(resumed) == len(PROMPTS)
+        assert [r["prompt"] for r in resumed] == [p["prompt"] for p in PROMPTS]
+        assert resumed == shards.read_shards(straight)
+    finally:
+        del PROMPTS[-2:]
+
+
+def test_ranks_split_the_shards_and_together_equal_one_process(tmp_path, monkeypatch):
+    from vrpo_fast.sample import sample_stage
+
+    single = shards.read_shards(sample_stage(config(tmp_path / "one"), progress=False))
+    cfg = config(tmp_path / "two")
+    out = Path(cfg.sample.output)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    sample_stage(cfg, progress=False)
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00001.parquet"]
+    monkeypatch.setenv("RANK", "0")
+    sample_stage(cfg, progress=False)
+    assert shards.read_shards(out) == single
+
+
+def test_stage_errors_name_the_key(tmp_path):
+    from vrpo_fast.sample import sample_stage
+
+    with pytest.raises(UserError, match="^sample.output"):
+        sample_stage(config(tmp_path, **{"sample.output": "null"}), progress=False)
+    with pytest.raises(UserError, match="sample.shard_size"):
+        sample_stage(config(tmp_path, **{"sample.shard_size": 0}), progress=False)
+
+
+# --- the vLLM backend -------------------------------------------------------------------------
+
+def fake_vllm(seen: dict, completions=None):
+    """A stand-in `vllm` module with the API shapes the sampler uses: LLM(model=..., ...),
+    SamplingParams(n=..., ...), LLM.generate(prompts=..., sampling_params=...) returning one
+    RequestOutput per prompt whose CompletionOutputs carry index and token_ids."""
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def generate(self, prompts, sampling_params, *, use_tqdm=True):
+            seen["prompts"], seen["params"] = prompts, [p.kw for p in sampling_params]
+            outputs = []
+            for i, (p, params) in enumerate(zip(prompts, sampling_params)):
+                n = params.kw["n"]
+                made = completions(i, p, n) if completions else [
+                    types.SimpleNamespace(index=j, token_ids=[10 + j, len(p["prompt_token_ids"]),
+                                                             1, 5])
+                    for j in reversed(range(n))]       # out of order: the sampler sorts
+                outputs.append(types.SimpleNamespace(outputs=made))
+            return outputs
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    return module
+
+
+def test_vllm_backend_maps_requests_and_outputs(monkeypatch, tokenizer, tmp_path):
+    seen = {}
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(seen))
+    model_dir = tmp_path / "m"
+    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(model_dir)   # eos 1 in its config
+    s = VLLMSampler(str(model_dir), tokenizer, tokenizer_path="tok", temperature=1.0, top_p=0.9,
+                    max_new_tokens=7, tensor_parallel_size=2, seed=3)
+    assert seen["llm"] == {"model": str(model_dir), "tokenizer": "tok",
+                           "tensor_parallel_size": 2, "seed": 3}
+    out = s.sample([[0, 5], [0, 6, 7]], 3, seed=11)
+    assert seen["prompts"] == [{"prompt_token_ids": [0, 5]}, {"prompt_token_ids": [0, 6, 7]}]
+    assert seen["params"] == [dict(n=3, temperature=1.0, top_p=0.9, max_tokens=7,
+                                   seed=prompt_seed(11, i)) for i in range(2)]
+    # sorted by completion index, cut after EOS (1)
+    assert out == [[[10, 2, 1], [11, 2, 1], [12, 2, 1]], [[10, 3, 1], [11, 3, 1], [12, 3, 1]]]
+
+
+def test_vllm_backend_rejects_a_wrong_number_of_completions(monkeypatch, tokenizer, tmp_path):
+    short = fake_vllm({}, completions=lambda i, p, n: [
+        types.SimpleNamespace(index=0, token_ids=[4, 1])])
+    monkeypatch.setitem(sys.modules, "vllm", short)
+    s = VLLMSampler(str(tmp_path), tokenizer, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="1 completions for a prompt, expected 2"):
+        s.sample([[0, 5]], 2, seed=0)
+
+
+def test_backend_choice_and_vllm_guards(monkeypatch, tmp_path):
+    from vrpo_fast import samplers
+    from vrpo_fast.sample import choose_backend, make_sampler
+
+    with_path = load_config(None, [f"--model.path={tmp_path}", "--model.tokenizer=byte"])
+    tiny = load_config(None, [f"--model.tiny={TINY_YAML}"])
+    monkeypatch.setattr(samplers, "vllm_available", lambda: True)
+    assert choose_backend(with_path) == "vllm"
+    assert choose_backend(tiny) == "transformers"            # vLLM cannot load model.tiny
+    monkeypatch.setattr(samplers, "vllm_available", lambda: False)
+    assert choose_backend(with_path) == "transformers"
+    with pytest.raises(UserError, match="needs a model path"):
+        make_sampler(load_config(None, [f"--model.tiny={TINY_YAML}", "--sample.backend=vllm"]),
+                     None, "vllm")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="under torchrun"):
+        make_sampler(with_path, None, "vllm")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
+                    reason="the real vLLM backend needs vllm and a GPU")
+def test_real_vllm_backend(tmp_path, tokenizer):
+    model_dir = tmp_path / "m"
+    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    s = VLLMSampler(str(model_dir), tokenizer, max_new_tokens=4)
+    prompts = [tokenizer("ab>")["input_ids"], tokenizer("b>")["input_ids"]]
+    out = s.sample(prompts, 4, seed=0)
+    assert [len(per) for per in out] == [4, 4]
+    assert all(1 <= len(ids) <= 4 and (ids[-1] == 1 or len(ids) == 4) for per in out
+               for ids in per)
+    assert out == s.sample(prompts, 4, seed=0)           # per-prompt seeds
