@@ -1,5 +1,8 @@
 """Sampling throughput (responses per second) of each sampler backend on the same prompts:
-batched transformers `generate` everywhere, vLLM where it imports and a GPU is present."""
+batched transformers `generate` everywhere, vLLM where it imports and a GPU is present.
+
+    python -m pytest benchmarks/bench_sampling.py -q [--smoke]
+"""
 
 import pytest
 import torch
@@ -30,12 +33,14 @@ def bench_sampling(benchmark, record, mode, backend, shape, tmp_path):
         sampler = VLLMSampler(str(tmp_path / "m"), tok, max_new_tokens=shape["max_new_tokens"])
     else:
         if torch.cuda.is_available():
-            model = model.cuda()
+            model = model.cuda().to(torch.bfloat16)
         sampler = TransformersSampler(model, tok, max_new_tokens=shape["max_new_tokens"],
                                       batch_size=16)
-    prompts = [tok(f"prompt {i}:")["input_ids"] for i in range(shape["prompts"])]
+    # Prompts of varied length, so batches are left-padded as in real data.
+    prompts = [tok(f"prompt {i}: " + "x" * (i % 7))["input_ids"] for i in range(shape["prompts"])]
     out = sampler.sample(prompts, shape["n"], seed=0)
     assert len(out) == len(prompts) and all(len(per) == shape["n"] for per in out)
+    assert all(1 <= len(ids) <= shape["max_new_tokens"] for per in out for ids in per)
     benchmark.group = f"sampling {shape}"
     seconds = timed(benchmark, lambda: sampler.sample(prompts, shape["n"], seed=1),
                     rounds=1 if mode == "smoke" else 3)
