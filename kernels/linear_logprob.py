@@ -1,4 +1,4 @@
-"""Fused linear log-prob: LM head + log-softmax + gather (+ per-segment sums) in one pass.
+"""Fused linear log-prob: LM head + log-softmax + gather (+ per-segment sums), no (N, V) logits.
 
 For hidden states h_n (N, D) of the positions that predict response tokens, the LM-head weight
 W (V, D), targets t_n and temperature T:
@@ -6,236 +6,433 @@ W (V, D), targets t_n and temperature T:
     z_nv    = h_n . w_v / T
     lse_n   = log sum_v exp(z_nv)                      (online, streaming v in BLOCK_V tiles)
     logp_n  = z_{n, t_n} - lse_n                       (0 where t_n == ignore_index)
-    out_s   = sum_{n : seg_n = s} logp_n               (optional, accumulated in the same pass)
+    out_s   = sum_{n : seg_n = s} logp_n               (optional; empty segments give 0)
 
-Backward recomputes each logit tile; with upstream g_n (per token, or g_{seg_n} per segment),
+With an upstream gradient g_n (per token, or g_{seg_n} when the output is per segment):
 
-    dz_nv = g_n (1[v = t_n] - softmax(z_n)_v) / T,    dH = dz W,    dW = dz^T H.
+    dz_nv = g_n (1[v = t_n] - softmax(z_n)_v) / T,     dH = dz W,     dW = dz^T H.
 
-The (N, V) logits never exist in memory. dH and dW are computed by two kernels so that each
-program owns the rows it writes (no atomics, deterministic): one over N-blocks streaming V, one
-over V-blocks streaming N. Accumulation is fp32 for bf16 / fp16 / fp32 inputs.
+Forward. One program owns BLOCK_N rows and one contiguous range ("split") of the vocabulary; it
+computes (BLOCK_N, BLOCK_V) logit tiles with tl.dot (K-loop over D, fp32 accumulation) and keeps
+a running max / sum per row (log2 domain, exp2). Splitting V keeps every SM busy when N is small
+(N / BLOCK_N programs alone would leave most of an H100 idle at N = 2k). A second, tiny kernel
+merges the splits' partial log-sum-exps, writes logp (N,) and the lse (N,) that backward reuses,
+and adds each token into its segment with an fp32 atomic: the segment sums cost no extra pass,
+and the only non-determinism is the order of at most (segment length) fp32 additions, the same
+as torch's index_add_ on CUDA.
+
+Backward, deterministic (no atomics). V is processed in chunks of C columns; per chunk one
+kernel recomputes the logit tiles (same tl.dot tiles, plus the softmax-gradient epilogue) and
+writes dz (N, C) in the inputs' dtype, then two plain GEMMs consume it:
+    dW[chunk] = dz^T H        torch.mm (cuBLAS): every dW row is complete after its chunk, so it
+                              is written once, in the weight's dtype, with fp32 accumulation;
+    dH       += dz W[chunk]   a Triton GEMM that adds into an fp32 (N, D) accumulator (one
+                              read-modify-write per chunk) and writes dH in the hidden dtype on
+                              the last chunk (no fp32 buffer at all when V fits in one chunk).
+Fusing dH and dW into the logit kernel would need atomics on both (Cut Cross-Entropy's choice);
+owning rows in two separate recompute kernels would re-read an fp32 accumulator for every
+(BLOCK_N x BLOCK_V) tile. The chunked dz costs N * C elements (C sized to ~64 MiB) and one extra
+write and two reads of it, which is small next to the 8 N D V flops of forward + backward.
+
+Precision: fp32 accumulation everywhere; fp32 inputs use IEEE fp32 dots unless torch allows TF32
+for matmuls; bf16 / fp16 inputs run the tensor cores in that dtype, and dz is rounded to it once
+(as eager autograd rounds dlogits). Triton's interpreter (TRITON_INTERPRET=1, the CPU tests)
+cannot multiply bf16 tiles, so there the tiles are upcast to fp32 (DOT_FP32).
+Token ids are not range-checked on the device (that would need a host sync): a target outside
+[0, V) that is not ignore_index yields logp = -lse, and a segment id outside [0, S) is dropped.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Backward materialises dz one vocabulary chunk at a time: about this many bytes.
+DZ_CHUNK_BYTES = 64 * 2**20
+
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, stride_hn, stride_wv, inv_temp,
+def _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_hn, stride_wv,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """z[rows, cols] = h[rows] . w[cols] / T as a (BLOCK_N, BLOCK_V) fp32 tile."""
+                 EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """h[rows] . w[cols] as a (BLOCK_N, BLOCK_V) fp32 tile; rows / cols must be in range."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]
+    w_ptrs = w_ptr + cols[:, None] * stride_wv + offs_d[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :],
-                    mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + dd[None, :],
-                    mask=(cols[:, None] < V) & (dd[None, :] < D), other=0.0)
-        if IEEE:
-            acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        if EVEN_D:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
         else:
-            acc += tl.dot(h, tl.trans(w))
-    return acc * inv_temp
+            h = tl.load(h_ptrs, mask=offs_d[None, :] < D - d0, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_d[None, :] < D - d0, other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+    return acc
+
+
+@triton.jit
+def _grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Map a 1-D program id to a (tile_a, tile_b) pair, GROUP tiles of `a` at a time, so that
+    programs running together share their operand tiles in L2."""
+    per_group = GROUP * num_b
+    first_a = (pid // per_group) * GROUP
+    group_size = tl.minimum(num_a - first_a, GROUP)
+    tile_a = first_a + (pid % per_group) % group_size
+    tile_b = (pid % per_group) // group_size
+    return tile_a, tile_b
 
 
 @triton.jit
 def _linear_logprob_fwd_kernel(
     # data ptrs
-    h_ptr, w_ptr, tgt_ptr, seg_ptr, logp_ptr, lse_ptr, seg_out_ptr,
+    h_ptr, w_ptr, tgt_ptr, part_lse_ptr, part_zt_ptr,
     # shapes
-    N, V, D, inv_temp, ignore_index,
+    N, V, D, V_PER_SPLIT, scale,
     # strides
     stride_hn, stride_wv,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SEGMENTS: tl.constexpr, IEEE: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Partial log2-sum-exp2 and target logit (log2 units) of one row block over one V split."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
+    rows_ld = tl.minimum(rows, N - 1)        # clamped: the K-loop loads need no row mask
+    tgt = tl.load(tgt_ptr + rows_ld)
+    v_begin = split * V_PER_SPLIT
+    v_end = tl.minimum(V, v_begin + V_PER_SPLIT)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    z_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, stride_hn, stride_wv, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, IEEE)
-        z = tl.where(cols[None, :] < V, z, float("-inf"))
+        z = _logits_tile(h_ptr, w_ptr, rows_ld, tl.minimum(cols, V - 1), D, stride_hn,
+                         stride_wv, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
+        z = tl.where(cols[None, :] < v_end, z * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
         m = m_new
-        z_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    lse = m + tl.log(s)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    offs = split * N + rows
+    tl.store(part_lse_ptr + offs, m + tl.log2(s), mask=row_ok)
+    tl.store(part_zt_ptr + offs, zt, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprob_fwd_combine_kernel(
+    # data ptrs
+    part_lse_ptr, part_zt_ptr, tgt_ptr, seg_ptr, logp_ptr, lse_ptr, seg_out_ptr,
+    # shapes
+    N, S, NUM_SPLITS, ignore_index,
+    BLOCK_N: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+):
+    """Merge the splits: lse (N,), logp (N,) and the per-segment sums (S,)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(0, NUM_SPLITS):
+        part = tl.load(part_lse_ptr + k * N + rows, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m, part)
+        s = s * tl.exp2(m - m_new) + tl.exp2(part - m_new)
+        m = m_new
+        zt += tl.load(part_zt_ptr + k * N + rows, mask=row_ok, other=0.0)
+    lse2 = m + tl.log2(s)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (tgt != ignore_index)
-    logp = tl.where(valid, z_t - lse, 0.0)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    logp = tl.where(valid, (zt - lse2) * 0.6931471805599453, 0.0)
+    tl.store(lse_ptr + rows, lse2 * 0.6931471805599453, mask=row_ok)
     tl.store(logp_ptr + rows, logp, mask=row_ok)
     if HAS_SEGMENTS:
         seg = tl.load(seg_ptr + rows, mask=row_ok, other=0)
-        tl.atomic_add(seg_out_ptr + seg, logp, mask=valid)
+        tl.atomic_add(seg_out_ptr + seg, logp, mask=valid & (seg >= 0) & (seg < S))
+
+
+@triton.jit
+def _linear_logprob_bwd_kernel(
+    # data ptrs
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, grad_ptr, seg_ptr, dz_ptr,
+    # shapes
+    N, V, D, S, v_begin, C, scale, inv_temp, ignore_index,
+    # strides
+    stride_hn, stride_wv, stride_dzn,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    EVEN_D: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dz[:, c] for the chunk's columns c = v - v_begin in [0, C), stored in dz's dtype."""
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(C, BLOCK_V),
+                                 GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = local < C
+    rows_ld = tl.minimum(rows, N - 1)
+    cols = v_begin + local
+    z = _logits_tile(h_ptr, w_ptr, rows_ld, tl.minimum(cols, V - 1), D, stride_hn, stride_wv,
+                     BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
+    tgt = tl.load(tgt_ptr + rows_ld)
+    lse2 = tl.load(lse_ptr + rows_ld) * 1.4426950408889634
+    valid = row_ok & (tgt != ignore_index)
+    if HAS_SEGMENTS:
+        seg = tl.load(seg_ptr + rows_ld)
+        valid = valid & (seg >= 0) & (seg < S)
+        g = tl.load(grad_ptr + seg, mask=valid, other=0.0)
+    else:
+        g = tl.load(grad_ptr + rows_ld)
+    g = tl.where(valid, g.to(tl.float32) * inv_temp, 0.0)
+    p = tl.exp2(z * scale - lse2[:, None])
+    dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    tl.store(dz_ptr + rows[:, None] * stride_dzn + local[None, :],
+             dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _linear_logprob_bwd_dh_kernel(
     # data ptrs
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr,
+    dz_ptr, w_ptr, acc_ptr, dh_ptr,
     # shapes
-    N, V, D, inv_temp, ignore_index,
+    N, D, C,
     # strides
-    stride_hn, stride_wv, stride_dhn,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    stride_dzn, stride_wv, stride_accn, stride_dhn,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, LAST: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """dH[rows] = sum over V tiles of dz (BLOCK_N, BLOCK_V) @ W[cols]; this program owns rows."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.where(row_ok & (tgt != ignore_index), g, 0.0) * inv_temp
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, stride_hn, stride_wv, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, IEEE)
-        p = tl.where(cols[None, :] < V, tl.exp(z - lse[:, None]), 0.0)
-        dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + dd[None, :],
-                        mask=(cols[:, None] < V) & (dd[None, :] < D), other=0.0)
-            ptrs = dh_ptr + rows[:, None] * stride_dhn + dd[None, :]
-            msk = row_ok[:, None] & (dd[None, :] < D)
-            if IEEE:
-                upd = tl.dot(dz, w.to(tl.float32), input_precision="ieee")
-            else:
-                upd = tl.dot(dz.to(w.dtype), w)
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
+    """dH tile += dz (BLOCK_N, C) @ W[chunk] (C, BLOCK_D): K-loop over the chunk's columns.
+
+    ACCUMULATE adds the fp32 running sum of the earlier chunks; LAST writes dH in its own dtype,
+    otherwise the fp32 running sum is stored back.
+    """
+    pid_n, pid_d = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(D, BLOCK_D),
+                                 GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    rows_ld = tl.minimum(rows, N - 1)
+    dd_ld = tl.minimum(dd, D - 1)
+    dz_ptrs = dz_ptr + rows_ld[:, None] * stride_dzn + offs_c[None, :]
+    w_ptrs = w_ptr + offs_c[:, None] * stride_wv + dd_ld[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        dz = tl.load(dz_ptrs, mask=offs_c[None, :] < C - c0, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_c[:, None] < C - c0, other=0.0)
+        if DOT_FP32:
+            dz = dz.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(dz, w, acc, input_precision=PRECISION)
+        dz_ptrs += BLOCK_C
+        w_ptrs += BLOCK_C * stride_wv
+    mask = (rows[:, None] < N) & (dd[None, :] < D)
+    acc_ptrs = acc_ptr + rows[:, None] * stride_accn + dd[None, :]
+    if ACCUMULATE:
+        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
+    if LAST:
+        tl.store(dh_ptr + rows[:, None] * stride_dhn + dd[None, :],
+                 acc.to(dh_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptrs, acc, mask=mask)
 
 
-@triton.jit
-def _linear_logprob_bwd_dw_kernel(
-    # data ptrs
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr,
-    # shapes
-    N, V, D, inv_temp, ignore_index,
-    # strides
-    stride_hn, stride_wv, stride_dwv,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-):
-    """dW[cols] = sum over N tiles of dz^T (BLOCK_V, BLOCK_N) @ H[rows]; this program owns cols."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        g = tl.where(row_ok & (tgt != ignore_index), g, 0.0) * inv_temp
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, stride_hn, stride_wv, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, IEEE)
-        p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
-        dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
-        dz_t = tl.trans(dz)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :],
-                        mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
-            ptrs = dw_ptr + cols[:, None] * stride_dwv + dd[None, :]
-            msk = col_ok[:, None] & (dd[None, :] < D)
-            if IEEE:
-                upd = tl.dot(dz_t, h.to(tl.float32), input_precision="ieee")
-            else:
-                upd = tl.dot(dz_t.to(h.dtype), h)
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
+def _configs(*blocks):
+    return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_D"), b[:3])), num_warps=b[3],
+                          num_stages=b[4]) for b in blocks]
 
 
-def _exact_fp32(dtype: torch.dtype, device: torch.device) -> bool:
-    """fp32 inputs keep IEEE fp32 dots (no TF32). On the CPU (Triton's interpreter, which
-    cannot multiply bf16 tiles) every dtype is upcast to fp32 inside the kernel."""
-    return dtype == torch.float32 or device.type != "cuda"
+# The K-loop drops its D mask when D is a multiple of BLOCK_D.
+_even_d = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
+_fwd = _even_d(_linear_logprob_fwd_kernel)
+_bwd = _even_d(_linear_logprob_bwd_kernel)
+# CUDA only (the interpreter uses small fixed tiles). Both kernels only write their outputs, so
+# the autotuner may run them repeatedly. Keyed on the model's (V, D), not on N, which changes
+# every step.
+_fwd_tuned = triton.autotune(
+    _configs((64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
+             (128, 256, 64, 8, 3)),
+    key=["V", "D"])(_fwd)
+_bwd_tuned = triton.autotune(
+    _configs((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
+             (128, 128, 64, 4, 4)),
+    key=["V", "D"])(_bwd)
+
+# The dH GEMM adds into its accumulator, so it is not autotuned: a standard Hopper tile.
+_DH_CUDA = dict(BLOCK_N=128, BLOCK_D=128, BLOCK_C=64, GROUP_N=8, num_warps=8, num_stages=3)
+# Triton's interpreter: tiles small enough that the tests cover several of them, large enough
+# to keep it quick.
+_FWD_CPU = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=32)
+_BWD_CPU = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=32, GROUP_N=2)
+_DH_CPU = dict(BLOCK_N=32, BLOCK_D=32, BLOCK_C=64, GROUP_N=2)
+_BLOCK_N_SPLIT = 64     # the smallest forward BLOCK_N on CUDA, used to size the V splits
 
 
-def _blocks(N: int, V: int, D: int, device: torch.device) -> dict:
-    if device.type == "cuda":
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-    # TRITON_INTERPRET=1 on the CPU: small tiles keep the interpreter quick.
-    return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def linear_logprob_forward(hidden, weight, targets, segment_ids=None, num_segments=None,
-                           temperature: float = 1.0, ignore_index: int = -100):
-    """Returns (logp (N,) fp32, lse (N,) fp32, seg_out (S,) fp32 or None)."""
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
+    """DOT_FP32: upcast tiles before tl.dot (the interpreter cannot multiply bf16).
+    PRECISION: IEEE fp32 dots for fp32 inputs unless torch allows TF32 matmuls; "tf32", the
+    CUDA default, for bf16 / fp16, whose dots it does not affect."""
+    matmul = torch.backends.cuda.matmul
+    tf32 = getattr(matmul, "fp32_precision", None) == "tf32" or (
+        not hasattr(matmul, "fp32_precision") and matmul.allow_tf32)
+    on_cuda = device.type == "cuda"
+    return dict(DOT_FP32=not on_cuda and dtype == torch.bfloat16,
+                PRECISION="tf32" if on_cuda and (tf32 or dtype != torch.float32) else "ieee")
+
+
+def _num_splits(N: int, V: int, device: torch.device) -> int:
+    """Enough V splits for about two programs per SM (one split when N alone fills the GPU)."""
+    if device.type != "cuda":
+        return 1
+    row_blocks = triton.cdiv(N, _BLOCK_N_SPLIT)
+    return max(1, min(triton.cdiv(2 * _num_sms(device), row_blocks),
+                      triton.cdiv(V, 256)))
+
+
+def linear_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           segment_ids: torch.Tensor | None = None,
+                           num_segments: int | None = None, temperature: float = 1.0,
+                           ignore_index: int = -100, num_splits: int | None = None):
+    """hidden: (N, D), weight: (V, D), targets: (N,), segment_ids: (N,) or None.
+
+    Returns (logp (N,) fp32, lse (N,) fp32, seg_out (num_segments,) fp32 or None).
+    num_splits overrides the number of vocabulary splits (tests use it on the CPU).
+    """
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     N, D = hidden.shape
     V = weight.shape[0]
-    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    dev = hidden.device
+    logp = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    seg_out = None if segment_ids is None else torch.zeros(num_segments, dtype=torch.float32,
+                                                           device=dev)
+    if N == 0:
+        return logp, lse, seg_out
+    splits = num_splits or _num_splits(N, V, dev)
+    # Every split gets whole 256-column blocks and at least one column.
+    per_split = triton.cdiv(triton.cdiv(V, splits), 256) * 256
+    splits = triton.cdiv(V, per_split)
+    part_lse = torch.empty(splits, N, dtype=torch.float32, device=dev)
+    part_zt = torch.empty(splits, N, dtype=torch.float32, device=dev)
+    args = (hidden, weight, targets, part_lse, part_zt, N, V, D, per_split,
+            LOG2E / temperature, hidden.stride(0), weight.stride(0))
+    flags = _dot_flags(hidden.dtype, dev)
+    if dev.type == "cuda":
+        _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)](*args, **flags)
+    else:
+        _fwd[(triton.cdiv(N, _FWD_CPU["BLOCK_N"]), splits)](*args, **flags, **_FWD_CPU)
     has_seg = segment_ids is not None
-    seg_out = torch.zeros(num_segments if has_seg else 1, dtype=torch.float32,
-                          device=hidden.device)
     seg = segment_ids.contiguous() if has_seg else targets
-    cfg = _blocks(N, V, D, hidden.device)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    _linear_logprob_fwd_kernel[grid](
-        hidden, weight, targets.contiguous(), seg, logp, lse, seg_out,
-        N, V, D, 1.0 / temperature, ignore_index,
-        hidden.stride(0), weight.stride(0),
-        HAS_SEGMENTS=has_seg, IEEE=_exact_fp32(hidden.dtype, hidden.device), **cfg)
-    return logp, lse, (seg_out if has_seg else None)
+    _linear_logprob_fwd_combine_kernel[(triton.cdiv(N, 256),)](
+        part_lse, part_zt, targets, seg, logp, lse, seg_out if has_seg else logp,
+        N, num_segments if has_seg else 0, splits, ignore_index,
+        BLOCK_N=256, HAS_SEGMENTS=has_seg)
+    return logp, lse, seg_out
 
 
-def linear_logprob_backward(hidden, weight, targets, lse, grad_tokens, temperature: float,
-                            ignore_index: int, need_dh: bool = True, need_dw: bool = True):
-    """grad_tokens: (N,) dL/dlogp_n -> (dH (N, D), dW (V, D)) in the inputs' dtypes."""
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+def _chunk_columns(N: int, V: int, itemsize: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return V
+    cols = DZ_CHUNK_BYTES // max(1, N * itemsize)
+    # At least 1024 columns keeps the GEMMs efficient and the dH read-modify-writes rare.
+    return min(V, max(1024, cols // 256 * 256))
+
+
+def linear_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            lse: torch.Tensor, grad: torch.Tensor,
+                            segment_ids: torch.Tensor | None = None, temperature: float = 1.0,
+                            ignore_index: int = -100, need_dh: bool = True,
+                            need_dw: bool = True, chunk_size: int | None = None):
+    """Gradients of sum_n g_n logp_n.
+
+    grad: (N,) per token, or (S,) per segment when segment_ids (N,) is given; lse: (N,) from the
+    forward. Returns (dH (N, D) in hidden's dtype or None, dW (V, D) in weight's dtype or None).
+    chunk_size overrides the vocabulary chunk of the materialised dz (tests use it on the CPU).
+    """
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     N, D = hidden.shape
     V = weight.shape[0]
-    g = grad_tokens.float().contiguous()
-    cfg = _blocks(N, V, D, hidden.device)
-    ieee = _exact_fp32(hidden.dtype, hidden.device)
-    args = (N, V, D, 1.0 / temperature, ignore_index)
-    dh = dw = None
-    if need_dh:
-        dh = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
-        _linear_logprob_bwd_dh_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            hidden, weight, targets, lse, g, dh, *args,
-            hidden.stride(0), weight.stride(0), dh.stride(0), IEEE=ieee, **cfg)
-        dh = dh.to(hidden.dtype)
-    if need_dw:
-        dw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device)
-        _linear_logprob_bwd_dw_kernel[(triton.cdiv(V, cfg["BLOCK_V"]),)](
-            hidden, weight, targets, lse, g, dw, *args,
-            hidden.stride(0), weight.stride(0), dw.stride(0), IEEE=ieee, **cfg)
-        dw = dw.to(weight.dtype)
+    dev = hidden.device
+    if N == 0:
+        return (torch.zeros_like(hidden) if need_dh else None,
+                torch.zeros_like(weight) if need_dw else None)
+    # Every element is written below: by the last dH chunk, and by dW's chunk GEMMs.
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    if not (need_dh or need_dw):
+        return dh, dw
+    grad = grad.float().contiguous()
+    has_seg = segment_ids is not None
+    seg = segment_ids.contiguous() if has_seg else targets
+    S = grad.shape[0] if has_seg else 0
+    C = min(V, chunk_size or _chunk_columns(N, V, hidden.element_size(), dev))
+    chunks = list(range(0, V, C))
+    dz = torch.empty(N, C, dtype=hidden.dtype, device=dev)
+    # The fp32 running sum of dH over chunks; not needed when one chunk covers V.
+    acc = torch.empty(N, D, dtype=torch.float32, device=dev) \
+        if need_dh and len(chunks) > 1 else dh
+    flags = _dot_flags(hidden.dtype, dev)
+    on_cuda = dev.type == "cuda"
+    for i, v0 in enumerate(chunks):
+        c = min(C, V - v0)
+        args = (hidden, weight, targets, lse, grad, seg, dz, N, V, D, S, v0, c,
+                LOG2E / temperature, 1.0 / temperature, ignore_index,
+                hidden.stride(0), weight.stride(0), dz.stride(0))
+        if on_cuda:
+            _bwd_tuned[lambda meta, c=c: (triton.cdiv(N, meta["BLOCK_N"])
+                                          * triton.cdiv(c, meta["BLOCK_V"]),)](
+                *args, GROUP_N=8, HAS_SEGMENTS=has_seg, **flags)
+        else:
+            grid = (triton.cdiv(N, _BWD_CPU["BLOCK_N"]) * triton.cdiv(c, _BWD_CPU["BLOCK_V"]),)
+            _bwd[grid](*args, HAS_SEGMENTS=has_seg, **flags, **_BWD_CPU)
+        dz_c = dz[:, :c]
+        if need_dw:
+            torch.mm(dz_c.t(), hidden, out=dw[v0:v0 + c])
+        if need_dh:
+            cfg = _DH_CUDA if on_cuda else _DH_CPU
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_D"]),)
+            _linear_logprob_bwd_dh_kernel[grid](
+                dz_c, weight[v0:v0 + c], acc, dh, N, D, c,
+                dz.stride(0), weight.stride(0), acc.stride(0), dh.stride(0),
+                ACCUMULATE=i > 0, LAST=i == len(chunks) - 1, **flags, **cfg)
     return dh, dw
 
 
 class LinearLogprobFunction(torch.autograd.Function):
-    """Autograd wrapper: per-token log-probs (N,), or per-segment sums (S,) with segments."""
+    """Per-token log-probs (N,), or per-segment sums (S,) when segment_ids is given;
+    differentiable in hidden and weight."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, segment_ids, num_segments, temperature,
-                ignore_index):
+                ignore_index, num_splits=None, chunk_size=None):
         logp, lse, seg_out = linear_logprob_forward(hidden, weight, targets, segment_ids,
-                                                    num_segments, temperature, ignore_index)
+                                                    num_segments, temperature, ignore_index,
+                                                    num_splits)
         ctx.save_for_backward(hidden, weight, targets, lse, segment_ids)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
-        ctx.has_segments = segment_ids is not None
-        return seg_out if ctx.has_segments else logp
+        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+        return logp if segment_ids is None else seg_out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, lse, segment_ids = ctx.saved_tensors
-        # The upstream gradient is one scalar per segment: broadcast it to the tokens.
-        g = grad_out[segment_ids] if ctx.has_segments else grad_out
-        dh, dw = linear_logprob_backward(hidden, weight, targets, lse, g, ctx.temperature,
-                                         ctx.ignore_index, ctx.needs_input_grad[0],
-                                         ctx.needs_input_grad[1])
-        return dh, dw, None, None, None, None, None
+        dh, dw = linear_logprob_backward(hidden, weight, targets, lse, grad_out, segment_ids,
+                                         ctx.temperature, ctx.ignore_index,
+                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                         ctx.chunk_size)
+        return dh, dw, None, None, None, None, None, None, None

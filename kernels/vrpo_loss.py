@@ -12,6 +12,9 @@ which is the VRPO estimator l(u_0) - [g_0 l(u_0) + (1 - g_0) l(-u_0)]
 + (1/M) sum_m [g_m l(u_m) + (1 - g_m) l(-u_m)] (vrpo_fast.objective). Loss types
 (LOSS constexpr): 0 sigmoid -log sigmoid(u); 1 ramp relu(1 - u) - relu(-0.5 - u);
 2 ipo (u / beta - 1 / (2 beta))^2; 3 hinge relu(1 - u). relu'(0) = 0, as torch.
+
+One launch each way: a program holds a (BLOCK_B, BLOCK_P) tile of prompts x pairs in registers
+and reduces over pairs; the maths is fp32 whatever the input dtypes. g is never differentiated.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ def _pair_loss(u, beta, LOSS: tl.constexpr):
 
 @triton.jit
 def _pair_loss_grad(u, beta, LOSS: tl.constexpr):
-    if LOSS == 0:   # d/du softplus(-u) = sigmoid(u) - 1
-        return 1.0 / (1.0 + tl.exp(-u)) - 1.0
+    if LOSS == 0:   # d/du softplus(-u) = -sigmoid(-u), without the cancellation of sigmoid(u) - 1
+        return -1.0 / (1.0 + tl.exp(u))
     elif LOSS == 1:
         return tl.where(u < 1.0, -1.0, 0.0) + tl.where(u < -0.5, 1.0, 0.0)
     elif LOSS == 2:
@@ -56,21 +59,24 @@ def _pair_coefficients(g, pairs, M, VRPO: tl.constexpr):
         a = tl.where(first, 1.0 - g, g / M)
         b = tl.where(first, -(1.0 - g), (1.0 - g) / M)
     else:
-        a = tl.where(first, 1.0, 0.0) + g * 0.0
-        b = g * 0.0
+        a = tl.where(first, 1.0, 0.0) + tl.zeros_like(g)
+        b = tl.zeros_like(g)
     return a, b
 
 
 @triton.jit
-def _load_margins(pol_ptr, ref_ptr, rows, pairs, B, P, beta, stride_b, HAS_REF: tl.constexpr):
+def _load_margins(pol_ptr, ref_ptr, rows, pairs, B, P, beta, stride_b, stride_rb,
+                  HAS_REF: tl.constexpr):
+    """u_p = r_{2p} - r_{2p+1} with r = beta (policy - ref), as in vrpo_fast.objective."""
     msk = (rows[:, None] < B) & (pairs[None, :] < P)
     first = rows[:, None] * stride_b + 2 * pairs[None, :]
-    x1 = tl.load(pol_ptr + first, mask=msk, other=0.0).to(tl.float32)
-    x2 = tl.load(pol_ptr + first + 1, mask=msk, other=0.0).to(tl.float32)
+    r1 = tl.load(pol_ptr + first, mask=msk, other=0.0).to(tl.float32)
+    r2 = tl.load(pol_ptr + first + 1, mask=msk, other=0.0).to(tl.float32)
     if HAS_REF:
-        x1 -= tl.load(ref_ptr + first, mask=msk, other=0.0).to(tl.float32)
-        x2 -= tl.load(ref_ptr + first + 1, mask=msk, other=0.0).to(tl.float32)
-    return beta * (x1 - x2), msk
+        ref_first = rows[:, None] * stride_rb + 2 * pairs[None, :]
+        r1 -= tl.load(ref_ptr + ref_first, mask=msk, other=0.0).to(tl.float32)
+        r2 -= tl.load(ref_ptr + ref_first + 1, mask=msk, other=0.0).to(tl.float32)
+    return beta * r1 - beta * r2, msk
 
 
 @triton.jit
@@ -80,13 +86,15 @@ def _vrpo_loss_fwd_kernel(
     # shapes
     B, P, M, beta,
     # strides
-    stride_b, stride_gb,
+    stride_b, stride_rb, stride_gb,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, LOSS: tl.constexpr, VRPO: tl.constexpr,
     HAS_REF: tl.constexpr,
 ):
+    """loss[b] = sum_p a_p l(u_p) + b_p l(-u_p) for BLOCK_B prompts."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     pairs = tl.arange(0, BLOCK_P)
-    u, msk = _load_margins(pol_ptr, ref_ptr, rows, pairs, B, P, beta, stride_b, HAS_REF)
+    u, msk = _load_margins(pol_ptr, ref_ptr, rows, pairs, B, P, beta, stride_b, stride_rb,
+                           HAS_REF)
     g = tl.load(g_ptr + rows[:, None] * stride_gb + pairs[None, :], mask=msk,
                 other=0.0).to(tl.float32)
     a, b = _pair_coefficients(g, pairs, M, VRPO)
@@ -102,13 +110,15 @@ def _vrpo_loss_bwd_kernel(
     # shapes
     B, P, M, beta,
     # strides
-    stride_b, stride_gb, stride_db,
+    stride_b, stride_rb, stride_gb, stride_db,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, LOSS: tl.constexpr, VRPO: tl.constexpr,
     HAS_REF: tl.constexpr,
 ):
+    """dpolicy[b, 2p] = dloss[b] beta (a_p l'(u_p) - b_p l'(-u_p)) = -dpolicy[b, 2p + 1]."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     pairs = tl.arange(0, BLOCK_P)
-    u, msk = _load_margins(pol_ptr, ref_ptr, rows, pairs, B, P, beta, stride_b, HAS_REF)
+    u, msk = _load_margins(pol_ptr, ref_ptr, rows, pairs, B, P, beta, stride_b, stride_rb,
+                           HAS_REF)
     g = tl.load(g_ptr + rows[:, None] * stride_gb + pairs[None, :], mask=msk,
                 other=0.0).to(tl.float32)
     a, b = _pair_coefficients(g, pairs, M, VRPO)
@@ -121,36 +131,46 @@ def _vrpo_loss_bwd_kernel(
 
 
 def _config(B: int, P: int) -> dict:
-    return dict(BLOCK_B=max(16, min(128, triton.next_power_of_2(B))),
-                BLOCK_P=max(2, triton.next_power_of_2(P)))
+    """A (BLOCK_B, BLOCK_P) tile of pairs per program: at most 4096 pairs, whatever M is."""
+    block_p = max(2, triton.next_power_of_2(P))
+    return dict(BLOCK_B=max(2, min(triton.next_power_of_2(B), 128, 4096 // block_p)),
+                BLOCK_P=block_p)
 
 
 def vrpo_loss_forward(policy, ref, g, beta: float, loss_type: str, estimator: str):
-    """Per-prompt loss (B,) float32."""
+    """policy, ref: (B, 2 + 2M) (ref None: zeros), g: (B, 1 + M) -> per-prompt loss (B,) fp32.
+
+    Arguments are not validated here (vrpo_fast.ops does it once, without host syncs).
+    """
     B, K = policy.shape
     P, M = K // 2, (K - 2) // 2
     policy, g = policy.contiguous(), g.contiguous()
     ref_t = ref.contiguous() if ref is not None else policy
     loss = torch.empty(B, dtype=torch.float32, device=policy.device)
+    if B == 0:
+        return loss
     cfg = _config(B, P)
     _vrpo_loss_fwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
-        policy, ref_t, g, loss, B, P, max(M, 1), beta, policy.stride(0), g.stride(0),
+        policy, ref_t, g, loss, B, P, max(M, 1), beta, policy.stride(0), ref_t.stride(0),
+        g.stride(0),
         LOSS=LOSS_CODES[loss_type], VRPO=estimator == "vrpo" and M > 0,
         HAS_REF=ref is not None, **cfg)
     return loss
 
 
 def vrpo_loss_backward(policy, ref, g, grad_loss, beta: float, loss_type: str, estimator: str):
-    """dL/dpolicy (B, 2 + 2M) in policy's dtype, given upstream (B,)."""
+    """dL/dpolicy (B, 2 + 2M) in policy's dtype, given the upstream gradient grad_loss (B,)."""
     B, K = policy.shape
     P, M = K // 2, (K - 2) // 2
     policy, g = policy.contiguous(), g.contiguous()
     ref_t = ref.contiguous() if ref is not None else policy
     dpol = torch.empty(B, K, dtype=torch.float32, device=policy.device)
+    if B == 0:
+        return dpol.to(policy.dtype)
     cfg = _config(B, P)
     _vrpo_loss_bwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
         policy, ref_t, g, grad_loss.contiguous(), dpol, B, P, max(M, 1), beta,
-        policy.stride(0), g.stride(0), dpol.stride(0),
+        policy.stride(0), ref_t.stride(0), g.stride(0), dpol.stride(0),
         LOSS=LOSS_CODES[loss_type], VRPO=estimator == "vrpo" and M > 0,
         HAS_REF=ref is not None, **cfg)
     return dpol.to(policy.dtype)

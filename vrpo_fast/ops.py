@@ -1,7 +1,11 @@
 """The fused operations with device dispatch: Triton kernels on CUDA, the PyTorch reference of
-the same maths on the CPU. `impl="triton"` forces the kernels (on CPU tensors they run only in
-Triton's interpreter, TRITON_INTERPRET=1, which is how the tests check them); `impl="torch"`
-forces the reference.
+the same maths on the CPU.
+
+`impl="auto"` picks Triton for CUDA tensors and the reference otherwise; `impl="triton"` forces
+the kernels (on CPU tensors they run only in Triton's interpreter, TRITON_INTERPRET=1, which is
+how the tests check them); `impl="torch"` forces the reference
+(`vrpo_fast.chunked.chunked_linear_logprobs`, `vrpo_fast.objective.vrpo_loss`).
+Arguments are validated here once, without host syncs, for both paths.
 """
 
 from __future__ import annotations
@@ -12,22 +16,64 @@ import torch
 from torch import nn
 
 from vrpo_fast.chunked import chunked_linear_logprobs
-from vrpo_fast.objective import _check_choice, vrpo_loss
+from vrpo_fast.objective import ESTIMATORS, LOSS_TYPES, _check_choice, vrpo_loss
 
 IMPLS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     _check_choice("impl", impl, IMPLS)
-    on_cuda = all(t.is_cuda for t in tensors)
-    if impl == "auto":
-        return on_cuda
     if impl == "torch":
         return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        return on_cuda and all(t.dtype in KERNEL_DTYPES for t in tensors)
     if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("impl: 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's "
-                         "interpreter); use impl='auto' or 'torch' on the CPU")
+        raise ValueError("impl: 'triton' on CPU tensors needs Triton's interpreter "
+                         "(TRITON_INTERPRET=1 set before the first kernel import); use "
+                         "impl='auto' or 'torch' on the CPU")
+    for t in tensors:
+        if t.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"impl: the Triton kernels take float32, bfloat16 or float16 "
+                             f"inputs, got {t.dtype}; use impl='torch'")
     return True
+
+
+def _check_linear_args(hidden, weight, targets, segment_ids, num_segments, temperature):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden, weight: expected (N, D) and (V, D), got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"hidden, weight: expected floating-point tensors, got {hidden.dtype} "
+                         f"and {weight.dtype}")
+    if targets.shape != hidden.shape[:1] or targets.is_floating_point():
+        raise ValueError(f"targets: expected integer ids of shape ({hidden.shape[0]},), got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    if segment_ids is None:
+        if num_segments is not None:
+            raise ValueError("num_segments: given without segment_ids")
+    else:
+        if segment_ids.shape != targets.shape or segment_ids.is_floating_point():
+            raise ValueError(f"segment_ids: expected integer ids of shape "
+                             f"{tuple(targets.shape)}, got {segment_ids.dtype} "
+                             f"{tuple(segment_ids.shape)}")
+        if not isinstance(num_segments, int) or num_segments < 0:
+            raise ValueError(f"num_segments: expected an int >= 0 with segment_ids, got "
+                             f"{num_segments!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+
+
+def _kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor):
+    """The dtype the LM head would run in: autocast's when it is on (as F.linear would),
+    else the promoted dtype of the two (the kernels multiply tiles of one dtype)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -36,75 +82,145 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     impl: str = "auto") -> torch.Tensor:
     """log p(target) from hidden states and the LM-head weight, never materialising logits.
 
-    hidden: (N, D), weight: (V, D), targets: (N,) (ignore_index -> 0). Returns (N,) float32
-    per-token log-probs, or (num_segments,) sums with segment_ids (N,). Differentiable in
-    hidden and weight.
+    Args:
+        hidden: (N, D) hidden states of the positions that predict the targets.
+        weight: (V, D) LM-head weight.
+        targets: (N,) token ids; positions equal to `ignore_index` contribute 0 and no gradient.
+        segment_ids: optional (N,) ids in [0, num_segments): sum the log-probs per segment.
+        num_segments: S, required with segment_ids (empty segments give 0).
+        temperature: logits are divided by it.
+        impl: auto | triton | torch (see the module docstring).
+
+    Returns:
+        (N,) float32 per-token log-probs, or (S,) float32 per-segment sums; differentiable in
+        hidden and weight.
     """
+    _check_linear_args(hidden, weight, targets, segment_ids, num_segments, temperature)
     if not _use_triton(impl, hidden, weight):
         return chunked_linear_logprobs(hidden, weight, targets, segment_ids=segment_ids,
                                        num_segments=num_segments, temperature=temperature,
                                        ignore_index=ignore_index)
-    # Shape checks are shared with the reference; it validates the same arguments.
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, D) and weight (V, D) expected, got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
-    if segment_ids is not None and num_segments is None:
-        raise ValueError("num_segments: required with segment_ids")
     from vrpo_fast.kernels.linear_logprob import LinearLogprobFunction
 
+    hidden, weight = _kernel_inputs(hidden, weight)
     return LinearLogprobFunction.apply(hidden, weight, targets, segment_ids, num_segments,
-                                       float(temperature), ignore_index)
+                                       float(temperature), int(ignore_index))
 
 
-def per_prompt_vrpo_loss(policy_logps, ref_logps, aux_prefs, *, beta: float, loss_type: str,
+def _check_loss_args(policy_logps, ref_logps, aux_prefs, beta, loss_type, estimator):
+    """The shape and name checks of vrpo_loss, for the kernel path (no host syncs)."""
+    if policy_logps.dim() != 2 or policy_logps.shape[1] < 2 or policy_logps.shape[1] % 2:
+        raise ValueError(f"policy_logps: expected (B, 2 + 2M), got shape "
+                         f"{tuple(policy_logps.shape)}")
+    B, K = policy_logps.shape
+    if ref_logps is not None and ref_logps.shape != policy_logps.shape:
+        raise ValueError(f"ref_logps: shape {tuple(ref_logps.shape)} does not match "
+                         f"policy_logps {tuple(policy_logps.shape)}")
+    if aux_prefs.shape != (B, K // 2):
+        raise ValueError(f"aux_prefs: expected shape (B, 1 + M) = ({B}, {K // 2}), got "
+                         f"{tuple(aux_prefs.shape)}")
+    if not beta > 0:
+        raise ValueError(f"beta: must be > 0, got {beta}")
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("estimator", estimator, ESTIMATORS)
+
+
+def per_prompt_vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                         aux_prefs: torch.Tensor, *, beta: float, loss_type: str,
                          estimator: str, impl: str = "auto") -> torch.Tensor:
-    """(B,) per-prompt losses: the fused Triton kernel on CUDA, vrpo_loss otherwise."""
+    """Per-prompt VRPO / DPO losses (B,), differentiable in policy_logps.
+
+    policy_logps, ref_logps: (B, 2 + 2M) (ref None: zeros); aux_prefs: (B, 1 + M). The fused
+    Triton kernel (one launch each way) on CUDA; `vrpo_loss(..., reduction="none")` otherwise.
+    Values are not checked (no host syncs): use `vrpo_loss` for that.
+    """
     if not _use_triton(impl, policy_logps):
         per, _ = vrpo_loss(policy_logps, ref_logps, aux_prefs, beta=beta, loss_type=loss_type,
                            estimator=estimator, reduction="none", check_inputs=False)
         return per
+    _check_loss_args(policy_logps, ref_logps, aux_prefs, beta, loss_type, estimator)
     from vrpo_fast.kernels.vrpo_loss import VRPOLossFunction
 
-    return VRPOLossFunction.apply(policy_logps, ref_logps, aux_prefs, beta, loss_type,
-                                  estimator)
+    return VRPOLossFunction.apply(policy_logps, ref_logps, aux_prefs.detach(), float(beta),
+                                  loss_type, estimator)
 
 
 class FusedLinearVRPOLoss(nn.Module):
     """Response hidden states + LM-head weight -> the VRPO loss, for embedding in any trainer.
 
-    forward(hidden (N, D), weight (V, D), targets (N,), segment_ids (N,) with values g * K + k,
-    num_groups B, group_size K = 2 + 2M, ref_logps (B, K) or None, aux_prefs (B, 1 + M))
-    -> (loss, stats) with the stats of `vrpo_fast.vrpo_loss`.
+    On CUDA: the fused linear log-prob kernel (per-response sums, no logits in memory), then the
+    fused loss kernel; DRO weights (w = softmax(L / dro_tau), not differentiated) in torch on the
+    (B,) vector. On the CPU: the PyTorch references of the same maths.
+
+    Args:
+        beta, loss_type, estimator, dro_tau: as in `vrpo_fast.vrpo_loss`.
+        temperature: the policy's logits are divided by it.
+        impl: auto | triton | torch.
+        check_inputs: check values (finite log-probs, g in [0, 1]) as `vrpo_loss` does; each
+            check is a host sync, so a trainer that validated its data can turn them off.
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", estimator: str = "vrpo",
-                 dro_tau: float | None = None, temperature: float = 1.0, impl: str = "auto"):
+                 dro_tau: float | None = None, temperature: float = 1.0, impl: str = "auto",
+                 check_inputs: bool = True):
         super().__init__()
+        _check_choice("loss_type", loss_type, LOSS_TYPES)
+        _check_choice("estimator", estimator, ESTIMATORS)
+        _check_choice("impl", impl, IMPLS)
+        if not beta > 0:
+            raise ValueError(f"beta: must be > 0, got {beta}")
+        if dro_tau is not None and not dro_tau > 0:
+            raise ValueError(f"dro_tau: must be > 0 or None, got {dro_tau}")
+        if not temperature > 0:
+            raise ValueError(f"temperature: must be > 0, got {temperature}")
         self.beta, self.loss_type, self.estimator = beta, loss_type, estimator
         self.dro_tau, self.temperature, self.impl = dro_tau, temperature, impl
+        self.check_inputs = check_inputs
 
-    def forward(self, hidden, weight, targets, segment_ids, num_groups: int, group_size: int,
-                ref_logps, aux_prefs, reduction: str = "mean"):
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                segment_ids: torch.Tensor, num_groups: int, group_size: int,
+                ref_logps: torch.Tensor | None, aux_prefs: torch.Tensor,
+                reduction: str = "mean"):
+        """The loss of B = num_groups prompt groups of K = group_size = 2 + 2M responses.
+
+        Args:
+            hidden: (N, D) hidden states predicting the response tokens; weight: (V, D).
+            targets: (N,) response token ids (ignore_index -100 contributes nothing).
+            segment_ids: (N,) response of each token, g * K + k for response k of group g
+                (`PackedBatch.segment_ids`).
+            ref_logps: (B, K) reference sequence log-probs, or None (zeros).
+            aux_prefs: (B, 1 + M) g for (chosen, rejected), then for each Monte Carlo pair.
+            reduction: mean | sum | none (DRO weighting needs mean).
+
+        Returns:
+            (loss, stats): stats are the detached statistics of `vrpo_fast.vrpo_loss`.
+        """
+        if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+            raise ValueError(f"group_size: expected 2 + 2M (an even int >= 2), got "
+                             f"{group_size!r}")
+        if not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups: expected an int >= 1, got {num_groups!r}")
         logps = linear_logprobs(hidden, weight, targets, segment_ids=segment_ids,
                                 num_segments=num_groups * group_size,
                                 temperature=self.temperature, impl=self.impl)
         policy = logps.view(num_groups, group_size)
-        # Validation and the detached statistics come from the reference formula (cheap: B x K).
-        _, stats = vrpo_loss(policy.detach(), ref_logps, aux_prefs, beta=self.beta,
-                             loss_type=self.loss_type, estimator=self.estimator,
-                             dro_tau=self.dro_tau, reduction="none" if self.dro_tau is None
-                             else "mean")
+        common = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
+                      dro_tau=self.dro_tau, reduction=reduction,
+                      check_inputs=self.check_inputs)
+        if not _use_triton(self.impl, policy):
+            return vrpo_loss(policy, ref_logps, aux_prefs, **common)
+        # Validation and the detached statistics come from the reference formula (B x K
+        # numbers); the loss and its gradient from the kernel.
+        with torch.no_grad():
+            _, stats = vrpo_loss(policy.detach(), ref_logps, aux_prefs, **common)
         per = per_prompt_vrpo_loss(policy, ref_logps, aux_prefs, beta=self.beta,
                                    loss_type=self.loss_type, estimator=self.estimator,
                                    impl=self.impl)
         if self.dro_tau is not None:
-            if reduction != "mean":
-                raise ValueError("reduction: DRO weighting (dro_tau) needs reduction='mean'")
             weights = torch.softmax(per.detach() / self.dro_tau, dim=0)
             return (weights * per).sum(), stats
         if reduction == "mean":
             return per.mean(), stats
         if reduction == "sum":
             return per.sum(), stats
-        _check_choice("reduction", reduction, ("mean", "sum", "none"))
         return per, stats
