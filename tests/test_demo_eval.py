@@ -26,9 +26,12 @@ class FixedPolicy(nn.Module):
     """A 'model' whose generate() always emits the same continuation, then EOS."""
 
     def __init__(self, tokenizer, pick):
+        from transformers import GenerationConfig
+
         super().__init__()
         self.tokenizer, self.pick = tokenizer, pick
         self.anchor = nn.Parameter(torch.zeros(1))
+        self.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
 
     def generate(self, input_ids, num_return_sequences, max_new_tokens, **_):
         rows = []
