@@ -248,8 +248,12 @@ def test_resume_refuses_other_settings_or_prompts(tmp_path):
             sample_stage(config(tmp_path), progress=False)
     finally:
         PROMPTS.pop()
-    # batch_size is not part of the identity: a run resumed with a smaller batch is accepted.
-    sample_stage(config(tmp_path, **{"sample.batch_size": 1}), progress=False)
+    # Neither batch_size nor where the prompts file lives is part of the identity: a run
+    # resumed with a smaller batch, or after moving the prompts, is accepted.
+    moved = write_prompts(tmp_path / "moved.jsonl")
+    cfg = config(tmp_path, **{"sample.batch_size": 1})
+    cfg.data.path = str(moved)
+    sample_stage(cfg, progress=False)
 
 
 KILLER = """

@@ -7,14 +7,15 @@ writes `<output>/provenance.json` beside its shards:
     reference_model  path, revision (the hub commit, when known), weights_sha256
     tokenizer        name, sha256 (vocabulary, special tokens, chat template)
     sampling         num_samples, temperature, top_p, max_new_tokens, seed, backend, stop ids
-    prompts          source, count, sha256 of the tokenized prompts
+    prompts          source, count, sha256 of the tokenized prompts (the file may move)
     shards           count and size of the output shards (the folder is complete when all exist)
     runtime          device, dtype, batch size, world size (not part of the samples' identity)
     versions, created
 
-`vrpo-fast score` adds `scoring` (auxiliary mode, model hash, beta, input hash) to the same
-record. Training and scoring call `check_provenance`, which refuses data drawn from another
-reference model or tokenizer, or a folder whose run has not finished.
+`vrpo-fast score` adds `scoring` (auxiliary mode, model hash and beta, truncation, input hash)
+and `scoring_run` (input path, time, versions) to the same record. Training and scoring call
+`check_provenance`, which refuses data drawn from another reference model or tokenizer, or a
+folder whose run has not finished.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def build_provenance(model, tokenizer, *, sampling: dict | None, prompts: dict |
 
 # The parts of a record that identify the data; the rest (runtime, versions, time) may differ
 # between a run and its resumption.
-IDENTITY = ("reference_model.weights_sha256", "tokenizer.sha256", "sampling", "prompts",
+IDENTITY = ("reference_model.weights_sha256", "tokenizer.sha256", "sampling", "prompts.sha256",
             "shards", "scoring")
 
 

@@ -165,8 +165,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         "aux_beta": aux_cfg.beta if mode == "lm" else None,
         "max_prompt_length": d.max_prompt_length,
         "max_response_length": d.max_response_length,
-        "input": {"source": str(source), "count": len(examples),
-                  "sha256": ids_fingerprint(_example_key(ex) for ex in examples)},
+        "input_sha256": ids_fingerprint(_example_key(ex) for ex in examples),
     }
     shard_info = {"count": num_shards, "size": sc.shard_size}
     if input_record is not None:
@@ -175,7 +174,9 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         # Samples of unknown origin: the record names the model the log-probs come from.
         record = {**build_provenance(ref, tokenizer, sampling=None, prompts=None,
                                      shards=shard_info), "scoring": scoring}
-    record["scoring_run"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    # Not part of the identity: the input may move, a resumed run may use another budget.
+    record["scoring_run"] = {"input": str(source), "rows": len(examples),
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": library_versions(), "max_tokens": sc.max_tokens}
     existing = read_provenance(out)
     if existing is not None:
