@@ -1,66 +1,122 @@
-"""Reading preference data: JSONL, Parquet, a `datasets` folder saved with save_to_disk, a folder
-of Parquet shards (what `vrpo-fast sample` / `score` write), or a hub name."""
+"""Reading preference data: JSONL (optionally gzipped), a JSON array, Parquet, a folder of
+Parquet shards (what `vrpo-fast sample` / `score` write), a `datasets` folder saved with
+save_to_disk, or a hub name.
+
+Rows are numbered by their 1-based line (JSONL) or their 0-based index (everything else, the
+index `dataset[i]` takes), and every message about a row uses that number.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from vrpo_fast.data.schema import PreferenceExample, ValidationReport
-from vrpo_fast.data.validate import RowValidator
+from vrpo_fast.data.schema import PreferenceExample, Problem, ValidationReport
+from vrpo_fast.data.validate import check_row
 from vrpo_fast.errors import UserError
+
+_JSONL = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+# How long to wait for the hub before saying it is unreachable (its own retries take ~30 s).
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class UnparsableRow(Exception):
-    pass
+    """A JSONL line that is not a JSON object; load_rows yields it in the row's place."""
+
+
+class Rows(Iterator):
+    """Iterator of (number, row): row is a dict, or an UnparsableRow for a bad JSONL line.
+    `unit` is "line" (1-based JSONL line numbers) or "row" (0-based indices)."""
+
+    def __init__(self, unit: str, rows: Iterator):
+        self.unit, self._rows = unit, rows
+
+    def __next__(self) -> tuple[int, dict | Exception]:
+        return next(self._rows)
 
 
 def _source_kind(path: str) -> str:
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_dir():
-        if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or \
-                (p / "dataset_dict.json").is_file():
+        if any((p / name).is_file() for name in ("dataset_info.json", "state.json",
+                                                  "dataset_dict.json")):
             return "saved"
         if any(p.glob("*.parquet")):
             return "parquet_dir"
-        raise UserError(f"data.path: {path} is a folder with neither a saved data set nor "
-                        f"Parquet shards")
+        raise UserError(f"data.path: {path} is a folder with neither a saved data set "
+                        f"(save_to_disk) nor Parquet files")
     if p.is_file():
         name = p.name.lower()
-        if name.endswith((".jsonl", ".json", ".jsonl.gz")):
+        if name.endswith(_JSONL):
             return "jsonl"
         if name.endswith(".parquet"):
             return "parquet"
-        raise UserError(f"data.path: {path}: unknown format (expected .jsonl, .jsonl.gz, "
+        raise UserError(f"data.path: {path}: unknown format (expected .jsonl, .jsonl.gz, .json, "
                         f".parquet, a saved datasets folder, or a hub name)")
-    if path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".parquet", ".json")) \
-            or path.count("/") > 1:
+    # Not on disk: a hub name looks like "name" or "owner/name"; anything path-like is a typo.
+    if path.startswith((".", "/", "~")) or path.lower().endswith(_JSONL + (".parquet",)) \
+            or path.count("/") > 1 or os.sep != "/" and os.sep in path:
         raise UserError(f"data.path: no such file or folder {path!r}")
     return "hub"
 
 
-def load_rows(path: str, *, split: str = "train") -> tuple[str, Iterator[tuple[int, object]]]:
-    """(unit, rows): unit is "line" (JSONL, 1-based numbers) or "row" (0-based index); each row
-    is a dict, or an UnparsableRow exception for a JSONL line that is not a JSON object."""
-    kind = _source_kind(str(path))
+def load_rows(path_or_name: str, *, split: str = "train") -> Rows:
+    """The raw rows of a source, lazily. Unreadable sources raise UserError naming the path;
+    a bad JSONL line does not stop the iteration: it is yielded as an UnparsableRow."""
+    path = str(path_or_name)
+    kind = _source_kind(path)
     if kind == "jsonl":
-        return "line", _jsonl_rows(Path(path))
+        p = Path(path).expanduser()
+        if _starts_with_array(p):
+            return Rows("row", enumerate(_json_array(p)))
+        return Rows("line", _jsonl_rows(p))
     if kind == "parquet":
-        return "row", _table_rows(_read_parquet([Path(path)]))
+        return Rows("row", enumerate(_parquet_rows([Path(path).expanduser()])))
     if kind == "parquet_dir":
-        return "row", _table_rows(_read_parquet(sorted(Path(path).glob("*.parquet"))))
+        files = sorted(Path(path).expanduser().glob("*.parquet"))
+        return Rows("row", enumerate(_parquet_rows(files)))
     if kind == "saved":
-        return "row", _datasets_rows(_load_saved(path, split))
-    return "row", _datasets_rows(_load_hub(path, split))
+        return Rows("row", enumerate(_load_saved(path, split)))
+    return Rows("row", enumerate(_load_hub(path, split)))
 
 
-def _jsonl_rows(path: Path):
+def _open_text(path: Path):
     import gzip
 
-    opener = gzip.open if path.name.endswith(".gz") else open
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") \
+        else open(path, encoding="utf-8")
+
+
+def _starts_with_array(path: Path) -> bool:
+    """A .json file holding one JSON array (rather than one object per line)."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with _open_text(path) as f:
+            head = f.read(4096).lstrip()
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise UserError(f"data.path: cannot read {path}: {err}") from None
+    return head.startswith("[")
+
+
+def _json_array(path: Path) -> Iterator:
+    try:
+        with _open_text(path) as f:
+            rows = json.load(f)
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise UserError(f"data.path: cannot read {path}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"data.path: {path} is not valid JSON ({err.msg}, line {err.lineno} "
+                        f"column {err.colno})") from None
+    for row in rows:
+        yield row if isinstance(row, dict) else UnparsableRow(
+            f"expected a JSON object, got {type(row).__name__}")
+
+
+def _jsonl_rows(path: Path) -> Iterator:
+    try:
+        with _open_text(path) as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -75,33 +131,30 @@ def _jsonl_rows(path: Path):
                     continue
                 yield number, row
     except (OSError, UnicodeDecodeError, EOFError) as err:
+        # A truncated gzip or a binary file: the whole source is unreadable, not one row.
         raise UserError(f"data.path: cannot read {path}: {err}") from None
 
 
-def _read_parquet(paths):
+def _parquet_rows(paths) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    try:
-        return [pq.read_table(p) for p in paths]
-    except Exception as err:  # pyarrow raises several unrelated types for a bad file
-        raise UserError(f"data.path: cannot read Parquet: {err}") from None
-
-
-def _table_rows(tables):
-    index = 0
-    for table in tables:
-        for row in table.to_pylist():
-            yield index, row
-            index += 1
+    for p in paths:
+        try:
+            batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
+            for batch in batches:
+                yield from batch.to_pylist()
+        except (OSError, ValueError) as err:  # pyarrow.ArrowException subclasses both
+            raise UserError(f"data.path: cannot read Parquet file {p}: {err}") from None
 
 
 def _load_saved(path, split):
     import datasets
 
     try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as err:
-        raise UserError(f"data.path: cannot load the saved data set {path}: {err}") from None
+        ds = datasets.load_from_disk(str(Path(path).expanduser()))
+    except Exception as err:  # datasets raises many unrelated types for a damaged folder
+        raise UserError(f"data.path: cannot load the saved data set {path}: "
+                        f"{_first_line(err)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UserError(f"data.split: {split!r} not in {path} (splits: {', '.join(ds)})")
@@ -109,33 +162,79 @@ def _load_saved(path, split):
     return ds
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None. Offline mode is left to `datasets` (it reads the
+    local cache); otherwise one short request, because `datasets` retries for ~30 s."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None           # an answer of any kind: reachable
+    except (OSError, ValueError) as err:
+        return f"{constants.ENDPOINT} is not reachable ({getattr(err, 'reason', err)})"
+    return None
+
+
 def _load_hub(name, split):
     import datasets
 
+    why = _hub_unreachable()
+    if why is not None:
+        raise UserError(f"data.path: {name!r} is not a local file or folder, and the Hugging "
+                        f"Face hub cannot be reached: {why}; set HF_HUB_OFFLINE=1 to read a "
+                        f"cached copy")
     try:
         return datasets.load_dataset(name, split=split)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # network, auth, missing repo or split: all one message
         raise UserError(f"data.path: cannot load {name!r} from the Hugging Face hub (not a "
-                        f"local file; is the hub reachable?): {first}") from None
+                        f"local file; is the hub reachable?): {_first_line(err)}") from None
 
 
-def _datasets_rows(ds):
-    yield from enumerate(ds)
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def validate_file(path: str, *, tokenizer=None, max_length: int | None = None,
+                  max_prompt_length: int | None = None, max_response_length: int | None = None,
                   split: str = "train", prompts_only: bool = False
                   ) -> tuple[list[PreferenceExample], ValidationReport]:
-    """Every row checked; returns the valid examples and a report of every problem."""
-    unit, rows = load_rows(path, split=split)
-    validator = RowValidator(unit=unit, tokenizer=tokenizer, max_length=max_length,
-                             prompts_only=prompts_only)
+    """Check every row; returns the good examples and a report of every problem, in row order.
+
+    Every row must have the same number of samples; the count most rows have (the first row's
+    on a tie) is the norm and the rows that differ are bad. `prompts_only` (the sampling stage's
+    input) accepts rows with a prompt alone and does not compare sample counts.
+    """
+    from vrpo_fast.data.tokenize import check_limits
+
+    check_limits(max_prompt_length=max_prompt_length, max_response_length=max_response_length,
+                 max_length=max_length)
+    rows = load_rows(path, split=split)
     report = ValidationReport(source=str(path))
-    examples = []
+    checked = []   # (number, example, problems, number of samples)
     for number, raw in rows:
+        example, problems, n = check_row(
+            raw, number, tokenizer=tokenizer, max_length=max_length, unit=rows.unit,
+            prompts_only=prompts_only, max_prompt_length=max_prompt_length,
+            max_response_length=max_response_length)
+        checked.append((number, example, problems, n))
+    counts = Counter(n for _, _, _, n in checked if n is not None)
+    norm = max(counts, key=counts.__getitem__) if counts else None  # first seen wins ties
+    examples = []
+    for number, example, problems, n in checked:
+        if not prompts_only and n is not None and n != norm:
+            problems = problems + [Problem(
+                number, "samples", f"{n} samples, but {counts[norm]} of the file's "
+                                   f"{len(checked)} rows have {norm}: every row needs the "
+                                   f"same number", rows.unit)]
         report.rows += 1
-        example, problems = validator.check(raw, number)
         if problems:
             report.bad_rows += 1
             report.problems.extend(problems)
@@ -144,22 +243,65 @@ def validate_file(path: str, *, tokenizer=None, max_length: int | None = None,
     return examples, report
 
 
-def load_preference_data(path: str, *, on_bad_row: str = "error", tokenizer=None,
-                         max_length: int | None = None, split: str = "train",
-                         prompts_only: bool = False):
-    """Load and validate; bad rows stop with the same lines `check-data` prints (error) or are
-    dropped and counted in the report (skip). `prompts_only`: rows may hold a prompt alone."""
+def load_preference_data(path_or_name: str, *, on_bad_row: str = "error", tokenizer=None,
+                         max_length: int | None = None, max_prompt_length: int | None = None,
+                         max_response_length: int | None = None, split: str = "train",
+                         prompts_only: bool = False
+                         ) -> tuple[list[PreferenceExample], ValidationReport]:
+    """Load and validate a source (see validate_file for the arguments).
+
+    on_bad_row="error": any bad row raises UserError with the summary and the first 20 problem
+    lines `vrpo-fast check-data` prints; "skip": bad rows are dropped and report.skipped says
+    how many.
+    """
     if on_bad_row not in ("error", "skip"):
         raise UserError(f"data.on_bad_row: {on_bad_row!r} is not 'error' or 'skip'")
-    examples, report = validate_file(path, tokenizer=tokenizer, max_length=max_length,
-                                     split=split, prompts_only=prompts_only)
+    examples, report = validate_file(
+        path_or_name, tokenizer=tokenizer, max_length=max_length,
+        max_prompt_length=max_prompt_length, max_response_length=max_response_length,
+        split=split, prompts_only=prompts_only)
     if report.bad_rows:
         if on_bad_row == "error":
-            shown = "; ".join(str(p) for p in report.problems[:5])
-            more = len(report.problems) - 5
-            raise UserError(f"data.path: {report.summary()}: {shown}"
-                            + (f"; and {more} more (run `vrpo-fast check-data {path}`)"
-                               if more > 0 else "")
-                            + "; set data.on_bad_row=skip to drop bad rows")
+            raise UserError(f"data.path: {report.describe(limit=20)}\n"
+                            f"  (`vrpo-fast check-data {path_or_name}` lists every problem; "
+                            f"data.on_bad_row=skip drops the bad rows)")
         report.skipped = report.bad_rows
     return examples, report
+
+
+def write_preference_data(examples: list[PreferenceExample], path: str) -> Path:
+    """Write examples in the list form to JSONL (.jsonl, .jsonl.gz) or Parquet (.parquet);
+    load_preference_data reads them back. Parquet needs every row in the same text form
+    (all strings or all messages)."""
+    from vrpo_fast.data.tokenize import preference_examples_to_rows
+
+    out = Path(path)
+    rows = preference_examples_to_rows(examples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    name = out.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise UserError(f"{path}: these rows do not fit one Parquet schema (mixed string "
+                            f"and message rows?): {err}") from None
+        pq.write_table(table, tmp)
+    elif name.endswith((".jsonl", ".jsonl.gz")):
+        with (_gzip_writer(tmp) if name.endswith(".gz") else open(tmp, "w",
+                                                                 encoding="utf-8")) as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        raise UserError(f"{path}: write .jsonl, .jsonl.gz or .parquet")
+    tmp.replace(out)   # a reader never sees a half-written file
+    return out
+
+
+def _gzip_writer(path: Path):
+    import gzip
+
+    return gzip.open(path, "wt", encoding="utf-8")

@@ -1,4 +1,9 @@
-"""The normalised forms of a preference row, before and after tokenization."""
+"""The normalised forms of a preference row, before and after tokenization, and the problems
+validation finds.
+
+Text is a string (standard form) or a list of {"role", "content"} messages (conversational form,
+rendered with the tokenizer's chat template), as in TRL's preference format.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,16 @@ Text = str | list  # a string, or conversational messages [{"role": ..., "conten
 
 @dataclass
 class PreferenceExample:
-    """One validated row. Columns: chosen, rejected, then samples a_1 .. a_2M (pair m is
-    (a_{2m-1}, a_{2m})); aux_prefs (1 + M) and ref_logps (2 + 2M) in that order."""
+    """One validated row.
+
+    Responses, in order: chosen, rejected (labelled rows only), then the 2M samples a_1 .. a_2M
+    drawn from pi_ref; Monte Carlo pair m is (a_{2m-1}, a_{2m}).
+    aux_prefs: (1 + M,) g(chosen > rejected), g(a_1 > a_2), g(a_3 > a_4), ...; an unlabelled row
+        keeps the first slot as a 0.5 placeholder so every row has 1 + M entries.
+    ref_logps: (len(responses),) log pi_ref of each response: 2 + 2M labelled, 2M unlabelled.
+    sample_ids: (2M,) the exact token ids that were sampled, when the sampling stage recorded them.
+    row: the 1-based line number (JSONL) or the 0-based row index (other formats).
+    """
 
     prompt: Text
     chosen: Text | None            # None for an unlabelled prompt (Monte Carlo pairs only)
@@ -18,7 +31,7 @@ class PreferenceExample:
     samples: list = field(default_factory=list)
     aux_prefs: list[float] | None = None
     ref_logps: list[float] | None = None
-    sample_ids: list[list[int]] | None = None   # exact sampled token ids, when known
+    sample_ids: list[list[int]] | None = None
     row: int = 0
 
     @property
@@ -27,13 +40,22 @@ class PreferenceExample:
 
     @property
     def responses(self) -> list:
+        """chosen, rejected (labelled rows only), a_1 .. a_2M."""
         return ([self.chosen, self.rejected] if self.labelled else []) + list(self.samples)
 
 
 @dataclass
 class TokenizedExample:
-    """Token ids as the model sees them: response_ids holds chosen, rejected (labelled rows
-    only), then a_1 .. a_2M; each response ends with EOS exactly once (unless truncated)."""
+    """Token ids as the model sees them.
+
+    prompt_ids: (P,) with the tokenizer's BOS once (or the chat template's rendering).
+    response_ids: (K,) lists: chosen, rejected, a_1 .. a_2M for a labelled row (K = 2 + 2M); an
+        unlabelled row omits chosen and rejected (K = 2M). Each ends with EOS exactly once unless
+        it was truncated (responses keep their start, so a cut response loses its EOS).
+    aux_prefs, ref_logps: as in PreferenceExample.
+    truncated: the prompt or any response was cut; prompt_truncated / responses_truncated say
+        which (the prompt keeps its end; responses_truncated counts cut responses).
+    """
 
     prompt_ids: list[int]
     response_ids: list[list[int]]
@@ -42,14 +64,18 @@ class TokenizedExample:
     labelled: bool
     row: int
     truncated: bool = False
+    prompt_truncated: bool = False
+    responses_truncated: int = 0
 
 
 @dataclass
 class Problem:
+    """One thing wrong with one row: `line 12: field 'chosen': empty string`."""
+
     row: int
-    field: str
+    field: str                    # "" when the row as a whole is at fault (unparsable line)
     message: str
-    unit: str = "line"            # "line" for JSONL (1-based), "row" otherwise (0-based)
+    unit: str = "line"            # "line" for JSONL (1-based), "row" otherwise (0-based index)
 
     def __str__(self) -> str:
         where = f"field '{self.field}': " if self.field else ""
@@ -58,6 +84,8 @@ class Problem:
 
 @dataclass
 class ValidationReport:
+    """What validating a whole source found. `skipped`: bad rows dropped (on_bad_row="skip")."""
+
     source: str
     rows: int = 0
     bad_rows: int = 0
@@ -65,7 +93,16 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
 
     def summary(self) -> str:
+        if not self.rows:
+            return f"{self.source}: no rows"
         if not self.bad_rows:
             return f"{self.source}: {self.rows} rows, all valid"
         return (f"{self.source}: {self.rows} rows, {self.bad_rows} bad "
                 f"({len(self.problems)} problems)")
+
+    def describe(self, limit: int = 20) -> str:
+        """The summary, then the first `limit` problem lines (indented) and how many more."""
+        lines = [self.summary()] + [f"  {p}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"  ... and {len(self.problems) - limit} more problems")
+        return "\n".join(lines)
