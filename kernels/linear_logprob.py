@@ -51,7 +51,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Backward materialises dz one vocabulary chunk at a time: about this many bytes.
 DZ_CHUNK_BYTES = 64 * 2**20
@@ -63,8 +62,9 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_hn, stride_wv,
                  EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """h[rows] . w[cols] as a (BLOCK_N, BLOCK_V) fp32 tile; rows / cols must be in range."""
     offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]
-    w_ptrs = w_ptr + cols[:, None] * stride_wv + offs_d[None, :]
+    # 64-bit offsets: V * D passes 2^31 for the largest vocabularies and widths.
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hn + offs_d[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wv + offs_d[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:
@@ -346,9 +346,7 @@ def linear_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     return logp, lse, seg_out
 
 
-def _chunk_columns(N: int, V: int, itemsize: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return V
+def _chunk_columns(N: int, V: int, itemsize: int) -> int:
     cols = DZ_CHUNK_BYTES // max(1, N * itemsize)
     # At least 1024 columns keeps the GEMMs efficient and the dH read-modify-writes rare.
     return min(V, max(1024, cols // 256 * 256))
@@ -381,14 +379,18 @@ def linear_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, targets:
     has_seg = segment_ids is not None
     seg = segment_ids.contiguous() if has_seg else targets
     S = grad.shape[0] if has_seg else 0
-    C = min(V, chunk_size or _chunk_columns(N, V, hidden.element_size(), dev))
+    C = min(V, chunk_size or _chunk_columns(N, V, hidden.element_size()))
     chunks = list(range(0, V, C))
-    dz = torch.empty(N, C, dtype=hidden.dtype, device=dev)
-    # The fp32 running sum of dH over chunks; not needed when one chunk covers V.
-    acc = torch.empty(N, D, dtype=torch.float32, device=dev) \
-        if need_dh and len(chunks) > 1 else dh
     flags = _dot_flags(hidden.dtype, dev)
     on_cuda = dev.type == "cuda"
+    # Triton's interpreter rounds fp32 -> bf16 by truncation (a GPU rounds to nearest even), so
+    # there dz and dH stay fp32 and torch does the one rounding at the end.
+    work = torch.float32 if flags["DOT_FP32"] else hidden.dtype
+    dz = torch.empty(N, C, dtype=work, device=dev)
+    dh_out = dh if dh is None or work == dh.dtype else torch.empty(N, D, dtype=work, device=dev)
+    # The fp32 running sum of dH over chunks; not needed when one chunk covers V.
+    acc = torch.empty(N, D, dtype=torch.float32, device=dev) \
+        if need_dh and len(chunks) > 1 else dh_out
     for i, v0 in enumerate(chunks):
         c = min(C, V - v0)
         args = (hidden, weight, targets, lse, grad, seg, dz, N, V, D, S, v0, c,
@@ -403,14 +405,19 @@ def linear_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, targets:
             _bwd[grid](*args, HAS_SEGMENTS=has_seg, **flags, **_BWD_CPU)
         dz_c = dz[:, :c]
         if need_dw:
-            torch.mm(dz_c.t(), hidden, out=dw[v0:v0 + c])
+            if work == hidden.dtype:
+                torch.mm(dz_c.t(), hidden, out=dw[v0:v0 + c])
+            else:
+                dw[v0:v0 + c] = torch.mm(dz_c.t(), hidden.to(work))
         if need_dh:
             cfg = _DH_CUDA if on_cuda else _DH_CPU
             grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_D"]),)
             _linear_logprob_bwd_dh_kernel[grid](
-                dz_c, weight[v0:v0 + c], acc, dh, N, D, c,
-                dz.stride(0), weight.stride(0), acc.stride(0), dh.stride(0),
+                dz_c, weight[v0:v0 + c], acc, dh_out, N, D, c,
+                dz.stride(0), weight.stride(0), acc.stride(0), dh_out.stride(0),
                 ACCUMULATE=i > 0, LAST=i == len(chunks) - 1, **flags, **cfg)
+    if dh is not None and dh_out is not dh:
+        dh.copy_(dh_out)
     return dh, dw
 
 

@@ -41,8 +41,9 @@ def _pair_loss(u, beta, LOSS: tl.constexpr):
 
 @triton.jit
 def _pair_loss_grad(u, beta, LOSS: tl.constexpr):
-    if LOSS == 0:   # d/du softplus(-u) = -sigmoid(-u), without the cancellation of sigmoid(u) - 1
-        return -1.0 / (1.0 + tl.exp(u))
+    if LOSS == 0:   # d/du softplus(-u) = -sigmoid(-u); exp(-|u|) never overflows and keeps
+        e = tl.exp(-tl.abs(u))          # the tiny gradients of large u accurate
+        return tl.where(u >= 0, -e / (1.0 + e), -1.0 / (1.0 + e))
     elif LOSS == 1:
         return tl.where(u < 1.0, -1.0, 0.0) + tl.where(u < -0.5, 1.0, 0.0)
     elif LOSS == 2:
