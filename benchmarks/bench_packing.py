@@ -1,54 +1,95 @@
-"""Sequence log-probs of K responses per prompt: packed (prompt once, LM head on response
-tokens only) vs naive (one padded forward per (prompt, response), full logits), forward and
-backward, on a small Llama-style model at HH-like lengths. The expected time ratio is at least
-the token ratio (P + K R) / (K (P + R))."""
+"""Sequence log-probs of K responses per prompt (issue 3's measurement), packed vs naive:
 
-import random
+  naive   every (prompt, response) in its own right-padded row, full logits, log_softmax,
+          gather (the layout of `sequence_logps(impl="naive")` and of DPO trainers)
+  packed  `vrpo_fast.sequence_logps(impl="packed")`: each prompt once with its responses behind
+          it, the LM head only on response positions, vocabulary in chunks
+
+on a small Llama-style model, "score" (no grad, what `vrpo-fast score` does) and "train"
+(forward + backward). The packed path should take at most the token ratio
+(P + K R) / (K (P + R)) of the naive time, less where the naive rows carry padding.
+
+    python -m pytest benchmarks/bench_packing.py -q [--smoke]
+"""
 
 import pytest
 import torch
-from conftest import timed
+from _layouts import build_model, make_groups, padded_logps, padded_tokens
+from conftest import peak_memory, timed
 
 SHAPES = {
-    "smoke": [dict(G=2, K=4, P=12, R=(4, 8), hidden=32, layers=1, vocab=500)],
-    "cpu": [dict(G=4, K=K, P=160, R=(60, 120), hidden=256, layers=4, vocab=32000)
-            for K in (4, 6)],
-    "gpu": [dict(G=16, K=K, P=160, R=(60, 120), hidden=1024, layers=8, vocab=128256)
-            for K in (4, 6)],
+    "smoke": [dict(G=2, K=4, lengths="hh", cap=(12, 8), hidden=32, layers=1, vocab=500,
+                   budget=64)],
+    "cpu": [dict(G=4, K=K, lengths="long", cap=(160, 120), hidden=256, layers=4, vocab=32000,
+                 budget=1024) for K in (4, 6)],
+    "gpu": [dict(G=16, K=K, lengths="long", cap=(160, 120), hidden=1024, layers=8,
+                 vocab=128256, budget=None) for K in (4, 6)],
 }
 
 
-def setup(G, K, P, R, hidden, layers, vocab):
-    from vrpo_fast.models import build_tiny_causal_lm
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_tiny_causal_lm(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
-                                 num_heads=max(2, hidden // 64), num_kv_heads=max(1, hidden // 128),
-                                 intermediate_size=hidden * 3).to(device)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, vocab) for _ in range(P)] for _ in range(G)]
-    responses = [[[rng.randrange(3, vocab) for _ in range(rng.randint(*R))] for _ in range(K)]
-                 for _ in range(G)]
-    return model, prompts, responses
+def setup(G, K, lengths, cap, hidden, layers, vocab, budget):
+    model = build_model(hidden, layers, vocab)
+    prompts, responses = make_groups(G, K, lengths, vocab, tuple(cap))
+    # The packing budget bounds a row's length: on the CPU the packed mask is a dense (T, T)
+    # SDPA mask, so one row per group keeps attention from growing with G^2.
+    budget = None if budget is None else max(budget, max(
+        len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses)))
+    return model, prompts, responses, budget
 
 
-@pytest.mark.parametrize("provider", ["naive", "packed"])
-def bench_sequence_logps(benchmark, record, mode, provider, shape):
+def make_fn(provider, model, prompts, responses, budget):
     from vrpo_fast.logprobs import sequence_logps
 
-    model, prompts, responses = setup(**shape)
-    with torch.no_grad():
-        want = sequence_logps(model, prompts, responses, impl="naive")
-        got = sequence_logps(model, prompts, responses, impl=provider)
-    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    if provider == "naive":
+        return lambda: padded_logps(model, prompts, responses)
+    return lambda: sequence_logps(model, prompts, responses, impl="packed", max_tokens=budget)
 
-    def op():
-        sequence_logps(model, prompts, responses, impl=provider).sum().backward()
+
+def make_op(fn, model, direction):
+    if direction == "score":
+        def score():
+            with torch.no_grad():
+                fn()
+        return score
+
+    def train():
+        fn().sum().backward()
         model.zero_grad(set_to_none=True)
-    benchmark.group = f"sequence_logps {shape}"
-    seconds = timed(benchmark, op, rounds=1 if mode == "smoke" else 5)
-    resp_tokens = sum(len(r) for rs in responses for r in rs)
-    P, K, G = shape["P"], shape["K"], shape["G"]
-    tokens = G * P + resp_tokens if provider == "packed" else K * G * P + resp_tokens
-    record("sequence_logps", provider, shape, seconds, tokens=tokens,
-           token_ratio_packed_over_naive=(G * P + resp_tokens) / (K * G * P + resp_tokens))
+    return train
+
+
+def probe(provider, direction, **shape):
+    from _peak import measure, tensor_bytes
+
+    model, prompts, responses, budget = setup(**shape)
+    op = make_op(make_fn(provider, model, prompts, responses, budget), model, direction)
+    op()
+    return measure(op, tensor_bytes(model))
+
+
+@pytest.mark.parametrize("direction", ["score", "train"])
+@pytest.mark.parametrize("provider", ["naive", "packed"])
+def bench_sequence_logps(benchmark, record, mode, provider, direction, shape):
+    from vrpo_fast.logprobs import sequence_logps
+
+    model, prompts, responses, budget = setup(**shape)
+    fn = make_fn(provider, model, prompts, responses, budget)
+    with torch.no_grad():            # correctness: against the library's naive oracle
+        want = sequence_logps(model, prompts, responses, impl="naive")
+        got = fn()
+    tol = 1e-4 if want.dtype == torch.float32 and model.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+    benchmark.group = f"sequence_logps {shape} {direction}"
+    seconds = timed(benchmark, make_op(fn, model, direction),
+                    rounds=1 if mode == "smoke" else 5, warmup=0 if mode == "smoke" else 1,
+                    rep_ms=2000)
+    mem = {} if mode == "smoke" else peak_memory("bench_packing:probe", provider=provider,
+                                                 direction=direction, **shape)
+    G, K = shape["G"], shape["K"]
+    P = sum(map(len, prompts))
+    R = sum(len(r) for rs in responses for r in rs)
+    model_tokens = P + R if provider == "packed" else padded_tokens(prompts, responses)
+    record("sequence_logps", provider, shape, seconds, direction=direction, groups=G,
+           prompt_mean=P / G, response_mean=R / (G * K), model_tokens=model_tokens,
+           lm_head_tokens=R if provider == "packed" else model_tokens,
+           token_ratio=(P + R) / (K * P + R), **mem)

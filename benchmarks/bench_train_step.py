@@ -1,144 +1,179 @@
-"""One optimizer step at HH-like lengths (BENCHMARKS.md item 3), three ways:
+"""One optimizer step at HH-like lengths (BENCHMARKS.md item 3), three ways, each forward +
+backward + AdamW on a small Llama-style model:
 
-  (a) reference layout: every one of the 2 + 2M responses padded in its own row with its own
-      copy of the prompt, full logits, eager loss, a reference forward every step;
-  (b) plain DPO in the same naive layout (2 responses, reference forward every step);
-  (c) vrpo_fast: shared-prefix packing, LM head on response tokens only (fused log-prob),
-      reference log-probs from the cache (`vrpo-fast score`), the VRPO loss.
-Each is forward + backward + AdamW on a small Llama-style model; lengths are drawn from the
-HH-RLHF slice in ../shared/data (characters / 4) when present, else from a matching log-normal.
+  reference_layout (a)  the reference implementation: every one of the 2 + 2M responses padded
+                        in its own row with its own copy of the prompt, full logits, eager VRPO
+                        loss, and a reference-model forward (no grad) every step
+  dpo_naive        (b)  plain DPO (2 responses) in the same naive layout, reference forward
+                        every step: what users run today
+  vrpo_fast        (c)  pack_groups -> packed_hidden_states -> linear_logprobs (the Triton
+                        kernel on CUDA, the chunked reference on the CPU) -> the VRPO loss (the
+                        fused kernel on CUDA), reference log-probs from the cache that
+                        `vrpo-fast score` writes (no reference forward)
+
+Packing and padding happen inside the timed step for every variant, as in a trainer. Before
+timing, (a) and (c) are checked to compute the same policy and reference log-probs and the
+same loss. Lengths: "hh" draws prompt / response lengths from the HH-RLHF slice in
+../shared/data; "long" is prompt 160 tokens, responses 60-120.
+
+    python -m pytest benchmarks/bench_train_step.py -q [--smoke]
 """
-
-import gzip
-import json
-import random
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import peak_memory, timed
-
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / \
-    "hh-rlhf-harmless-base-test.jsonl.gz"
+from _layouts import build_model, make_groups, padded_logps, padded_tokens
+from conftest import device, peak_memory, timed
 
 SHAPES = {
-    "smoke": [dict(G=2, M=1, lengths="hh", hidden=32, layers=1, vocab=500, cap=24)],
-    "cpu": [dict(G=4, M=M, lengths=lengths, hidden=256, layers=4, vocab=32000, cap=256)
-            for lengths in ("hh", "long") for M in (1, 2, 4)],
-    "gpu": [dict(G=16, M=M, lengths=lengths, hidden=1024, layers=8, vocab=128256, cap=1024)
-            for lengths in ("hh", "long") for M in (1, 2, 4)],
+    "smoke": [dict(G=2, M=1, lengths="hh", cap=(24, 12), hidden=32, layers=1, vocab=500,
+                   budget=128)],
+    "cpu": [dict(G=4, M=M, lengths=lengths, cap=(256, 128), hidden=256, layers=4, vocab=32000,
+                 budget=1024) for lengths, Ms in (("hh", (1, 2, 4)), ("long", (1, 2)))
+            for M in Ms],
+    "gpu": [dict(G=8, M=M, lengths=lengths, cap=(512, 256), hidden=1024, layers=8,
+                 vocab=128256, budget=None) for lengths in ("hh", "long") for M in (1, 2, 4)],
 }
 VARIANTS = ["reference_layout", "dpo_naive", "vrpo_fast"]
-
-
-def hh_lengths(n: int, rng: random.Random, cap: int):
-    """(prompt, response) token lengths like HH-RLHF's (prompt mean ~120, responses ~45-55)."""
-    pairs = []
-    if HH.is_file():
-        with gzip.open(HH, "rt") as f:
-            for line in f:
-                row = json.loads(line)
-                cut = row["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
-                pairs.append((max(4, cut // 4), max(2, (len(row["chosen"]) - cut) // 4)))
-    else:
-        pairs = [(int(rng.lognormvariate(4.5, 0.8)), int(rng.lognormvariate(3.6, 0.8)))
-                 for _ in range(1000)]
-    return [(min(p, cap), min(r, cap // 2)) for p, r in rng.sample(pairs, n)]
-
-
-def make_batch(G, M, lengths, vocab, cap, seed=0):
-    rng = random.Random(seed)
-    K = 2 + 2 * M
-    if lengths == "hh":
-        prompt_lens = [p for p, _ in hh_lengths(G, rng, cap)]
-        resp_lens = [[r for _, r in hh_lengths(K, rng, cap)] for _ in range(G)]
-    else:  # the longer setting: prompt ~160 tokens, responses 60-120
-        prompt_lens = [min(cap, 160)] * G
-        resp_lens = [[min(cap, rng.randint(60, 120)) for _ in range(K)] for _ in range(G)]
-    prompts = [[rng.randrange(3, vocab) for _ in range(P)] for P in prompt_lens]
-    responses = [[[rng.randrange(3, vocab) for _ in range(L)] for L in ls] for ls in resp_lens]
-    return prompts, responses
+BETA = 0.1
 
 
 def build(shape, variant):
-    from vrpo_fast.models import build_tiny_causal_lm
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    kw = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-              num_layers=shape["layers"], num_heads=max(2, shape["hidden"] // 64),
-              num_kv_heads=max(1, shape["hidden"] // 128),
-              intermediate_size=3 * shape["hidden"])
-    policy = build_tiny_causal_lm(seed=0, dtype=dtype, **kw).to(device)
-    ref = build_tiny_causal_lm(seed=1, dtype=dtype, **kw).to(device).eval()
-    prompts, responses = make_batch(shape["G"], shape["M"], shape["lengths"], shape["vocab"],
-                                    shape["cap"])
+    """The variant's models, optimizer and data; (b) keeps the first two responses of each
+    group, the labelled pair, so (a), (b) and (c) see the same prompts and pairs."""
     M = shape["M"]
+    policy = build_model(shape["hidden"], shape["layers"], shape["vocab"], seed=0)
+    ref = build_model(shape["hidden"], shape["layers"], shape["vocab"], seed=1).eval()
+    ref.requires_grad_(False)
+    prompts, responses = make_groups(shape["G"], 2 + 2 * M, shape["lengths"], shape["vocab"],
+                                     tuple(shape["cap"]))
     if variant == "dpo_naive":
-        responses = [rs[:2] for rs in responses]
-        M = 0
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    g = torch.full((shape["G"], 1 + M), 0.5, device=device)
-    return policy, ref, opt, prompts, responses, g, M
+        responses, M = [rs[:2] for rs in responses], 0
+    gen = torch.Generator().manual_seed(0)
+    g = torch.rand(shape["G"], 1 + M, generator=gen).to(device())
+    # Fused AdamW on both devices (the CPU has a fused kernel too): the optimizer is the same
+    # fixed cost in every variant, kept as small as it can be.
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)
+    budget = shape["budget"]
+    if budget is not None:       # dense CPU mask: rows of about one group, never an error
+        budget = max(budget, max(len(p) + sum(map(len, rs))
+                                 for p, rs in zip(prompts, responses)))
+    return policy, ref, opt, prompts, responses, g, M, budget
 
 
-def naive_logps(model, prompts, responses):
-    """Full logits of every (prompt, response) row, padded: the reference implementation."""
+def cached_ref_logps(ref, prompts, responses, budget):
+    """What `vrpo-fast score` caches: packed no-grad reference log-probs, (G, K)."""
     from vrpo_fast.logprobs import sequence_logps
 
-    return sequence_logps(model, prompts, responses, impl="naive")
+    with torch.no_grad():
+        return sequence_logps(ref, prompts, responses, impl="packed", max_tokens=budget)
+
+
+def naive_loss(policy, ref, prompts, responses, g, M):
+    """(a) and (b): padded rows, full logits, a reference forward, the eager loss."""
+    from vrpo_fast.objective import vrpo_loss
+
+    logps = padded_logps(policy, prompts, responses)
+    with torch.no_grad():
+        ref_logps = padded_logps(ref, prompts, responses)
+    return vrpo_loss(logps, ref_logps, g, beta=BETA, estimator="vrpo" if M else "dpo",
+                     check_inputs=False)[0]
+
+
+def fast_loss(policy, ref_logps, prompts, responses, g, budget):
+    """(c): shared-prefix packing, LM head on response positions only, cached reference."""
+    from vrpo_fast.logprobs import packed_hidden_states
+    from vrpo_fast.ops import linear_logprobs, per_prompt_vrpo_loss
+    from vrpo_fast.packing import pack_groups
+
+    batch = pack_groups(prompts, responses, max_tokens=budget).to(device())
+    hidden, weight = packed_hidden_states(policy, batch)
+    logps = linear_logprobs(hidden, weight, batch.targets, segment_ids=batch.segment_ids,
+                            num_segments=batch.num_groups * batch.group_size)
+    logps = logps.float().view(batch.num_groups, batch.group_size)
+    per_prompt = per_prompt_vrpo_loss(logps, ref_logps, g, beta=BETA, loss_type="sigmoid",
+                                      estimator="vrpo")
+    return per_prompt.mean()
 
 
 def make_step(shape, variant):
-    from vrpo_fast.logprobs import sequence_logps
-    from vrpo_fast.objective import vrpo_loss
-
-    policy, ref, opt, prompts, responses, g, M = build(shape, variant)
-    cached_ref = None
+    """-> (step, state): `step()` is one optimizer step; state holds what it keeps alive."""
+    policy, ref, opt, prompts, responses, g, M, budget = build(shape, variant)
     if variant == "vrpo_fast":
-        with torch.no_grad():
-            cached_ref = sequence_logps(ref, prompts, responses)   # what `score` writes
+        ref_logps = cached_ref_logps(ref, prompts, responses, budget)
+        del ref                      # the cache replaces the reference model in training
+
+        def loss_fn():
+            return fast_loss(policy, ref_logps, prompts, responses, g, budget)
+        keep = [policy, opt, ref_logps, g]
+    else:
+        def loss_fn():
+            return naive_loss(policy, ref, prompts, responses, g, M)
+        keep = [policy, ref, opt, g]
 
     def step():
-        if variant == "vrpo_fast":
-            logps = sequence_logps(policy, prompts, responses)
-            ref_logps = cached_ref
-        else:
-            logps = naive_logps(policy, prompts, responses)
-            with torch.no_grad():
-                ref_logps = naive_logps(ref, prompts, responses)
-        loss, _ = vrpo_loss(logps, ref_logps, g, beta=0.1,
-                            estimator="vrpo" if M else "dpo", check_inputs=False)
+        loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+    return step, dict(keep=keep, prompts=prompts, responses=responses, budget=budget)
 
-    K = len(responses[0])
-    resp = sum(len(r) for rs in responses for r in rs)
-    if variant == "vrpo_fast":
-        tokens = sum(map(len, prompts)) + resp
-    else:
-        width = max(len(p) + len(r) for p, rs in zip(prompts, responses) for r in rs)
-        tokens = len(prompts) * K * width * 2        # padded rows, policy + reference forward
-    return step, tokens
+
+def check_same_maths(shape):
+    """(a) and (c) on the same model and data: same policy / reference log-probs, same loss."""
+    policy, ref, _, prompts, responses, g, M, budget = build(shape, "reference_layout")
+    with torch.no_grad():
+        naive = padded_logps(policy, prompts, responses)
+        naive_ref = padded_logps(ref, prompts, responses)
+        cached = cached_ref_logps(ref, prompts, responses, budget)
+        from vrpo_fast.logprobs import sequence_logps
+
+        packed = sequence_logps(policy, prompts, responses, impl="packed", max_tokens=budget)
+        a = naive_loss(policy, ref, prompts, responses, g, M)
+        c = fast_loss(policy, cached, prompts, responses, g, budget)
+    tol = 1e-4 if policy.dtype == torch.float32 else 2e-2
+    scale = naive.abs().max().item()
+    torch.testing.assert_close(packed, naive, atol=tol * scale, rtol=tol)
+    torch.testing.assert_close(cached, naive_ref, atol=tol * scale, rtol=tol)
+    torch.testing.assert_close(c, a, atol=tol * 10, rtol=tol * 10)
 
 
 def probe(variant, **shape):
-    from _peak import measure
+    """Fresh-process peak memory of one step, after a first step that creates AdamW's state."""
+    from _peak import measure, tensor_bytes
 
-    step, _ = make_step(shape, variant)
-    return measure(step)
+    step, state = make_step(shape, variant)
+    step()
+    return measure(step, tensor_bytes(*state["keep"]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def bench_train_step(benchmark, record, mode, variant, shape):
-    step, tokens = make_step(shape, variant)
-    loss = step()
-    assert torch.isfinite(loss)
+    if variant == "vrpo_fast":
+        check_same_maths(shape)
+    step, state = make_step(shape, variant)
     benchmark.group = f"train_step {shape}"
-    seconds = timed(benchmark, step, rounds=1 if mode == "smoke" else 5)
-    peak = None if mode == "smoke" else peak_memory("bench_train_step:probe", variant=variant,
-                                                    **shape)
-    record("train_step", variant, shape, seconds, tokens_processed=tokens,
-           groups=shape["G"], peak_bytes=peak)
+    try:
+        seconds = timed(benchmark, step, rounds=1 if mode == "smoke" else 3,
+                        warmup=0 if mode == "smoke" else 1, rep_ms=3000)
+        mem = {} if mode == "smoke" else peak_memory("bench_train_step:probe", variant=variant,
+                                                     **shape)
+    except torch.cuda.OutOfMemoryError:
+        record("train_step", variant, shape, None, error="out of memory")
+        pytest.skip("out of memory")
+    loss = step()
+    assert torch.isfinite(loss), f"{variant}: loss {loss.item()} after the timed steps"
+    prompts, responses = state["prompts"], state["responses"]
+    G, K = len(prompts), len(responses[0])
+    P = sum(map(len, prompts))
+    R = sum(len(r) for rs in responses for r in rs)
+    if variant == "vrpo_fast":      # packed rows (with their tail padding), response tokens
+        from vrpo_fast.packing import pack_groups
+
+        rows, width = pack_groups(prompts, responses, max_tokens=state["budget"]).shape
+        model_tokens, lm_head_tokens = rows * width, R
+    else:     # policy forward + reference forward, both over every padded position
+        model_tokens = lm_head_tokens = 2 * padded_tokens(prompts, responses)
+    record("train_step", variant, shape, seconds, groups=G, responses_per_group=K,
+           useful_tokens=P + R, model_tokens=model_tokens, lm_head_tokens=lm_head_tokens,
+           prompt_mean=P / G, response_mean=R / (G * K), **mem)

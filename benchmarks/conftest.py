@@ -1,28 +1,37 @@
-"""Benchmark plumbing: shapes per mode, correctness before timing, rows written with device,
-versions, commit and timestamp to benchmarks/results/<device>.jsonl.
+"""Benchmark plumbing: shapes per mode, timing, peak memory in a fresh process, and rows written
+with device, versions, commit, command and timestamp to benchmarks/results/<device>.jsonl.
 
-    python -m pytest benchmarks                 # CPU shapes (or the GPU shapes on a GPU)
-    python -m pytest benchmarks --smoke         # tiny shapes, one round: CI keeps this alive
+    python -m pytest benchmarks                 # CPU shapes, or the GPU shapes on a GPU
+    python -m pytest benchmarks --smoke         # tiny shapes, one round: what CI runs
+    python benchmarks/report.py                 # RESULTS.md tables and the chart from the rows
+
+Timing: on the CPU pytest-benchmark rounds (one call each, after warm-up calls); on a GPU
+`triton.testing.do_bench` (CUDA events, L2 flushed between calls), whose per-call times are the
+recorded ones (pytest-benchmark's console table then shows a few synchronised wall-clock rounds).
 """
 
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 ROWS: list[dict] = []
 
 
 def pytest_addoption(parser):
-    parser.addoption("--smoke", action="store_true", help="tiny shapes, one round")
-    parser.addoption("--results-dir", default=None, help="where rows go (default "
-                                                         "benchmarks/results; smoke: nowhere)")
+    parser.addoption("--smoke", action="store_true", help="tiny shapes, one round, no peak "
+                                                          "memory probes")
+    parser.addoption("--results-dir", default=None, help="where rows are appended (default "
+                                                         "benchmarks/results; --smoke: nowhere)")
 
 
 def _mode(config) -> str:
@@ -37,11 +46,17 @@ def mode(request) -> str:
 
 
 def pytest_generate_tests(metafunc):
-    """A module's SHAPES[mode] parametrises its `shape` argument."""
+    """A module's SHAPES[mode] (or SHAPES_<FUNCTION>[mode]) parametrises its `shape` argument."""
     if "shape" in metafunc.fixturenames:
-        shapes = metafunc.module.SHAPES[_mode(metafunc.config)]
+        table = getattr(metafunc.module, f"SHAPES_{metafunc.function.__name__.upper()}",
+                        metafunc.module.SHAPES)
+        shapes = table[_mode(metafunc.config)]
         metafunc.parametrize("shape", shapes, ids=[
             "-".join(f"{k}{v}" for k, v in s.items()) for s in shapes])
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_name() -> str:
@@ -50,84 +65,123 @@ def device_name() -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+def device_slug() -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in device_name())
+
+
 def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
+    """`git rev-parse --short HEAD`, with `-dirty` when tracked files differ from it."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                              capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
+                               cwd=HERE, capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def versions() -> dict:
-    out = {"torch": torch.__version__}
-    for name in ("triton", "transformers", "liger_kernel"):
+    out = {}
+    for dist in ("torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # not installed, or a broken install: the row says so
-            out[name] = None
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
     return out
 
 
+_SESSION = {}
+
+
+def pytest_configure(config):
+    # Computed once: git and package metadata are the same for every row of a run.
+    args = " ".join(config.invocation_params.args)
+    _SESSION.update(device=device_name(), commit=commit(), versions=versions(),
+                    threads=torch.get_num_threads(), command=f"python -m pytest {args}".strip())
+
+
 @pytest.fixture
-def record(request, mode):
-    """record(op, provider, shape: dict, seconds: list[float], **extra) -> the row."""
+def record(mode):
+    """record(op, provider, shape: dict, seconds: list[float] | None, **extra) -> the row.
+    `seconds=None` records a provider that could not run the shape (extra says why)."""
 
     def _record(op, provider, shape, seconds, **extra):
-        seconds = sorted(seconds)
-        row = {"op": op, "provider": provider, "mode": mode, "shape": shape,
-               "median_s": seconds[len(seconds) // 2], "min_s": seconds[0],
-               "max_s": seconds[-1], "rounds": len(seconds), "device": device_name(),
-               "commit": commit(), "versions": versions(),
-               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+        times = {}
+        if seconds:
+            s = sorted(seconds)
+            times = dict(median_s=s[len(s) // 2] if len(s) % 2 else
+                         (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2,
+                         min_s=s[0], max_s=s[-1], rounds=len(s))
+        row = {"op": op, "provider": provider, "mode": mode, "shape": shape, **times,
+               **_SESSION, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               **extra}
         ROWS.append(row)
         return row
 
     return _record
 
 
-def timed(benchmark, fn, *, rounds: int, warmup: int = 1) -> list[float]:
-    """Times `fn` with pytest-benchmark (one call per round, after `warmup` calls); returns the
-    round times in seconds. On a GPU every call ends with a synchronisation."""
-    if torch.cuda.is_available():
-        def call():
-            fn()
-            torch.cuda.synchronize()
+def timed(benchmark, fn, *, rounds: int, warmup: int = 1, rep_ms: int = 500,
+          setup=None) -> list[float]:
+    """Per-call times of `fn` in seconds: pytest-benchmark rounds after `warmup` calls on the
+    CPU; `triton.testing.do_bench` (about `rep_ms` of calls, at least one) on a GPU.
+
+    With `setup` (returning fn's positional arguments, e.g. a fresh forward's output for a
+    backward-only timing), each call is `fn(*setup())` with only `fn` timed: pytest-benchmark's
+    setup on the CPU, CUDA events around `fn` on a GPU (max(rounds, 10) calls)."""
+    if not torch.cuda.is_available():
+        wrapped = None if setup is None else (lambda: (setup(), {}))
+        benchmark.pedantic(fn, setup=wrapped, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        return list(benchmark.stats.stats.data)
+    if setup is None:
+        from triton.testing import do_bench
+
+        seconds = [m / 1e3 for m in do_bench(fn, warmup=25, rep=rep_ms, return_mode="all")]
     else:
-        call = fn
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    return list(benchmark.stats.stats.data)
+        seconds = []
+        for i in range(warmup + max(rounds, 10)):
+            args = setup()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= warmup:
+                seconds.append(start.elapsed_time(end) / 1e3)
+
+    def synced(*args):
+        fn(*args)
+        torch.cuda.synchronize()
+    wrapped = None if setup is None else (lambda: (setup(), {}))
+    benchmark.pedantic(synced, setup=wrapped, rounds=min(rounds, 3), iterations=1)
+    return seconds
 
 
-def peak_memory(target: str, **kwargs) -> int:
-    """Peak bytes used by one run of `target` ("module:function", called with kwargs after it
-    builds its inputs), measured in a fresh process: on a GPU torch.cuda.max_memory_allocated,
-    on the CPU the growth of the process's peak resident set (ru_maxrss) during the op."""
-    import sys
-
-    here, args = str(Path(__file__).parent), json.dumps(kwargs)
-    code = (f"import json, sys, importlib; sys.path.insert(0, {here!r}); "
+def peak_memory(target: str, **kwargs) -> dict:
+    """Run `target` ("module:function", called with kwargs) in a fresh Python process and return
+    what it returns (the dict of `_peak.measure`). A fresh process per provider keeps one
+    provider's allocations, caches and compiled graphs from touching the next one's numbers."""
+    code = (f"import json, sys, importlib; sys.path.insert(0, {str(HERE)!r}); "
             f"m, f = {target!r}.split(':'); "
-            f"print('PEAK', importlib.import_module(m).__dict__[f](**json.loads({args!r})))")
+            f"print('PEAK', json.dumps(importlib.import_module(m).__dict__[f]("
+            f"**json.loads({json.dumps(kwargs)!r}))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=900)
+                         timeout=1800, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("PEAK "):
-            return int(line.split()[1])
-    raise RuntimeError(f"peak-memory probe {target} failed:\n{out.stderr[-2000:]}")
+            return json.loads(line[5:])
+    raise RuntimeError(f"peak-memory probe {target}({kwargs}) failed:\n{out.stderr[-3000:]}")
 
 
 def pytest_sessionfinish(session, exitstatus):
     target = session.config.getoption("--results-dir")
-    smoke = session.config.getoption("--smoke")
-    if not ROWS or (smoke and target is None):
+    if not ROWS or (session.config.getoption("--smoke") and target is None):
         return
     directory = Path(target) if target else RESULTS
     directory.mkdir(parents=True, exist_ok=True)
-    slug = device_name().replace(" ", "_").replace("/", "_")
-    with open(directory / f"{slug}.jsonl", "a") as f:
+    with open(directory / f"{device_slug()}.jsonl", "a") as f:
         for row in ROWS:
             f.write(json.dumps(row) + "\n")

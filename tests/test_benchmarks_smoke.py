@@ -1,6 +1,9 @@
-"""The benchmark suite in its smoke mode (tiny shapes, one round), so that it never rots.
-Correctness checks inside each benchmark run too; nothing is timed or asserted about speed."""
+"""The benchmark suite in its smoke mode (tiny shapes, one round), through `vrpo-fast bench
+--quick`, so that neither the benchmarks nor the command rot. Every benchmark checks its
+providers against a float64 or naive reference before timing, so a wrong provider fails here;
+nothing is asserted about speed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,23 +12,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ROW_FIELDS = {"op", "provider", "shape", "median_s", "min_s", "max_s", "device", "commit",
+              "versions", "timestamp", "command"}
 
 
 @pytest.mark.slow
-def test_benchmark_suite_smoke(tmp_path):
+def test_bench_quick_runs_every_benchmark_and_records_rows(tmp_path):
+    # The benchmarks time real code paths: no Triton interpreter (the test conftest sets it).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--smoke", "-q",
-                          f"--results-dir={tmp_path}", "-p", "no:cacheprovider"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    rows = (tmp_path).glob("*.jsonl")
-    lines = [line for path in rows for line in path.read_text().splitlines()]
-    ops = {__import__("json").loads(line)["op"] for line in lines}
-    assert {"linear_logprob", "vrpo_loss", "sequence_logps", "train_step", "sampling"} <= ops
+    out = subprocess.run([sys.executable, "-m", "vrpo_fast.cli", "bench", "--quick",
+                          f"--results-dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for path in tmp_path.glob("*.jsonl")
+            for line in path.read_text().splitlines()]
+    assert rows, "no rows recorded"
+    for row in rows:
+        assert ROW_FIELDS <= set(row), f"row lacks {ROW_FIELDS - set(row)}: {row}"
+        assert row["mode"] == "smoke" and row["min_s"] <= row["median_s"] <= row["max_s"]
+    done = {(r["op"], r["provider"]) for r in rows}
+    want = {("linear_logprob", "eager"), ("linear_logprob", "compile"),
+            ("linear_logprob", "ours"), ("vrpo_loss", "eager"), ("vrpo_loss", "compile"),
+            ("fused_linear_dpo", "eager"), ("fused_linear_dpo", "liger"),
+            ("fused_linear_dpo", "ours"), ("sequence_logps", "naive"),
+            ("sequence_logps", "packed"), ("train_step", "reference_layout"),
+            ("train_step", "dpo_naive"), ("train_step", "vrpo_fast")}
+    assert want <= done, f"missing rows: {sorted(want - done)}"
+    # The command prints the table of the run.
+    assert "### Training step" in out.stdout and "| hh | 1 | 2 |" in out.stdout
 
 
 def test_bench_command_rejects_unknown_benchmark(capsys):
     from vrpo_fast.cli import main
 
     assert main(["bench", "--only", "nope"]) == 1
-    assert "--only: no benchmark file" in capsys.readouterr().err
+    assert "--only: no benchmark file bench_nope.py" in capsys.readouterr().err
