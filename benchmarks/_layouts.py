@@ -5,13 +5,16 @@ reference implementation and plain DPO trainers use."""
 import functools
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
 import torch
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / \
-    "hh-rlhf-harmless-base-test.jsonl.gz"
+# The shared data folder beside the checkout; VRPO_BENCH_HH points elsewhere (e.g. when the
+# suite runs from a separate worktree).
+HH = Path(os.environ.get("VRPO_BENCH_HH", Path(__file__).resolve().parents[2] / "shared" /
+                         "data" / "hh-rlhf-harmless-base-test.jsonl.gz"))
 
 
 def build_model(hidden: int, layers: int, vocab: int, seed: int = 0):
