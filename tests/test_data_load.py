@@ -237,3 +237,11 @@ def test_written_examples_read_back(tmp_path, name):
 def test_writer_refuses_unknown_suffix(tmp_path):
     with pytest.raises(UserError, match="write .jsonl, .jsonl.gz or .parquet"):
         write_preference_data([], str(tmp_path / "out.csv"))
+
+
+def test_a_jsonl_file_is_read_line_by_line_even_if_a_line_is_an_array(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("[1, 2]\n" + json.dumps(ROWS[0]) + "\n")
+    examples, report = load_preference_data(str(path), on_bad_row="skip")
+    assert [str(p) for p in report.problems] == ["line 1: expected a JSON object, got list"]
+    assert [e.row for e in examples] == [2]

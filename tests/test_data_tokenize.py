@@ -188,10 +188,12 @@ def test_unlabelled_rows_have_only_their_samples(tokenizer):
 
 def test_recorded_sample_ids_are_used_exactly(tokenizer):
     eos = tokenizer.eos_token_id
-    ex = PreferenceExample(prompt="p", chosen="a", rejected="b", samples=["zz", "q"],
-                           sample_ids=[[100, 101], [102, eos]])
+    # Stopped at EOS; cut at max_new_tokens; stopped by another stop id (an end-of-turn token).
+    sampled = [[100, 101, eos], [102, 103], [104, 2]]
+    ex = PreferenceExample(prompt="p", chosen="a", rejected="b",
+                           samples=["zz", "q", "r", "s"], sample_ids=sampled + [[eos]])
     t = tokenize_example(ex, tokenizer)
-    assert t.response_ids[2:] == [[100, 101, eos], [102, eos]]
+    assert t.response_ids[2:] == sampled + [[eos]]      # nothing appended, nothing re-tokenized
 
 
 def test_tokenized_data_is_cached_under_a_fingerprint(tokenizer, tmp_path, monkeypatch):

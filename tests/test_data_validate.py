@@ -153,6 +153,10 @@ def cases():
                 [("ref_logps[2]", "not a finite number")])
             add("sample-ids-count", edit(g, sample_ids=[[5, 6]]),
                 [("sample_ids", "expected one token-id list per sample (4)")])
+            add("sample-ids-empty", edit(g, sample_ids=[[5, 1], [], [6, 1], [7, 1]]),
+                [("sample_ids[1]", "no token ids")])
+            add("sample-ids-not-ids", edit(g, sample_ids=[[5, 1], [-3], [6, 1], [7, 1]]),
+                [("sample_ids[1]", "expected a list of token ids")])
     # An unparsable line exists only in JSONL.
     out.append(("jsonl-unparsable", "list", "std", "{not json", [("", "not valid JSON")], True))
     out.append(("jsonl-not-an-object", "list", "std", "[1, 2]",
@@ -439,3 +443,11 @@ def test_bad_settings_are_user_errors(tmp_path):
         load_preference_data(str(path), on_bad_row="drop")
     with pytest.raises(UserError, match="data.max_prompt_length: must be an integer >= 1"):
         load_preference_data(str(path), max_prompt_length=0)
+
+
+def test_sample_ids_outside_the_vocabulary(tmp_path, capsys):
+    g = edit(good_row("list", "std"), sample_ids=[[5, 1], [258, 1], [6, 259], [7, 1]])
+    rc, lines, _ = run_check(capsys, write("jsonl", [g], tmp_path), "--tokenizer", "byte")
+    # the byte tokenizer has 259 ids: 0 .. 258
+    assert rc == 1 and lines[:-1] == ["line 1: field 'sample_ids[2]': token id 259 is outside "
+                                      "the tokenizer's vocabulary (259)"]

@@ -16,10 +16,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-length", type=int,
                         help="maximum prompt + response tokens (needs --tokenizer)")
     parser.add_argument("--max-prompt-length", type=int,
-                        help="prompts are cut to this (keeping their end) before --max-length "
-                             "is checked, as training does with data.max_prompt_length")
+                        help="prompts are cut to this (keeping their end) before "
+                             "--max-length is checked (data.max_prompt_length)")
     parser.add_argument("--max-response-length", type=int,
-                        help="responses are cut to this (keeping their start) first")
+                        help="responses are cut to this (keeping their start) first "
+                             "(data.max_response_length)")
     parser.add_argument("--split", default="train", help="split of a saved or hub data set")
     parser.add_argument("--prompts-only", action="store_true",
                         help="rows may hold a prompt alone (the input of `vrpo-fast sample`)")

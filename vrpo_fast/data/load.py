@@ -70,7 +70,7 @@ def load_rows(path_or_name: str, *, split: str = "train") -> Rows:
     kind = _source_kind(path)
     if kind == "jsonl":
         p = Path(path).expanduser()
-        if _starts_with_array(p):
+        if p.name.lower().endswith((".json", ".json.gz")) and _starts_with_array(p):
             return Rows("row", enumerate(_json_array(p)))
         return Rows("line", _jsonl_rows(p))
     if kind == "parquet":

@@ -50,8 +50,9 @@ class TokenizedExample:
 
     prompt_ids: (P,) with the tokenizer's BOS once (or the chat template's rendering).
     response_ids: (K,) lists: chosen, rejected, a_1 .. a_2M for a labelled row (K = 2 + 2M); an
-        unlabelled row omits chosen and rejected (K = 2M). Each ends with EOS exactly once unless
-        it was truncated (responses keep their start, so a cut response loses its EOS).
+        unlabelled row omits chosen and rejected (K = 2M). A text response ends with EOS exactly
+        once unless it was truncated (responses keep their start, so a cut response loses its
+        EOS); a sample with recorded sample_ids is those ids exactly.
     aux_prefs, ref_logps: as in PreferenceExample.
     truncated: the prompt or any response was cut; prompt_truncated / responses_truncated say
         which (the prompt keeps its end; responses_truncated counts cut responses).

@@ -10,7 +10,8 @@ sequence the model conditions on:
 - response: tokenized without special tokens, then EOS appended once (not if the text already
   ends with it); a message response is the template's rendering of prompt + response after the
   rendered prompt, cut after its last EOS (generation stops there); sampled responses with
-  recorded `sample_ids` use those ids exactly (re-tokenizing text can merge differently);
+  recorded `sample_ids` use those ids exactly, stop token included, nothing appended
+  (re-tokenizing text can merge differently);
 - truncation is explicit and counted: a prompt keeps its END (and its BOS), a response its
   START (so a cut response has no EOS). With max_length, a prompt gives up its start only as far
   as needed to leave min(longest response, max_length // 2) tokens for the responses, and the
@@ -30,7 +31,7 @@ from pathlib import Path
 from vrpo_fast.data.schema import PreferenceExample, TokenizedExample
 from vrpo_fast.errors import UserError
 
-CACHE_VERSION = 2   # bump when the tokenization rules change: old caches are then ignored
+CACHE_VERSION = 3   # bump when the tokenization rules change: old caches are then ignored
 
 
 def _render_messages(messages, tokenizer, *, add_generation_prompt: bool) -> str:
@@ -135,7 +136,9 @@ def tokenize_example(ex: PreferenceExample, tokenizer, *, max_prompt_length: int
                       for r in (ex.chosen, ex.rejected)]
     for i, s in enumerate(ex.samples):
         if ex.sample_ids is not None:
-            responses.append(_with_eos(ex.sample_ids[i], tokenizer.eos_token_id))
+            # Exactly as sampled: a response stopped by another stop id (an end-of-turn token)
+            # or cut at max_new_tokens gets no EOS the model never produced.
+            responses.append(list(ex.sample_ids[i]))
         else:
             responses.append(tokenize_response(ex.prompt, s, tokenizer))
     P = len(prompt_ids)

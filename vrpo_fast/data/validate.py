@@ -106,8 +106,10 @@ def validate_row(raw, row: int, *, expected_samples: int | None = None, tokenize
     raw: a dict, or an Exception for a row that could not be parsed (its message is reported).
     row: its 1-based line number (unit "line", JSONL) or 0-based index (unit "row").
     expected_samples: the number of samples (2M) every row must have; None skips that check.
-    tokenizer, max_length: when both are given, a prompt + response over max_length tokens (after
-        the max_prompt_length / max_response_length truncation, if any) is a problem.
+    tokenizer: when given, every row is tokenized too (a chat template that refuses the messages,
+        or sample_ids outside the vocabulary, are problems); with max_length, so is a prompt +
+        response over max_length tokens after the max_prompt_length / max_response_length
+        truncation, if any.
     prompts_only: rows may hold a prompt alone (the sampling stage's input).
     Returns (example, []) for a good row, (None, problems) for a bad one.
     """
@@ -320,7 +322,11 @@ def _sample_ids(raw, n_samples: int, tokenizer, bad) -> list[list[int]] | None:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
             bad(f"sample_ids[{i}]", f"expected a list of token ids, got {seq!r:.60}")
             return None
-        if vocab is not None and seq and max(seq) >= vocab:
+        if not seq:
+            bad(f"sample_ids[{i}]", "no token ids (a sampled response has at least its stop "
+                                    "token)")
+            return None
+        if vocab is not None and max(seq) >= vocab:
             bad(f"sample_ids[{i}]", f"token id {max(seq)} is outside the tokenizer's "
                                     f"vocabulary ({vocab})")
             return None
