@@ -37,7 +37,8 @@ write and two reads of it, which is small next to the 8 N D V flops of forward +
 Precision: fp32 accumulation everywhere; fp32 inputs use IEEE fp32 dots unless torch allows TF32
 for matmuls; bf16 / fp16 inputs run the tensor cores in that dtype, and dz is rounded to it once
 (as eager autograd rounds dlogits). Triton's interpreter (TRITON_INTERPRET=1, the CPU tests)
-cannot multiply bf16 tiles, so there the tiles are upcast to fp32 (DOT_FP32).
+cannot multiply bf16 tiles and rounds fp32 -> bf16 by truncation, so there bf16 tiles are upcast
+to fp32 (DOT_FP32) and dz / dH stay fp32 until torch rounds the result.
 Token ids are not range-checked on the device (that would need a host sync): a target outside
 [0, V) that is not ignore_index yields logp = -lse, and a segment id outside [0, S) is dropped.
 """
