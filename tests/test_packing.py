@@ -31,6 +31,7 @@ def test_layout_by_hand():
     assert b.last_index.tolist() == [4, 5, 7, 10]
     assert [tuple(s) for s in b.spans] == [(0, 0, 0, 3, 5), (0, 0, 1, 5, 6), (0, 1, 0, 7, 8),
                                            (0, 1, 1, 8, 11)]
+    assert [tuple(s) for s in b.prompt_spans] == [(0, 0, -1, 0, 3), (0, 1, -1, 6, 7)]
     assert (b.num_groups, b.group_size, b.num_tokens, b.max_length) == (2, 2, 11, 5)
     m = b.dense_mask()
     assert m.shape == (1, 1, 11, 11) and m.dtype == torch.bool
@@ -102,6 +103,7 @@ def test_random_packing_reproduces_every_sequence(G, K, budget, multiple):
     for g, (prompt, group) in enumerate(zip(prompts, responses)):
         row = rows_of_group[g][0]
         cols = [c for c in range(T) if grp[row * T + c] == g and rsp[row * T + c] == -1]
+        assert tuple(b.prompt_spans[g]) == (row, g, -1, cols[0], cols[-1] + 1)
         assert [ids[row * T + c] for c in cols] == prompt
         assert [pos[row * T + c] for c in cols] == list(range(len(prompt)))
         last_prompt = row * T + cols[-1]
@@ -164,6 +166,19 @@ def test_block_mask_equals_dense_mask_at_token_and_block_level():
         assert torch.equal(bm.to_dense()[:, 0].bool(), any_in_block)
 
 
+def test_tensor_and_numpy_ids_pack_like_lists():
+    np = pytest.importorskip("numpy")
+    want = pack_groups([[3, 4], [5]], [[[6], [7, 8]], [[9, 10], [11]]], max_tokens=6)
+    got = pack_groups([torch.tensor([3, 4]), np.array([5])],
+                      [[torch.tensor([6]), [np.int64(7), 8]], [np.array([9, 10]), (11,)]],
+                      max_tokens=6)
+    for name, value in vars(want).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(got, name), value), name
+        else:
+            assert getattr(got, name) == value, name
+
+
 def test_to_moves_every_tensor():
     b = pack_groups([[3, 4]], [[[5], [6, 7]]]).to("meta")
     assert all(t.device.type == "meta" for t in vars(b).values() if isinstance(t, torch.Tensor))
@@ -192,6 +207,11 @@ def test_errors_name_the_group_index_or_budget():
     with pytest.raises(ValueError, match=r"response_ids\[0\]\[0\]: expected a flat list of "
                                          r"integer token ids"):
         pack_groups(ok_p, [[[3.5], [4]], [[5], [6]]])
+    with pytest.raises(ValueError, match=r"prompt_ids\[0\]: expected a list, got int"):
+        pack_groups([1, 2], ok_r)
+    with pytest.raises(ValueError, match=r"response_ids\[1\]\[0\]: expected a flat list of "
+                                         r"integer token ids"):
+        pack_groups(ok_p, [[[3], [4]], [["a"], [6]]])
     with pytest.raises(ValueError, match=r"max_tokens: expected a positive int"):
         pack_groups(ok_p, ok_r, max_tokens=0)
     with pytest.raises(ValueError, match=r"pad_to_multiple: expected a positive int"):

@@ -13,7 +13,10 @@ language-model head only ever sees the N = sum of response lengths positions in 
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
+import numbers
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -21,7 +24,8 @@ import torch
 
 
 class Span(NamedTuple):
-    """Where response `response` of group `group` lies: row `row`, columns [start, end)."""
+    """Where response `response` of group `group` (-1: its prompt) lies in the packed rows:
+    row `row`, columns [start, end)."""
 
     row: int
     group: int
@@ -48,6 +52,7 @@ class PackedBatch:
         last_index: (G * K,) long, flat index into (R * T) of its last token (where a reward
             model scores it);
         spans: G * K `Span`s (row, group, response, start, end).
+    prompt_spans: G `Span`s of the prompts (response -1).
     num_groups, group_size: G and K; num_tokens: real (non-pad) tokens in the rows;
     max_length: the longest prompt + response (positions run from 0 to max_length - 1).
     """
@@ -65,6 +70,7 @@ class PackedBatch:
     num_tokens: int
     max_length: int
     spans: list[Span]
+    prompt_spans: list[Span]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,12 +88,27 @@ class PackedBatch:
         sliding_window: also require pos(i) - pos(j) < sliding_window (transformers' window
         convention), for models whose attention layers use one.
         """
-        T = self.shape[1]
-        idx = torch.arange(T, device=self.group.device)
-        g, r, p = self.group, self.response, self.position_ids
-        return _allowed(g[:, :, None], r[:, :, None], p[:, :, None],
-                        g[:, None, :], r[:, None, :], p[:, None, :],
-                        idx[:, None], idx[None, :], sliding_window)[:, None]
+        R, T = self.shape
+        device = self.group.device
+        mask = torch.zeros(R, T, T, dtype=torch.bool, device=device)
+        # Written block by block from the spans (a group's tokens are contiguous in its row):
+        # a few slice writes per response instead of elementwise ops over all R * T * T pairs.
+        # seen[a, b]: may the token at position a see the one at position b of its sequence.
+        L = self.max_length
+        seen = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        if sliding_window is not None:
+            seen = seen.triu(1 - sliding_window)
+        for p in self.prompt_spans:
+            P = p.end - p.start
+            mask[p.row, p.start:p.end, p.start:p.end] = seen[:P, :P]
+        for s in self.spans:
+            p = self.prompt_spans[s.group]
+            P, end = p.end - p.start, p.end - p.start + s.end - s.start
+            mask[s.row, s.start:s.end, p.start:p.end] = seen[P:end, :P]
+            mask[s.row, s.start:s.end, s.start:s.end] = seen[P:end, P:end]
+        # Pads attend to themselves, so that no attention row is empty (SDPA would give NaN).
+        mask.diagonal(dim1=1, dim2=2).logical_or_(self.group < 0)
+        return mask[:, None]
 
     def block_mask(self, device=None, sliding_window: int | None = None):
         """The same mask as a FlexAttention BlockMask (the GPU form), built on `device`
@@ -129,53 +150,71 @@ def _compiled_create_block_mask():
     return torch.compile(_create_block_mask())
 
 
-def _as_ids(ids, what: str, vocab_size: int | None) -> torch.Tensor:
-    """One sequence of token ids as a 1-D long tensor; ValueError naming `what` if it is not."""
-    if len(ids) == 0:
-        raise ValueError(f"{what}: empty sequence")
-    try:
-        t = torch.as_tensor(ids)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{what}: expected a list of integer token ids ({err})") from None
-    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{what}: expected a flat list of integer token ids, got a "
-                         f"{t.dtype} tensor of shape {tuple(t.shape)}")
-    t = t.to("cpu", torch.long)
-    bad = (t < 0) if vocab_size is None else (t < 0) | (t >= vocab_size)
-    if bad.any():
-        bounds = "(negative)" if vocab_size is None else f"[0, {vocab_size})"
-        raise ValueError(f"{what}: token id {int(t[bad][0])} outside the vocabulary "
-                         f"{bounds} (at position {int(bad.nonzero()[0, 0])})")
-    return t
-
-
 def validate_groups(prompt_ids, response_ids, vocab_size: int | None = None):
-    """Check the nested id lists; returns (prompts, responses) as 1-D long tensors.
+    """Check the nested id lists; returns (tokens, lengths).
 
     prompt_ids: G non-empty sequences; response_ids: G lists of K non-empty sequences (the same
     K for every group). ValueError names the group and index at fault.
+    tokens: (total,) long, every sequence concatenated in group-major order (prompt g, then its
+    responses); lengths: the G * (K + 1) sequence lengths in that order.
     """
-    if len(prompt_ids) != len(response_ids):
+    if _length(prompt_ids, "prompt_ids") != _length(response_ids, "response_ids"):
         raise ValueError(f"prompt_ids has {len(prompt_ids)} groups but response_ids has "
                          f"{len(response_ids)}")
     if len(prompt_ids) == 0:
         raise ValueError("prompt_ids: no groups given")
-    K = len(response_ids[0])
+    K = _length(response_ids[0], "response_ids[0]")
     if K == 0:
         raise ValueError("response_ids[0]: no responses")
-    prompts, responses = [], []
+    seqs, names = [], []
     for g, (prompt, group) in enumerate(zip(prompt_ids, response_ids)):
-        if len(prompt) == 0:
-            # The first response token is predicted from the last prompt token.
+        if _length(prompt, f"prompt_ids[{g}]") == 0:
             raise ValueError(f"prompt_ids[{g}]: empty prompt (a response's first token is "
                              f"predicted from the last prompt token)")
-        if len(group) != K:
+        if _length(group, f"response_ids[{g}]") != K:
             raise ValueError(f"response_ids[{g}]: {len(group)} responses, but group 0 has {K}; "
                              f"every group needs the same K")
-        prompts.append(_as_ids(prompt, f"prompt_ids[{g}]", vocab_size))
-        responses.append([_as_ids(resp, f"response_ids[{g}][{k}]", vocab_size)
-                          for k, resp in enumerate(group)])
-    return prompts, responses
+        seqs.append(prompt)
+        names.append(f"prompt_ids[{g}]")
+        for k, resp in enumerate(group):
+            if _length(resp, f"response_ids[{g}][{k}]") == 0:
+                raise ValueError(f"response_ids[{g}][{k}]: empty response")
+            seqs.append(resp)
+            names.append(f"response_ids[{g}][{k}]")
+    lengths = [len(x) for x in seqs]
+    # One conversion for all ids; the offending sequence is located only on failure.
+    try:
+        tokens = torch.tensor(list(itertools.chain.from_iterable(seqs)))
+    except (TypeError, ValueError, RuntimeError) as err:
+        what = next((n for n, x in zip(names, seqs) if not _is_id_list(x)), "token ids")
+        raise ValueError(f"{what}: expected a flat list of integer token ids ({err})") from None
+    if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex() or \
+            tokens.dtype == torch.bool:
+        what = next((n for n, x in zip(names, seqs) if not _is_id_list(x)), "token ids")
+        raise ValueError(f"{what}: expected a flat list of integer token ids")
+    tokens = tokens.long()
+    bad = (tokens < 0) if vocab_size is None else (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        seq = bisect.bisect_right(list(itertools.accumulate(lengths)), i)
+        pos = i - sum(lengths[:seq])
+        bounds = "(negative)" if vocab_size is None else f"[0, {vocab_size})"
+        raise ValueError(f"{names[seq]}: token id {int(tokens[i])} outside the vocabulary "
+                         f"{bounds} (at position {pos})")
+    return tokens, lengths
+
+
+def _length(seq, what: str) -> int:
+    try:
+        return len(seq)
+    except TypeError:
+        raise ValueError(f"{what}: expected a list, got {type(seq).__name__}") from None
+
+
+def _is_id_list(seq) -> bool:
+    return all(isinstance(t, numbers.Integral) and not isinstance(t, bool) or
+               isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()
+               for t in seq)
 
 
 def _first_fit_decreasing(sizes: list[int], budget: int | None) -> list[list[int]]:
@@ -219,51 +258,45 @@ def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]]
         raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
     if not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple: expected a positive int, got {pad_to_multiple!r}")
-    prompts, responses = validate_groups(prompt_ids, response_ids, vocab_size)
-    G, K = len(prompts), len(responses[0])
-    sizes = [len(p) + sum(len(r) for r in rs) for p, rs in zip(prompts, responses)]
+    tokens, lengths = validate_groups(prompt_ids, response_ids, vocab_size)
+    G, K = len(prompt_ids), len(response_ids[0])
+    # Piece i = g * (K + 1) + j: the prompt of group g (j = 0) or its response j - 1.
+    sizes = [sum(lengths[g * (K + 1):(g + 1) * (K + 1)]) for g in range(G)]
     if max_tokens is not None:
         for g, size in enumerate(sizes):
             if size > max_tokens:
-                raise ValueError(f"group {g}: {size} tokens (prompt {len(prompts[g])} + {K} "
-                                 f"responses) exceed the packing budget max_tokens = "
+                raise ValueError(f"group {g}: {size} tokens (prompt {lengths[g * (K + 1)]} + "
+                                 f"{K} responses) exceed the packing budget max_tokens = "
                                  f"{max_tokens}; raise the budget or shorten the data")
     rows = _first_fit_decreasing(sizes, max_tokens)
     T = max(sum(sizes[g] for g in row) for row in rows)
     T = -(-T // pad_to_multiple) * pad_to_multiple
     R = len(rows)
 
-    # One "piece" per prompt and per response, in group-major input order; the token-level
-    # tensors then come from a few vectorised ops instead of a Python loop over tokens.
-    offset = [0] * G                                           # flat start of each group
+    # Where each piece starts in the flattened (R * T) rows; the token-level tensors then come
+    # from a few vectorised ops instead of a Python loop over tokens.
+    starts = [0] * len(lengths)
+    spans, prompt_spans = [], [None] * G
     for r, row in enumerate(rows):
         col = 0
         for g in row:
-            offset[g] = r * T + col
-            col += sizes[g]
-    starts, lengths, pos0, piece_group, piece_k, spans = [], [], [], [], [], []
-    for g in range(G):
-        P, flat = len(prompts[g]), offset[g]
-        starts.append(flat)
-        lengths.append(P)
-        pos0.append(0)
-        piece_group.append(g)
-        piece_k.append(-1)
-        flat += P
-        for k, resp in enumerate(responses[g]):
-            starts.append(flat)
-            lengths.append(len(resp))
-            pos0.append(P)
-            piece_group.append(g)
-            piece_k.append(k)
-            row, col = divmod(flat, T)
-            spans.append(Span(row, g, k, col, col + len(resp)))
-            flat += len(resp)
-    starts, lengths, pos0, piece_group, piece_k = (
-        torch.tensor(x, dtype=torch.long) for x in (starts, lengths, pos0, piece_group, piece_k))
-    tokens = torch.cat([t for g in range(G) for t in (prompts[g], *responses[g])])
-    piece = torch.repeat_interleave(torch.arange(len(lengths)), lengths)      # per token
-    within = torch.arange(len(tokens)) - (torch.cumsum(lengths, 0) - lengths)[piece]
+            for j in range(K + 1):
+                i = g * (K + 1) + j
+                starts[i] = r * T + col
+                span = Span(r, g, j - 1, col, col + lengths[i])
+                if j == 0:
+                    prompt_spans[g] = span
+                else:
+                    spans.append(span)
+                col += lengths[i]
+    spans.sort(key=lambda sp: sp.group * K + sp.response)
+    n_pieces = G * (K + 1)
+    starts, lengths_t = torch.tensor(starts), torch.tensor(lengths)
+    piece_k = torch.arange(n_pieces) % (K + 1) - 1                  # -1 for prompts
+    piece_group = torch.arange(n_pieces) // (K + 1)
+    prompt_len = lengths_t[piece_group * (K + 1)]
+    piece = torch.repeat_interleave(torch.arange(n_pieces), lengths_t)         # per token
+    within = torch.arange(len(tokens)) - (torch.cumsum(lengths_t, 0) - lengths_t)[piece]
     flat = starts[piece] + within
 
     input_ids = torch.full((R * T,), pad_id, dtype=torch.long)
@@ -271,23 +304,23 @@ def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]]
     group = torch.full((R * T,), -1, dtype=torch.long)
     response = torch.full((R * T,), -1, dtype=torch.long)
     input_ids[flat] = tokens
-    position_ids[flat] = pos0[piece] + within
+    position_ids[flat] = torch.where(piece_k[piece] >= 0, prompt_len[piece], 0) + within
     group[flat] = piece_group[piece]
     response[flat] = piece_k[piece]
 
     is_resp = piece_k[piece] >= 0
-    # A response's first token is predicted by its group's last prompt token (the prompt piece
-    # sits k + 1 pieces before response k); every other token by the token just before it.
-    prompt_piece = piece - piece_k[piece] - 1
-    last_prompt = starts[prompt_piece] + lengths[prompt_piece] - 1
+    # A response's first token is predicted by its group's last prompt token; every other
+    # token by the token just before it.
+    prompt_piece = piece_group[piece] * (K + 1)
+    last_prompt = starts[prompt_piece] + prompt_len[piece] - 1
     pred_index = torch.where(within == 0, last_prompt, flat - 1)[is_resp]
-    resp_pieces = piece_k >= 0
     return PackedBatch(
         input_ids=input_ids.view(R, T), position_ids=position_ids.view(R, T),
         group=group.view(R, T), response=response.view(R, T),
         pred_index=pred_index, targets=tokens[is_resp],
         segment_ids=(piece_group * K + piece_k)[piece][is_resp],
-        last_index=(starts + lengths - 1)[resp_pieces],
+        last_index=(starts + lengths_t - 1)[piece_k >= 0],
         num_groups=G, group_size=K, num_tokens=sum(sizes),
-        max_length=max(len(p) + max(map(len, rs)) for p, rs in zip(prompts, responses)),
-        spans=spans)
+        max_length=max(lengths[g * (K + 1)] + max(lengths[g * (K + 1) + 1:(g + 1) * (K + 1)])
+                       for g in range(G)),
+        spans=spans, prompt_spans=prompt_spans)
