@@ -70,7 +70,10 @@ def device_slug() -> str:
 
 
 def commit() -> str:
-    """`git rev-parse --short HEAD`, with `-dirty` when tracked files differ from it."""
+    """`git rev-parse --short HEAD`, with `-dirty` when tracked files differ from it;
+    $VRPO_BENCH_COMMIT overrides it (a copy of the tree without its .git, e.g. on a GPU box)."""
+    if os.environ.get("VRPO_BENCH_COMMIT"):
+        return os.environ["VRPO_BENCH_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -160,9 +163,25 @@ def timed(benchmark, fn, *, rounds: int, warmup: int = 1, rep_ms: int = 500,
 
 
 def peak_memory(target: str, **kwargs) -> dict:
-    """Run `target` ("module:function", called with kwargs) in a fresh Python process and return
-    what it returns (the dict of `_peak.measure`). A fresh process per provider keeps one
-    provider's allocations, caches and compiled graphs from touching the next one's numbers."""
+    """Run `target` ("module:function", called with kwargs) and return what it returns (the dict
+    of `_peak.measure`). On the CPU in a fresh Python process: one provider's allocations, caches
+    and compiled graphs must not touch the next one's resident numbers. On a GPU in this process,
+    counted from the allocator's own statistics: bytes already allocated when the probe starts
+    (the benchmark's own inputs) are subtracted, so the number is the probe's inputs plus what
+    the call allocates (`torch.cuda.max_memory_allocated`, as BENCHMARKS.md asks)."""
+    if torch.cuda.is_available():
+        import gc
+        import importlib
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        module, function = target.split(":")
+        out = getattr(importlib.import_module(module), function)(**kwargs)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {**out, "peak_bytes": out["peak_bytes"] - before,
+                "base_bytes": out["base_bytes"] - before}
     code = (f"import json, sys, importlib; sys.path.insert(0, {str(HERE)!r}); "
             f"m, f = {target!r}.split(':'); "
             f"print('PEAK', json.dumps(importlib.import_module(m).__dict__[f]("
