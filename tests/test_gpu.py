@@ -1,0 +1,65 @@
+"""The CUDA paths end to end (skipped without a GPU): the packed forward with a FlexAttention
+BlockMask and the Triton log-prob kernel against the naive padded forward with full logits, in
+float32 and bfloat16. The kernels alone are tested by test_kernel_*.py and test_ops.py, the
+trainer by test_train.py: they run on CUDA too when it is there."""
+
+import random
+
+import pytest
+import torch
+
+from vrpo_fast import sequence_logps
+from vrpo_fast.models import build_tiny_causal_lm
+
+pytestmark = pytest.mark.gpu
+
+
+def groups(G, K, seed, vocab=259):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))] for _ in range(G)]
+    responses = [[[rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))] for _ in range(K)]
+                 for _ in range(G)]
+    responses[0][0] = [5]                                     # a one-token response
+    return prompts, responses
+
+
+def grads(model, out):
+    model.zero_grad()
+    (out.float() * torch.linspace(0.5, 1.5, out.numel(), device=out.device).view_as(out)
+     ).sum().backward()
+    return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("arch, tie", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("max_tokens", [None, 96])
+def test_flex_packed_equals_naive_float32(arch, tie, max_tokens):
+    model = build_tiny_causal_lm(seed=1, arch=arch, tie_word_embeddings=tie).cuda()
+    prompts, responses = groups(6, 4, seed=2)
+    packed = sequence_logps(model, prompts, responses, max_tokens=max_tokens)
+    assert packed.is_cuda and packed.dtype == torch.float32
+    assert model.config._attn_implementation == "flex_attention"
+    g_packed = grads(model, packed)
+    naive = sequence_logps(model, prompts, responses, impl="naive")
+    g_naive = grads(model, naive)
+    torch.testing.assert_close(packed, naive, rtol=0, atol=2e-4)
+    assert g_packed.keys() == g_naive.keys()
+    for name in g_naive:
+        assert g_naive[name].abs().sum() > 0, name
+        assert rel(g_packed[name], g_naive[name]) < 1e-3, name
+
+
+def test_flex_packed_bfloat16_as_close_as_naive_bfloat16():
+    """In bf16 both paths round; packed must be no further from the float32 truth than naive."""
+    model = build_tiny_causal_lm(seed=3, arch="llama").cuda()
+    prompts, responses = groups(6, 4, seed=4)
+    truth = sequence_logps(model, prompts, responses, impl="naive").detach()
+    model = model.to(torch.bfloat16)
+    packed = sequence_logps(model, prompts, responses).detach()
+    naive = sequence_logps(model, prompts, responses, impl="naive").detach()
+    assert rel(packed, truth) <= 2 * rel(naive, truth) + 1e-3, (rel(packed, truth),
+                                                                 rel(naive, truth))
+
