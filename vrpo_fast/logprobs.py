@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vrpo_fast.ops import linear_logprobs
-from vrpo_fast.packing import PackedBatch, pack_groups, validate_groups
+from vrpo_fast.packing import PackedBatch, pack_groups, row_multiple, validate_groups
 
 ATTENTION = ("auto", "sdpa", "flex")
 IMPLS = ("packed", "naive")
@@ -157,7 +157,8 @@ def sequence_logps(model: nn.Module, prompt_ids: list[list[int]],
     if impl == "naive":
         validate_groups(prompt_ids, response_ids, vocab_size)
         return naive_sequence_logps(model, prompt_ids, response_ids, temperature=temperature)
-    batch = pack_groups(prompt_ids, response_ids, max_tokens=max_tokens, vocab_size=vocab_size)
+    batch = pack_groups(prompt_ids, response_ids, max_tokens=max_tokens, vocab_size=vocab_size,
+                        pad_to_multiple=row_multiple(device))
     return packed_logps(model, batch.to(device), temperature)
 
 

@@ -234,6 +234,13 @@ def _first_fit_decreasing(sizes: list[int], budget: int | None) -> list[list[int
     return rows
 
 
+def row_multiple(device: torch.device | str) -> int:
+    """The row-width multiple packing uses for a device: FlexAttention's 128-token block on CUDA
+    (its compiled kernel switches to a decoding kernel, without a training path, for rows under
+    128 tokens; whole blocks also keep the BlockMask exact), 1 elsewhere."""
+    return 128 if torch.device(device).type == "cuda" else 1
+
+
 def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], *,
                 max_tokens: int | None = None, pad_id: int = 0, pad_to_multiple: int = 1,
                 vocab_size: int | None = None) -> PackedBatch:
