@@ -163,8 +163,10 @@ def test_logits_of_magnitude_1e4_do_not_overflow():
                                  cast=torch.float64)
     assert torch.isfinite(out).all() and torch.isfinite(dh).all() and torch.isfinite(dw).all()
     # fp32 logits of ~1e4 carry ~1e-3 absolute rounding; the float64 oracle sees exact inputs.
+    # A logit error d scales the softmax weights by exp(d) ~ 1 + d, so gradients inherit a
+    # relative error of ~1e-3 (seen: 6e-4 on an H100, whose dot order differs from the CPU's).
     assert_close_verbose(out, want, 2e-2, 1e-5, "logp")
-    assert_close_verbose(dh, dh_want, 1e-3, 1e-4, "dH")
+    assert_close_verbose(dh, dh_want, 1e-3, 2e-3, "dH")
     assert_close_verbose(dw, dw_want, 1e-2, 1e-4, "dW")
 
 
@@ -234,13 +236,18 @@ def test_gpu_values_and_gradients(dtype, chunk_size):
         want, dh_w, dw_w = run(lambda a, b: reduce(oracle_logprobs(a, b, t, 0.8)), h, w,
                                upstream, cast=torch.float64)
         ieee = _dot_flags(dtype, h.device)["PRECISION"] == "ieee"
+        eager, dh_e, dw_e = run(lambda a, b: reduce(eager_logprobs(a, b, t, 0.8)), h, w,
+                                upstream)
         if dtype == torch.float32 and ieee:         # fp32 dots unless torch allows TF32
             assert_close_verbose(out, want, 1e-3, 1e-5, "logp")
             assert_close_verbose(dh, dh_w, 1e-5, 1e-4, "dH")
-            assert_close_verbose(dw, dw_w, 1e-5, 1e-4, "dW")
+            # A dW entry sums ~N terms u*(1[t=v] - p)*h that cancel: where one p ~ 1 dominates
+            # (logits here reach ~22), fp32 logit rounding (~1e-5 over D=1024) leaves ~1e-4 in an
+            # entry of ~0.07, for eager fp32 as much as for the kernel. So: absolute 2e-4, and
+            # within 2x eager fp32's own error.
+            assert_close_verbose(dw, dw_w, 2e-4, 1e-4, "dW")
+            assert_within_eager_error(dw, dw_e, dw_w, "dW")
         else:
-            eager, dh_e, dw_e = run(lambda a, b: reduce(eager_logprobs(a, b, t, 0.8)), h, w,
-                                    upstream)
             assert_within_eager_error(out, eager, want, "logp")
             assert_within_eager_error(dh, dh_e, dh_w, "dH")
             assert_within_eager_error(dw, dw_e, dw_w, "dW")
