@@ -164,10 +164,11 @@ def test_logits_of_magnitude_1e4_do_not_overflow():
     assert torch.isfinite(out).all() and torch.isfinite(dh).all() and torch.isfinite(dw).all()
     # fp32 logits of ~1e4 carry ~1e-3 absolute rounding; the float64 oracle sees exact inputs.
     # A logit error d scales the softmax weights by exp(d) ~ 1 + d, so gradients inherit a
-    # relative error of ~1e-3 (seen: 6e-4 on an H100, whose dot order differs from the CPU's).
+    # relative error of ~1e-3 (seen on an H100, whose dot order differs from the CPU's: 6e-4 in dH,
+    # 3e-4 in dW).
     assert_close_verbose(out, want, 2e-2, 1e-5, "logp")
     assert_close_verbose(dh, dh_want, 1e-3, 2e-3, "dH")
-    assert_close_verbose(dw, dw_want, 1e-2, 1e-4, "dW")
+    assert_close_verbose(dw, dw_want, 1e-2, 2e-3, "dW")
 
 
 def test_gradient_for_hidden_only_and_for_weight_only():

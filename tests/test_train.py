@@ -202,11 +202,24 @@ def test_bad_configs_fail_with_the_key_named(tmp_path, capsys, overrides, match)
     assert not (out / "checkpoints").exists() and not (out / "final").exists()
 
 
-def _env():
+def _env(cpu: bool = False):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
     env.pop("TRITON_INTERPRET", None)
+    if cpu:                                 # the gloo path on CPU processes, GPUs or not
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from vrpo_fast.errors import UserError
+    from vrpo_fast.train.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"LOCAL_RANK=1 but this node has 1 visible CUDA"):
+        init_distributed()
 
 
 @pytest.mark.slow
@@ -248,13 +261,13 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
     r1 = subprocess.run([sys.executable, "-m", "vrpo_fast.cli", "train", "--config", str(TINY),
-                         f"--train.output_dir={one}", *common], env=_env(), capture_output=True,
-                        text=True, timeout=600)
+                         f"--train.output_dir={one}", *common], env=_env(cpu=True),
+                        capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                          "--standalone", "-m", "vrpo_fast.cli", "train", "--config",
                          str(TINY), f"--train.output_dir={two}", *common],
-                        env=_env(), capture_output=True, text=True, timeout=600)
+                        env=_env(cpu=True), capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 3

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vrpo_fast.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -26,6 +28,12 @@ def init_distributed() -> Dist:
     """Join torchrun's process group if launched by it, else a one-process gloo group."""
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise UserError(
+            f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} visible CUDA "
+            f"device(s): launch at most that many processes per node (torchrun "
+            f"--nproc-per-node), or hide the GPUs (CUDA_VISIBLE_DEVICES='') to train on CPU "
+            f"processes")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
