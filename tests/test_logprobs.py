@@ -72,6 +72,16 @@ def test_packed_equals_naive_values_and_every_gradient(name, K, max_tokens):
     assert_same_gradients(g_packed, g_naive)
 
 
+def test_several_groups_share_a_row_and_match():
+    rng = random.Random(3)
+    model = build_tiny_causal_lm(seed=2)
+    prompts, responses = random_groups(6, 3, rng)
+    assert pack_groups(prompts, responses, max_tokens=200).shape[0] == 1   # six groups, one row
+    torch.testing.assert_close(sequence_logps(model, prompts, responses, max_tokens=200),
+                               sequence_logps(model, prompts, responses, impl="naive"),
+                               rtol=0, atol=1e-4)
+
+
 def test_naive_oracle_equals_float64_single_sequence_forwards():
     """The oracle itself: right padding and the response slice are right."""
     model = build_tiny_causal_lm(seed=4, arch="qwen2")
