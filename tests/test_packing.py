@@ -179,6 +179,22 @@ def test_tensor_and_numpy_ids_pack_like_lists():
             assert getattr(got, name) == value, name
 
 
+def test_masks_are_built_once_per_batch_window_and_device(monkeypatch):
+    """The policy, reference and auxiliary model of a step attend through one mask: a second
+    request returns the stored mask; another window or a moved batch builds its own."""
+    rng = random.Random(2)
+    b = pack_groups(*random_groups(3, 2, rng, prompt=(2, 9), resp=(1, 8)), max_tokens=40)
+    built = []
+    build = type(b)._dense_mask
+    monkeypatch.setattr(type(b), "_dense_mask", lambda self, w: built.append(w) or build(self, w))
+    first = b.dense_mask()
+    assert b.dense_mask() is first and built == [None]
+    assert torch.equal(b.dense_mask(sliding_window=3)[:, 0], brute_force_mask(b, sliding_window=3))
+    assert built == [None, 3]
+    moved = b.to("cpu")
+    assert torch.equal(moved.dense_mask(), first) and built == [None, 3, None]
+
+
 def test_to_moves_every_tensor():
     b = pack_groups([[3, 4]], [[[5], [6, 7]]]).to("meta")
     assert all(t.device.type == "meta" for t in vars(b).values() if isinstance(t, torch.Tensor))

@@ -17,7 +17,7 @@ import bisect
 import functools
 import itertools
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -55,6 +55,9 @@ class PackedBatch:
     prompt_spans: G `Span`s of the prompts (response -1).
     num_groups, group_size: G and K; num_tokens: real (non-pad) tokens in the rows;
     max_length: the longest prompt + response (positions run from 0 to max_length - 1).
+
+    The attention masks are built once per batch and kept: the policy, the reference and the
+    auxiliary model of a training step all attend through the same mask.
     """
 
     input_ids: torch.Tensor
@@ -71,6 +74,7 @@ class PackedBatch:
     max_length: int
     spans: list[Span]
     prompt_spans: list[Span]
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -88,6 +92,12 @@ class PackedBatch:
         sliding_window: also require pos(i) - pos(j) < sliding_window (transformers' window
         convention), for models whose attention layers use one.
         """
+        key = ("dense", sliding_window)
+        if key not in self._masks:
+            self._masks[key] = self._dense_mask(sliding_window)
+        return self._masks[key]
+
+    def _dense_mask(self, sliding_window):
         R, T = self.shape
         device = self.group.device
         mask = torch.zeros(R, T, T, dtype=torch.bool, device=device)
@@ -115,6 +125,12 @@ class PackedBatch:
         (default: where the batch is). Compiled on CUDA; eager elsewhere, where it only serves
         forward-only checks (FlexAttention has no CPU backward)."""
         device = torch.device(device) if device is not None else self.group.device
+        key = ("block", device, sliding_window)
+        if key not in self._masks:
+            self._masks[key] = self._block_mask(device, sliding_window)
+        return self._masks[key]
+
+    def _block_mask(self, device, sliding_window):
         R, T = self.shape
         g, r, p = (t.to(device) for t in (self.group, self.response, self.position_ids))
 
