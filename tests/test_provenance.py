@@ -123,3 +123,25 @@ def test_training_refuses_samples_of_another_reference_model(tmp_path):
                                f"--train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(UserError, match="drawn from a different reference model"):
         Trainer(other)
+
+
+def test_training_on_cached_ref_logps_refuses_another_truncation(tmp_path):
+    from vrpo_fast.score import score_stage
+    from vrpo_fast.train.loop import Trainer
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "ab>", "chosen": "aaaa", "rejected": "b", "samples": ["xyz", "q"],
+         "aux_prefs": [0.9, 0.25]},
+        {"prompt": "b>", "chosen": "bb", "rejected": "cccc", "samples": ["zz", "qqqq"],
+         "aux_prefs": [0.5, 0.75]}]))
+    model = ["--model.tokenizer=byte", f"--model.tiny={TINY_YAML}", "--aux.mode=given"]
+    scored = score_stage(load_config(None, [
+        f"--score.input={data}", f"--score.output={tmp_path / 'scored'}", *model,
+        "--data.max_response_length=3"]), progress=False)
+    train = [f"--data.path={scored}", *model, "--ref.source=cache",
+             f"--train.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(UserError, match="^data.max_response_length: .* computed with "
+                                        "max_response_length = 3, this run uses None"):
+        Trainer(load_config(None, train))
+    Trainer(load_config(None, train + ["--data.max_response_length=3"]))   # same truncation

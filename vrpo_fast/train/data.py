@@ -158,4 +158,9 @@ def _check_provenance(cfg, path, tokenizer) -> None:
     from vrpo_fast.models import model_from_config
     from vrpo_fast.provenance import check_provenance
 
-    check_provenance(prov.parent, model_from_config(cfg, "ref"), tokenizer)
+    # Cached ref_logps must cover the tokens this run trains on: same truncation as scoring.
+    truncation = {"max_prompt_length": cfg.data.max_prompt_length,
+                  "max_response_length": cfg.data.max_response_length} \
+        if cfg.ref.source == "cache" else None
+    check_provenance(prov.parent, model_from_config(cfg, "ref"), tokenizer,
+                     truncation=truncation)
