@@ -250,13 +250,19 @@ class Trainer:
         if cfg.aux.mode == "lagged" and self.step % cfg.aux.refresh_every == 0:
             self._refresh_lagged()
         elapsed = time.perf_counter() - start
-        tokens_t = all_reduce_(torch.tensor(float(tokens)))
+        # One collective (on the step's device: NCCL has no CPU tensors) and one host copy for
+        # the step's counters: tokens summed over ranks, statistics averaged.
+        keys = list(stat_sums)
+        totals = all_reduce_(torch.stack([
+            torch.tensor(float(tokens), dtype=torch.float64, device=self.device),
+            *(stat_sums[k].detach().double() for k in keys)]))
+        total_tokens, *stat_values = totals.tolist()
         record = {"step": self.step, "loss": loss_sum.item(), "lr": lr,
-                  "grad_norm": grad_norm.item(), "tokens": int(tokens_t.item()),
-                  "tokens_per_s": tokens_t.item() / max(elapsed, 1e-9),
+                  "grad_norm": grad_norm.item(), "tokens": int(total_tokens),
+                  "tokens_per_s": total_tokens / max(elapsed, 1e-9),
                   "skipped": int(not finite), "skipped_total": self.skipped_total}
-        for k, v in stat_sums.items():
-            record[k] = (all_reduce_(v.detach().clone()) / self.dist.world_size).item()
+        for k, v in zip(keys, stat_values):
+            record[k] = v / self.dist.world_size
         if self._peak_flops:
             # 6 N per token for forward + backward of the policy (reference passes not counted).
             record["mfu"] = 6 * self._n_params * record["tokens_per_s"] / (
