@@ -1,6 +1,7 @@
 """Provenance: what the record holds, the weights fingerprint, and the checks that refuse data
 sampled from another reference model or tokenizer, unfinished runs and other truncation."""
 
+import hashlib
 import json
 import re
 import shutil
@@ -39,6 +40,9 @@ def test_record_names_model_tokenizer_sampling_and_versions(tmp_path):
     assert model["path"] == str(ref_dir) and re.fullmatch(r"[0-9a-f]{64}",
                                                           model["weights_sha256"])
     assert model["weights_sha256"] == weights_fingerprint(load_causal_lm(str(ref_dir)))
+    assert model["files_sha256"] == hashlib.sha256(
+        b"model.safetensors|%d|" % (ref_dir / "model.safetensors").stat().st_size
+        + (ref_dir / "model.safetensors").read_bytes()).hexdigest()
     assert "revision" in model                     # the hub commit; None for a local folder
     assert re.fullmatch(r"[0-9a-f]{64}", record["tokenizer"]["sha256"])
     assert record["sampling"] == {"num_samples": 2, "temperature": 1.0, "top_p": 1.0,
@@ -145,3 +149,34 @@ def test_training_on_cached_ref_logps_refuses_another_truncation(tmp_path):
                                         "max_response_length = 3, this run uses None"):
         Trainer(load_config(None, train))
     Trainer(load_config(None, train + ["--data.max_response_length=3"]))   # same truncation
+
+
+def test_training_recognises_pi_ref_by_its_files_and_loads_it_only_when_they_differ(
+        tmp_path, monkeypatch):
+    import vrpo_fast.models
+    from vrpo_fast.train.data import _check_provenance
+
+    ref_dir = tmp_path / "ref"
+    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(ref_dir)
+    out = sample(tmp_path, f"--model.path={ref_dir}")
+    loads = []
+    real = vrpo_fast.models.model_from_config
+    monkeypatch.setattr(vrpo_fast.models, "model_from_config",
+                        lambda cfg, which="policy": loads.append(which) or real(cfg, which))
+    cfg = load_config(None, [f"--data.path={out}", f"--model.path={ref_dir}",
+                             "--model.tokenizer=byte"])
+    _check_provenance(cfg, out, byte_tokenizer())
+    assert loads == []                                   # same files: pi_ref, nothing loaded
+    # The same weights in other files (sharded): the files differ, so the weights decide, and
+    # they are equal.
+    copy = tmp_path / "copy"
+    load_causal_lm(str(ref_dir)).save_pretrained(copy, max_shard_size="20KB")
+    assert len(list(copy.glob("*.safetensors"))) > 1
+    _check_provenance(load_config(None, [f"--data.path={out}", f"--model.path={copy}",
+                                         "--model.tokenizer=byte"]), out, byte_tokenizer())
+    assert loads == ["ref"]
+    # Other weights in the recorded folder: loaded, compared, refused.
+    build_tiny_causal_lm(seed=1, **TINY).save_pretrained(ref_dir)
+    with pytest.raises(UserError, match="drawn from a different reference model"):
+        _check_provenance(cfg, out, byte_tokenizer())
+    assert loads == ["ref", "ref"]

@@ -4,7 +4,8 @@ computed the reference log-probs), and how.
 VRPO's unbiasedness rests on the responses being drawn from pi_ref, so `vrpo-fast sample`
 writes `<output>/provenance.json` beside its shards:
 
-    reference_model  path, revision (the hub commit, when known), weights_sha256
+    reference_model  path, revision (the hub commit, when known), weights_sha256, files_sha256
+                     (the weight files of a local folder, or None)
     tokenizer        name, sha256 (vocabulary, special tokens, chat template)
     sampling         num_samples, temperature, top_p, max_new_tokens, seed, backend, stop ids
     prompts          source, count, sha256 of the tokenized prompts (the file may move)
@@ -53,6 +54,25 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def files_fingerprint(path) -> str | None:
+    """SHA-256 over the weight files (*.safetensors: name, size and bytes, in name order) of a
+    local model folder; None when `path` is not one. Equal files hold equal weights, so a
+    trainer recognises pi_ref from its files, streamed in constant memory, without loading the
+    model on every rank as `weights_fingerprint` needs."""
+    if not path or not Path(path).is_dir():
+        return None
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for file in files:
+        h.update(f"{file.name}|{file.stat().st_size}|".encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 PROBE = "Hello, world! 1234 \u00e9\u00e8 \u4f60\u597d \n\n  tabs\tand   spaces"
 
 
@@ -82,9 +102,9 @@ def ids_fingerprint(rows) -> str:
 
 def model_record(model) -> dict:
     config = getattr(model, "config", None)
-    return {"path": getattr(config, "_name_or_path", None) or None,
-            "revision": getattr(config, "_commit_hash", None),
-            "weights_sha256": weights_fingerprint(model)}
+    path = getattr(config, "_name_or_path", None) or None
+    return {"path": path, "revision": getattr(config, "_commit_hash", None),
+            "weights_sha256": weights_fingerprint(model), "files_sha256": files_fingerprint(path)}
 
 
 def tokenizer_record(tokenizer) -> dict:
@@ -184,9 +204,12 @@ def missing_shards(directory: str | Path, record: dict) -> list[int]:
 
 
 def check_provenance(directory: str | Path, ref_model, tokenizer, *, what: str = "data.path",
-                     truncation: dict | None = None) -> dict | None:
+                     truncation: dict | None = None, ref_path: str | None = None
+                     ) -> dict | None:
     """Refuse data that was not sampled (and scored) with `ref_model` and `tokenizer`, or a
-    folder of shards whose run has not finished: a one-line UserError naming `what`. With
+    folder of shards whose run has not finished: a one-line UserError naming `what`.
+    `ref_model` is the model or a function that loads it; with `ref_path`, a folder whose
+    weight files are the recorded ones is pi_ref without loading it. With
     `truncation` ({"max_prompt_length": ..., "max_response_length": ...}, the data section a
     trainer uses), scored data must have been scored under the same truncation, or its cached
     ref_logps would cover other tokens than the policy's log-probs. Returns the record (None
@@ -195,7 +218,13 @@ def check_provenance(directory: str | Path, ref_model, tokenizer, *, what: str =
     if record is None:
         return None
     want = record["reference_model"]["weights_sha256"]
-    have = weights_fingerprint(ref_model)
+    files = record["reference_model"].get("files_sha256")
+    if files and files == files_fingerprint(ref_path):
+        have = want
+    else:
+        if not isinstance(ref_model, torch.nn.Module):
+            ref_model = ref_model()
+        have = weights_fingerprint(ref_model)
     if want != have:
         raise UserError(f"{what}: the samples in {directory} were drawn from a different "
                         f"reference model ({record['reference_model'].get('path')}, weights "

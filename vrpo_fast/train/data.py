@@ -162,5 +162,6 @@ def _check_provenance(cfg, path, tokenizer) -> None:
     truncation = {"max_prompt_length": cfg.data.max_prompt_length,
                   "max_response_length": cfg.data.max_response_length} \
         if cfg.ref.source == "cache" else None
-    check_provenance(prov.parent, model_from_config(cfg, "ref"), tokenizer,
-                     truncation=truncation)
+    # pi_ref is loaded (on every rank) only when its weight files are not the recorded ones.
+    check_provenance(prov.parent, lambda: model_from_config(cfg, "ref"), tokenizer,
+                     truncation=truncation, ref_path=cfg.ref.path or cfg.model.path)
