@@ -22,16 +22,18 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         valid = targets != ignore_index
         tgt = torch.where(valid, targets, torch.zeros_like(targets))
         h = hidden.float()
+        hs = h / temperature if temperature != 1.0 else h         # logits = hs @ w.T
         running_max = torch.full((N,), float("-inf"), device=hidden.device)
         running_sum = torch.zeros(N, device=hidden.device)
         for v0 in range(0, V, chunk_size):
-            logits = (h @ weight[v0:v0 + chunk_size].float().T) / temperature
+            logits = hs @ weight[v0:v0 + chunk_size].float().T
             new_max = torch.maximum(running_max, logits.max(dim=1).values)
+            # In place on the chunk: one (N, chunk) temporary per chunk, not three.
             running_sum = running_sum * torch.exp(running_max - new_max) + \
-                torch.exp(logits - new_max[:, None]).sum(dim=1)
+                logits.sub_(new_max[:, None]).exp_().sum(dim=1)
             running_max = new_max
         lse = running_max + torch.log(running_sum)
-        target_logit = (h * weight[tgt].float()).sum(dim=1) / temperature
+        target_logit = (hs * weight[tgt].float()).sum(dim=1)
         logp = torch.where(valid, target_logit - lse, torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, tgt, valid, lse, segment_ids)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -47,16 +49,19 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         g = grad_out.float()[segment_ids] if ctx.has_segments else grad_out.float()
         g = torch.where(valid, g, torch.zeros_like(g)) / T        # (N,)
         h = hidden.float()
+        hs = h / T if T != 1.0 else h
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
+        neg_lse, neg_g = -lse[:, None], -g[:, None]
         for v0 in range(0, weight.shape[0], C):
             w = weight[v0:v0 + C].float()
-            d_logits = -g[:, None] * torch.exp(h @ w.T / T - lse[:, None])   # -g softmax / T
+            # -g softmax / T: the LSE shift rides in the GEMM (addmm), exp and scale in place.
+            d_logits = torch.addmm(neg_lse, hs, w.T).exp_().mul_(neg_g)
             if grad_h is not None:
-                grad_h += d_logits @ w
+                grad_h.addmm_(d_logits, w)
             if grad_w is not None:
-                grad_w[v0:v0 + C] += d_logits.T @ h
+                grad_w[v0:v0 + C].addmm_(d_logits.T, h)
         # The one-hot part: + g / T at each row's target.
         if grad_h is not None:
             grad_h += g[:, None] * weight[tgt].float()
