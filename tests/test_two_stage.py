@@ -84,6 +84,43 @@ def test_vr_reward_loss_is_unbiased_for_any_g(g_kind):
     assert z.abs().max().item() < 4.5, z
 
 
+def test_rloo_syncs_the_generator_once_per_optimizer_step(tmp_path, monkeypatch):
+    """Two micro-batches per step draw from the same weights: one full-state gather per step,
+    and each draw sees the policy as it is at that step."""
+    import torch.distributed.checkpoint.state_dict as dcp_sd
+
+    from vrpo_fast.config import load_config
+    from vrpo_fast.train.rloo import RLOOTrainer
+
+    tiny_reward_model().save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ("ab>", "cd>", "ba>", "dc>")))
+    trainer = RLOOTrainer(load_config(None, [
+        f"--data.path={tmp_path / 'prompts.jsonl'}", "--model.tokenizer=byte",
+        "--model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+        "intermediate_size: 64}", f"--rl.reward_model={tmp_path / 'rm'}",
+        "--rl.num_samples=2", "--rl.max_new_tokens=3", "--train.max_steps=2",
+        "--train.batch_groups=4", "--train.micro_batch_groups=2", "--train.lr=1e-2",
+        "--train.save_every=0", f"--train.output_dir={tmp_path / 'rl'}"]), quiet=True)
+    gathers, draws = [], []
+    real = dcp_sd.get_model_state_dict
+    monkeypatch.setattr(dcp_sd, "get_model_state_dict",
+                        lambda *a, **k: gathers.append(trainer.step) or real(*a, **k))
+    sample = trainer._draw
+
+    def checked(prompt_ids):
+        out = sample(prompt_ids)
+        for name, p in trainer.generator.named_parameters():
+            assert torch.equal(p, trainer.policy.lm.get_parameter(name).full_tensor()), name
+        draws.append((trainer.step, next(trainer.generator.parameters()).clone()))
+        return out
+    monkeypatch.setattr(trainer, "_draw", checked)
+    for _ in range(2):
+        trainer.train_step()
+    assert [step for step, _ in draws] == [0, 0, 1, 1] and gathers == [0, 1]
+    assert not torch.equal(draws[1][1], draws[2][1])        # the policy moved between steps
+
+
 @pytest.mark.slow
 def test_two_stage_end_to_end_raises_the_true_reward(tmp_path):
     from transformers import AutoModelForSequenceClassification

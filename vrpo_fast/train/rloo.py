@@ -58,6 +58,7 @@ class RLOOTrainer(Trainer):
         # The sampler runs on an unsharded copy that receives the policy's weights before each
         # draw, as an inference engine would (generation never goes through FSDP's hooks).
         self.generator = self.build_model().to(self.device).eval().requires_grad_(False)
+        self._generator_step = None      # the optimizer step whose weights the generator holds
 
     def load_data(self) -> None:
         from vrpo_fast.data.load import load_preference_data
@@ -84,8 +85,13 @@ class RLOOTrainer(Trainer):
         from vrpo_fast.samplers import TransformersSampler
 
         rl = self.cfg.rl
-        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
-        self.generator.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
+        if self._generator_step != self.step:
+            # Once per optimizer step: the micro-batches of a step share the policy's weights,
+            # and gathering the full state dict is an all-gather of the whole model.
+            full = get_model_state_dict(self.policy,
+                                        options=StateDictOptions(full_state_dict=True))
+            self.generator.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
+            self._generator_step = self.step
         sampler = TransformersSampler(self.generator, self.tokenizer,
                                       temperature=rl.temperature,
                                       max_new_tokens=rl.max_new_tokens,
