@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from vrpo_fast.packing import pack_groups
+from vrpo_fast.packing import pack_groups, trainer_budget
 
 
 def random_groups(G, K, rng, vocab=259, prompt=(1, 12), resp=(1, 7)):
@@ -193,6 +193,17 @@ def test_masks_are_built_once_per_batch_window_and_device(monkeypatch):
     assert built == [None, 3]
     moved = b.to("cpu")
     assert torch.equal(moved.dense_mask(), first) and built == [None, 3, None]
+
+
+def test_trainer_budget_keeps_cpu_rows_to_the_longest_group():
+    prompts = [[3] * 4, [3] * 9, [3] * 2]
+    responses = [[[4] * 3, [5] * 1], [[4] * 2, [5] * 2], [[4] * 6, [5] * 6]]   # 8, 13, 14 tokens
+    assert trainer_budget(None, "cpu", prompts, responses) == 14
+    assert trainer_budget(None, "cuda", prompts, responses) is None    # BlockMask: one row
+    assert trainer_budget(40, "cpu", prompts, responses) == 40         # set by the user
+    b = pack_groups(prompts, responses, max_tokens=trainer_budget(None, "cpu", prompts,
+                                                                   responses))
+    assert b.shape == (3, 14)                 # no row holds two groups' attention pairs
 
 
 def test_to_moves_every_tensor():

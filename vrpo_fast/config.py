@@ -100,7 +100,8 @@ class TrainConfig:
     batch_groups: int = F(8, "Prompt groups per optimizer step, over all ranks.")
     micro_batch_groups: int = F(8, "Prompt groups per forward/backward on one rank.")
     max_tokens: int | None = F(None, "Packing budget: tokens per packed row (None: one row per "
-                                     "micro-batch).")
+                                     "micro-batch on a GPU, rows of at most the longest group "
+                                     "on the CPU).")
     lr: float = F(5e-7, "Peak learning rate.")
     min_lr_ratio: float = F(0.1, "Cosine schedule floor, as a fraction of lr.")
     warmup_steps: int = F(10, "Linear warmup steps.")

@@ -257,6 +257,16 @@ def row_multiple(device: torch.device | str) -> int:
     return 128 if torch.device(device).type == "cuda" else 1
 
 
+def trainer_budget(max_tokens: int | None, device, prompt_ids, response_ids) -> int | None:
+    """The packing budget of a training micro-batch: `max_tokens` when set. Otherwise one row
+    for the whole micro-batch on CUDA, where FlexAttention skips the blocks between groups,
+    and rows no longer than the longest group elsewhere: a dense mask pays for every
+    query-key pair of its row, so groups sharing a row cost attention work quadratic in it."""
+    if max_tokens is not None or torch.device(device).type == "cuda":
+        return max_tokens
+    return max(len(p) + sum(map(len, rs)) for p, rs in zip(prompt_ids, response_ids))
+
+
 def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], *,
                 max_tokens: int | None = None, pad_id: int = 0, pad_to_multiple: int = 1,
                 vocab_size: int | None = None) -> PackedBatch:

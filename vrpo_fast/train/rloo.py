@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from vrpo_fast.errors import UserError
-from vrpo_fast.packing import pack_groups, row_multiple
+from vrpo_fast.packing import pack_groups, row_multiple, trainer_budget
 from vrpo_fast.train.loop import Trainer
 from vrpo_fast.train.modules import SequenceRewards
 
@@ -105,7 +105,9 @@ class RLOOTrainer(Trainer):
     def _micro_step(self, groups):
         rl = self.cfg.rl
         samples = self._draw(groups.prompt_ids)
-        batch = pack_groups(groups.prompt_ids, samples, max_tokens=self.cfg.train.max_tokens,
+        budget = trainer_budget(self.cfg.train.max_tokens, self.device, groups.prompt_ids,
+                                samples)
+        batch = pack_groups(groups.prompt_ids, samples, max_tokens=budget,
                             pad_to_multiple=row_multiple(self.device)).to(self.device)
         logps = self.policy(batch)                                    # (G, k)
         with torch.no_grad():
