@@ -15,13 +15,15 @@ on a small Llama-style model, "score" (no grad, what `vrpo-fast score` does) and
 import pytest
 import torch
 from _layouts import build_model, make_groups, padded_logps, padded_tokens
-from conftest import peak_memory, timed
+from conftest import device, peak_memory, timed
+
+from vrpo_fast.packing import trainer_budget
 
 SHAPES = {
     "smoke": [dict(G=2, K=4, lengths="hh", cap=(12, 8), hidden=32, layers=1, vocab=500,
-                   budget=64)],
+                   budget=None)],
     "cpu": [dict(G=4, K=K, lengths="long", cap=(160, 120), hidden=256, layers=4, vocab=32000,
-                 budget=1024) for K in (4, 6)],
+                 budget=None) for K in (4, 6)],
     "gpu": [dict(G=16, K=K, lengths="long", cap=(160, 120), hidden=1024, layers=8,
                  vocab=128256, budget=None) for K in (4, 6)],
 }
@@ -30,10 +32,9 @@ SHAPES = {
 def setup(G, K, lengths, cap, hidden, layers, vocab, budget):
     model = build_model(hidden, layers, vocab)
     prompts, responses = make_groups(G, K, lengths, vocab, tuple(cap))
-    # The packing budget bounds a row's length: on the CPU the packed mask is a dense (T, T)
-    # SDPA mask, so one row per group keeps attention from growing with G^2.
-    budget = None if budget is None else max(budget, max(
-        len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses)))
+    # The trainer's packing budget: on the CPU the packed mask is a dense (T, T) SDPA mask, so
+    # rows no longer than the longest group keep attention from growing with G^2.
+    budget = trainer_budget(budget, device(), prompts, responses)
     return model, prompts, responses, budget
 
 

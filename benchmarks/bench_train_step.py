@@ -24,11 +24,13 @@ import torch
 from _layouts import build_model, make_groups, padded_logps, padded_tokens
 from conftest import device, peak_memory, timed
 
+from vrpo_fast.packing import trainer_budget
+
 SHAPES = {
     "smoke": [dict(G=2, M=1, lengths="hh", cap=(24, 12), hidden=32, layers=1, vocab=500,
-                   budget=128)],
+                   budget=None)],
     "cpu": [dict(G=4, M=M, lengths=lengths, cap=(256, 128), hidden=256, layers=4, vocab=32000,
-                 budget=1024) for lengths, Ms in (("hh", (1, 2, 4)), ("long", (1, 2)))
+                 budget=None) for lengths, Ms in (("hh", (1, 2, 4)), ("long", (1, 2)))
             for M in Ms],
     "gpu": [dict(G=8, M=M, lengths=lengths, cap=(512, 256), hidden=1024, layers=8,
                  vocab=128256, budget=None) for lengths in ("hh", "long") for M in (1, 2, 4)],
@@ -53,10 +55,9 @@ def build(shape, variant):
     # Fused AdamW on both devices (the CPU has a fused kernel too): the optimizer is the same
     # fixed cost in every variant, kept as small as it can be.
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)
-    budget = shape["budget"]
-    if budget is not None:       # dense CPU mask: rows of about one group, never an error
-        budget = max(budget, max(len(p) + sum(map(len, rs))
-                                 for p, rs in zip(prompts, responses)))
+    # The trainer's packing budget (shape["budget"] plays train.max_tokens): unset, one row on
+    # CUDA and rows no longer than the longest group on the CPU (dense mask).
+    budget = trainer_budget(shape["budget"], device(), prompts, responses)
     return policy, ref, opt, prompts, responses, g, M, budget
 
 
