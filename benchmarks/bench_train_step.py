@@ -84,10 +84,10 @@ def fast_loss(policy, ref_logps, prompts, responses, g, budget):
     """(c): shared-prefix packing, LM head on response positions only, cached reference."""
     from vrpo_fast.logprobs import packed_hidden_states
     from vrpo_fast.ops import linear_logprobs, per_prompt_vrpo_loss
-    from vrpo_fast.packing import pack_groups, row_multiple
+    from vrpo_fast.packing import pack_groups, row_padding
 
     batch = pack_groups(prompts, responses, max_tokens=budget,
-                        pad_to_multiple=row_multiple(device())).to(device())
+                        **row_padding(device())).to(device())
     hidden, weight = packed_hidden_states(policy, batch)
     logps = linear_logprobs(hidden, weight, batch.targets, segment_ids=batch.segment_ids,
                             num_segments=batch.num_groups * batch.group_size)

@@ -72,6 +72,19 @@ def test_packed_equals_naive_values_and_every_gradient(name, K, max_tokens):
     assert_same_gradients(g_packed, g_naive)
 
 
+def test_padded_bucketed_rows_match_naive_values_and_gradients():
+    """Rows padded to a bucket width (the GPU layout: the pads outnumber some rows' tokens)."""
+    model = build_tiny_causal_lm(seed=4)
+    prompts, responses = irregular_groups(5, 4, seed=9)
+    batch = pack_groups(prompts, responses, max_tokens=90, pad_to_multiple=16, bucket_widths=True)
+    assert int((batch.group < 0).sum()) > batch.num_tokens // 4          # real padding
+    packed = packed_logps(model, batch)
+    g_packed = weighted_grads(model, packed)
+    naive = naive_sequence_logps(model, prompts, responses)
+    assert_same_gradients(g_packed, weighted_grads(model, naive))
+    torch.testing.assert_close(packed, naive, rtol=0, atol=1e-4)
+
+
 def test_several_groups_share_a_row_and_match():
     rng = random.Random(3)
     model = build_tiny_causal_lm(seed=2)

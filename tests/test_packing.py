@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from vrpo_fast.packing import pack_groups, trainer_budget
+from vrpo_fast.packing import bucket_width, pack_groups, row_padding, trainer_budget
 
 
 def random_groups(G, K, rng, vocab=259, prompt=(1, 12), resp=(1, 7)):
@@ -76,16 +76,25 @@ def brute_force_mask(b, sliding_window=None):
     return out
 
 
-@pytest.mark.parametrize("G, K, budget, multiple", [(1, 2, None, 1), (5, 4, 48, 1),
-                                                    (7, 6, 90, 8), (4, 3, 200, 16)])
-def test_random_packing_reproduces_every_sequence(G, K, budget, multiple):
+@pytest.mark.parametrize("G, K, budget, multiple, buckets", [
+    (1, 2, None, 1, False), (5, 4, 48, 1, False), (7, 6, 90, 8, False), (4, 3, 200, 16, False),
+    (5, 4, None, 8, True), (7, 6, 90, 8, True), (4, 3, 200, 16, True)])
+def test_random_packing_reproduces_every_sequence(G, K, budget, multiple, buckets):
     rng = random.Random(G * 100 + K)
     prompts, responses = random_groups(G, K, rng)
     responses[0][K - 1] = [5]                                    # a one-token response
-    b = pack_groups(prompts, responses, max_tokens=budget, pad_id=1, pad_to_multiple=multiple)
+    b = pack_groups(prompts, responses, max_tokens=budget, pad_id=1, pad_to_multiple=multiple,
+                    bucket_widths=buckets)
     R, T = b.shape
-    assert T % multiple == 0
     sizes = [len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses)]
+    longest_row = int((b.group >= 0).sum(1).max())
+    assert T % multiple == 0 and T >= longest_row
+    if buckets:       # a width of the series multiple x {1, 2, 3, 4, 6, ...}, or the budget's
+        series = [multiple * m for m in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)]
+        capped = -(-budget // multiple) * multiple if budget else None
+        assert T == min(w for w in series + [capped] if w and w >= longest_row)
+    else:
+        assert T == -(-longest_row // multiple) * multiple
     assert b.num_tokens == sum(sizes) == int((b.group >= 0).sum())
     assert ((b.input_ids == 1) | (b.group >= 0)).all()           # pads hold pad_id
     ids, pos = b.input_ids.flatten().tolist(), b.position_ids.flatten().tolist()
@@ -243,3 +252,39 @@ def test_errors_name_the_group_index_or_budget():
         pack_groups(ok_p, ok_r, max_tokens=0)
     with pytest.raises(ValueError, match=r"pad_to_multiple: expected a positive int"):
         pack_groups(ok_p, ok_r, pad_to_multiple=0)
+
+
+def test_bucket_width_is_the_next_width_of_the_series():
+    series = sorted({m * 2 ** k for m in (1, 3) for k in range(12)})
+    for multiple in (1, 128):
+        for tokens in range(1, 3000):
+            want = multiple * next(w for w in series if w * multiple >= tokens)
+            assert bucket_width(tokens, multiple) == want, (tokens, multiple)
+
+
+def test_bucketed_widths_of_a_run_are_few():
+    """Micro-batches of 16 HH-sized groups under a 16k budget (the 0.5B config) need dozens
+    of 128-multiples of width; with buckets a handful (transformers recompiles FlexAttention
+    per shape and gives up after 8)."""
+    rng = random.Random(0)
+    shapes = {False: set(), True: set()}
+    for _ in range(60):
+        lengths = [(rng.randint(20, 500), [rng.randint(5, 256) for _ in range(6)])
+                   for _ in range(16)]
+        prompts = [[3] * p for p, _ in lengths]
+        responses = [[[4] * n for n in rs] for _, rs in lengths]
+        for buckets in shapes:
+            b = pack_groups(prompts, responses, max_tokens=16384, pad_to_multiple=128,
+                            bucket_widths=buckets)
+            assert b.shape[1] <= 16384
+            shapes[buckets].add(b.shape)
+    assert len(shapes[False]) > 16 and len(shapes[True]) <= 4
+
+
+def test_row_padding_per_device():
+    assert row_padding("cpu") == {}
+    cuda = row_padding("cuda")
+    b = pack_groups([[3, 4]], [[[5], [6, 7]]], **cuda)
+    assert b.shape == (1, 128)
+    b = pack_groups([[3] * 100], [[[5] * 100, [6] * 100]], **cuda)
+    assert b.shape == (1, 384)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vrpo_fast.ops import linear_logprobs
-from vrpo_fast.packing import PackedBatch, pack_groups, row_multiple, validate_groups
+from vrpo_fast.packing import PackedBatch, pack_groups, row_padding, validate_groups
 
 ATTENTION = ("auto", "sdpa", "flex")
 IMPLS = ("packed", "naive")
@@ -158,7 +158,7 @@ def sequence_logps(model: nn.Module, prompt_ids: list[list[int]],
         validate_groups(prompt_ids, response_ids, vocab_size)
         return naive_sequence_logps(model, prompt_ids, response_ids, temperature=temperature)
     batch = pack_groups(prompt_ids, response_ids, max_tokens=max_tokens, vocab_size=vocab_size,
-                        pad_to_multiple=row_multiple(device))
+                        **row_padding(device))
     return packed_logps(model, batch.to(device), temperature)
 
 

@@ -250,11 +250,30 @@ def _first_fit_decreasing(sizes: list[int], budget: int | None) -> list[list[int
     return rows
 
 
-def row_multiple(device: torch.device | str) -> int:
-    """The row-width multiple packing uses for a device: FlexAttention's 128-token block on CUDA
-    (its compiled kernel switches to a decoding kernel, without a training path, for rows under
-    128 tokens; whole blocks also keep the BlockMask exact), 1 elsewhere."""
-    return 128 if torch.device(device).type == "cuda" else 1
+def bucket_width(tokens: int, multiple: int) -> int:
+    """The smallest width >= `tokens` of the form multiple * 2^k or multiple * 3 * 2^k (k >= 0):
+    multiple x 1, 2, 3, 4, 6, 8, 12, 16, ... Two sizes per doubling, so a run's packed rows come
+    in a handful of widths (padding ~15% on average, at most a third beyond multiple x 2)."""
+    blocks = max(1, -(-tokens // multiple))
+    power = 1 << (blocks - 1).bit_length()                       # smallest 2^k >= blocks
+    three = 3 * power // 4                                       # the 3 * 2^(k-2) between
+    return (three if 4 <= power and blocks <= three else power) * multiple
+
+
+def row_padding(device: torch.device | str) -> dict:
+    """`pack_groups` keywords for the rows a model on `device` runs on.
+
+    CUDA: widths in whole 128-token blocks (FlexAttention's compiled kernel switches to a
+    decoding kernel, without a training path, for rows under 128 tokens; whole blocks also keep
+    the BlockMask exact), rounded up to a `bucket_width`. transformers compiles FlexAttention
+    for training with dynamic=False, so each new (rows, width) shape is a fresh compile (minutes
+    with max-autotune), and past torch._dynamo's recompile limit (8) FlexAttention falls back
+    to eager, which materialises every attention score. Buckets keep the shapes of a run few.
+    Elsewhere (dense SDPA mask): no padding.
+    """
+    if torch.device(device).type == "cuda":
+        return {"pad_to_multiple": 128, "bucket_widths": True}
+    return {}
 
 
 def trainer_budget(max_tokens: int | None, device, prompt_ids, response_ids) -> int | None:
@@ -269,7 +288,7 @@ def trainer_budget(max_tokens: int | None, device, prompt_ids, response_ids) -> 
 
 def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], *,
                 max_tokens: int | None = None, pad_id: int = 0, pad_to_multiple: int = 1,
-                vocab_size: int | None = None) -> PackedBatch:
+                bucket_widths: bool = False, vocab_size: int | None = None) -> PackedBatch:
     """Pack G groups (a prompt and K responses each) into rows of at most `max_tokens` tokens.
 
     Args:
@@ -282,6 +301,10 @@ def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]]
             real tokens nor predicted).
         pad_to_multiple: round the row width T up to a multiple of this (e.g. 128 for
             FlexAttention blocks); T may then exceed max_tokens by less than this.
+        bucket_widths: round T further up to `bucket_width(T, pad_to_multiple)`, but not past
+            max_tokens rounded up to the multiple: the rows of many batches then share a few
+            widths (for kernels compiled per shape). `row_padding(device)` gives the keywords
+            the trainer uses.
         vocab_size: when given, ids outside [0, vocab_size) are a ValueError.
 
     Returns:
@@ -304,6 +327,10 @@ def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]]
     rows = _first_fit_decreasing(sizes, max_tokens)
     T = max(sum(sizes[g] for g in row) for row in rows)
     T = -(-T // pad_to_multiple) * pad_to_multiple
+    if bucket_widths:
+        T = bucket_width(T, pad_to_multiple)
+        if max_tokens is not None:                               # every row holds <= max_tokens
+            T = min(T, -(-max_tokens // pad_to_multiple) * pad_to_multiple)
     R = len(rows)
 
     # Where each piece starts in the flattened (R * T) rows; the token-level tensors then come

@@ -72,12 +72,12 @@ def packed_scores(module_fn, groups, max_tokens: int) -> list[list[float]]:
 def reward_scores(classifier, prompt_ids, response_ids, max_tokens) -> torch.Tensor:
     """(G, K) scores of a sequence-classification model at each response's last token, from one
     packed pass (the body on the packed rows, the `score` head on the gathered last tokens)."""
-    from vrpo_fast.packing import pack_groups, row_multiple
+    from vrpo_fast.packing import pack_groups, row_padding
     from vrpo_fast.train.modules import SequenceRewards
 
     device = next(classifier.parameters()).device
     batch = pack_groups(prompt_ids, response_ids, max_tokens=max_tokens,
-                        pad_to_multiple=row_multiple(device)).to(device)
+                        **row_padding(device)).to(device)
     return SequenceRewards(classifier)(batch)
 
 

@@ -25,7 +25,7 @@ from vrpo_fast.config import Config
 from vrpo_fast.errors import UserError
 from vrpo_fast.objective import implicit_preference, vrpo_loss
 from vrpo_fast.ops import per_prompt_vrpo_loss
-from vrpo_fast.packing import pack_groups, row_multiple, trainer_budget
+from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.train import checkpoint as ckpt
 from vrpo_fast.train.data import GroupStream, load_training_groups
 from vrpo_fast.train.distributed import Dist, all_reduce_, init_distributed
@@ -166,7 +166,7 @@ class Trainer:
         budget = trainer_budget(cfg.train.max_tokens, self.device, groups.prompt_ids,
                                 groups.response_ids)
         batch = pack_groups(groups.prompt_ids, groups.response_ids, max_tokens=budget,
-                            pad_to_multiple=row_multiple(self.device)).to(self.device)
+                            **row_padding(self.device)).to(self.device)
         policy_logps = self.policy(batch)
         if cfg.ref.source == "cache":
             ref_logps = groups.ref_logps(self.device)

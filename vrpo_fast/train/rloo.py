@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from vrpo_fast.errors import UserError
-from vrpo_fast.packing import pack_groups, row_multiple, trainer_budget
+from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.train.loop import Trainer
 from vrpo_fast.train.modules import SequenceRewards
 
@@ -108,7 +108,7 @@ class RLOOTrainer(Trainer):
         budget = trainer_budget(self.cfg.train.max_tokens, self.device, groups.prompt_ids,
                                 samples)
         batch = pack_groups(groups.prompt_ids, samples, max_tokens=budget,
-                            pad_to_multiple=row_multiple(self.device)).to(self.device)
+                            **row_padding(self.device)).to(self.device)
         logps = self.policy(batch)                                    # (G, k)
         with torch.no_grad():
             ref = self.ref(batch)
