@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vrpo_fast import chunked_linear_logprobs, sequence_logps
 from vrpo_fast.logprobs import naive_sequence_logps, packed_body, packed_logps
 from vrpo_fast.models import build_tiny_causal_lm
-from vrpo_fast.packing import pack_groups
+from vrpo_fast.packing import pack_groups, row_padding
 
 
 def random_groups(G, K, rng, vocab=259, prompt=(1, 12), resp=(1, 7)):
@@ -268,11 +268,13 @@ def test_errors_name_what_is_wrong():
 @pytest.mark.slow
 def test_flex_attention_forward_equals_dense_sdpa_on_cpu():
     """The GPU form of the mask (BlockMask + FlexAttention), run forward-only on the CPU (it
-    compiles, tens of seconds), against the dense 4-D mask + SDPA."""
+    compiles, tens of seconds), against the dense 4-D mask + SDPA, on rows laid out as on a GPU
+    (128-token blocks, pads included)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     model = build_tiny_causal_lm(seed=9, arch="qwen2")
     prompts, responses = irregular_groups(4, 3, seed=7)
-    b = pack_groups(prompts, responses, max_tokens=70)
+    b = pack_groups(prompts, responses, max_tokens=70, **row_padding("cuda"))
+    assert b.shape[1] == 128 and b.shape[0] > 1
     with torch.no_grad():
         dense = packed_body(model, b, attention="sdpa")
         try:
