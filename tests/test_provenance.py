@@ -180,3 +180,86 @@ def test_training_recognises_pi_ref_by_its_files_and_loads_it_only_when_they_dif
     with pytest.raises(UserError, match="drawn from a different reference model"):
         _check_provenance(cfg, out, byte_tokenizer())
     assert loads == ["ref", "ref"]
+
+
+def test_files_fingerprint_finds_a_hub_model_in_the_local_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from vrpo_fast.provenance import files_fingerprint
+
+    local = tmp_path / "local"
+    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(local)
+    # The hub cache layout: refs/main names the snapshot folder of the main revision.
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snapshot = repo / "snapshots" / ("c0" * 20)
+    shutil.copytree(local, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0" * 20)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    want = files_fingerprint(local)
+    assert want is not None and files_fingerprint("acme/tiny") == want
+    assert files_fingerprint("acme/absent") is None                    # not cached: None
+    assert files_fingerprint("not//a hub name") is None
+    (snapshot / "model.safetensors").write_bytes(b"other bytes")
+    assert files_fingerprint("acme/tiny") not in (None, want)
+
+
+CHECK_ON_TWO_RANKS = """
+import json, sys
+import vrpo_fast.models
+from vrpo_fast.config import load_config
+from vrpo_fast.models import byte_tokenizer
+from vrpo_fast.train.data import _check_provenance
+from vrpo_fast.train.distributed import init_distributed
+
+out, ref, result = sys.argv[1:]
+dist = init_distributed()
+loads = []
+real = vrpo_fast.models.model_from_config
+vrpo_fast.models.model_from_config = lambda cfg, which="policy": loads.append(which) or real(
+    cfg, which)
+cfg = load_config(None, [f"--data.path={out}", f"--model.path={ref}", "--model.tokenizer=byte"])
+try:
+    _check_provenance(cfg, out, byte_tokenizer(), dist)
+    error = None
+except Exception as err:
+    error = f"{type(err).__name__}: {err}"
+with open(f"{result}.{dist.rank}", "w") as f:
+    json.dump({"loads": loads, "error": error}, f)
+"""
+
+
+@pytest.mark.slow
+def test_training_ranks_take_rank_0s_provenance_verdict(tmp_path):
+    """Two gloo ranks: only rank 0 loads pi_ref (its files differ from the record's), and both
+    refuse data drawn from another model with rank 0's message."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ref_dir = tmp_path / "ref"
+    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(ref_dir)
+    out = sample(tmp_path, f"--model.path={ref_dir}")
+    script = tmp_path / "check.py"
+    script.write_text(CHECK_ON_TWO_RANKS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "CUDA_VISIBLE_DEVICES": ""}
+
+    def run(model_dir):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                            "--standalone", str(script), str(out), str(model_dir),
+                            str(tmp_path / "result")], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in (0, 1)]
+
+    copy = tmp_path / "copy"                  # the same weights in other (sharded) files
+    load_causal_lm(str(ref_dir)).save_pretrained(copy, max_shard_size="20KB")
+    assert run(copy) == [{"loads": ["ref"], "error": None}, {"loads": [], "error": None}]
+    other = tmp_path / "other"
+    build_tiny_causal_lm(seed=1, **TINY).save_pretrained(other)
+    rank0, rank1 = run(other)
+    assert rank0["loads"] == ["ref"] and rank1["loads"] == []
+    assert rank0["error"] == rank1["error"]
+    assert rank0["error"].startswith("UserError: data.path: the samples in")
+    assert "different reference model" in rank0["error"]

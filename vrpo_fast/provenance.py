@@ -5,7 +5,8 @@ VRPO's unbiasedness rests on the responses being drawn from pi_ref, so `vrpo-fas
 writes `<output>/provenance.json` beside its shards:
 
     reference_model  path, revision (the hub commit, when known), weights_sha256, files_sha256
-                     (the weight files of a local folder, or None)
+                     (the weight files of a local folder or of a
+                     hub model's cached snapshot, or None)
     tokenizer        name, sha256 (vocabulary, special tokens, chat template)
     sampling         num_samples, temperature, top_p, max_new_tokens, seed, backend, stop ids
     prompts          source, count, sha256 of the tokenized prompts (the file may move)
@@ -16,7 +17,8 @@ writes `<output>/provenance.json` beside its shards:
 `vrpo-fast score` adds `scoring` (auxiliary mode, model hash and beta, truncation, input hash)
 and `scoring_run` (input path, time, versions) to the same record. Training and scoring call
 `check_provenance`, which refuses data drawn from another reference model or tokenizer, or a
-folder whose run has not finished.
+folder whose run has not finished. It recognises pi_ref by files_sha256 without loading it, and
+loads it to compare weights_sha256 only when the files differ; a trainer does so on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -56,12 +58,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def files_fingerprint(path) -> str | None:
     """SHA-256 over the weight files (*.safetensors: name, size and bytes, in name order) of a
-    local model folder; None when `path` is not one. Equal files hold equal weights, so a
-    trainer recognises pi_ref from its files, streamed in constant memory, without loading the
-    model on every rank as `weights_fingerprint` needs."""
-    if not path or not Path(path).is_dir():
-        return None
-    files = sorted(Path(path).glob("*.safetensors"))
+    local model folder, or of a hub model's snapshot in the local hub cache; None when there is
+    neither. Equal files hold equal weights, so a trainer recognises pi_ref from its files,
+    streamed in constant memory, without loading the model as `weights_fingerprint` needs."""
+    folder = model_folder(path)
+    files = sorted(folder.glob("*.safetensors")) if folder else []
     if not files:
         return None
     h = hashlib.sha256()
@@ -71,6 +72,22 @@ def files_fingerprint(path) -> str | None:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def model_folder(path) -> Path | None:
+    """The folder holding a model's files: `path` itself when it is a folder, else the cached
+    snapshot of hub model `path` (its main revision, never downloaded), else None."""
+    if not path:
+        return None
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(str(path), "config.json")
+    except Exception:  # not a hub name (HFValidationError), or no hub client
+        return None
+    return Path(config).parent if isinstance(config, str) else None
 
 
 PROBE = "Hello, world! 1234 \u00e9\u00e8 \u4f60\u597d \n\n  tabs\tand   spaces"

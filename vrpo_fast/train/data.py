@@ -115,7 +115,7 @@ def load_training_groups(cfg, tokenizer, dist) -> tuple[TrainingGroups, object]:
         print(f"data: skipped {report.skipped} bad rows of {d.path} (data.on_bad_row = skip)")
     if not examples:
         raise UserError(f"data.path: {d.path} holds no usable rows")
-    _check_provenance(cfg, d.path, tokenizer)
+    _check_provenance(cfg, d.path, tokenizer, dist)
     cache = d.cache_dir or f"{cfg.train.output_dir}/cache"
     tokenized, stats = tokenize_dataset(examples, tokenizer, cache_dir=cache,
                                         max_prompt_length=d.max_prompt_length,
@@ -148,8 +148,13 @@ def _check_columns(cfg, tokenized, M) -> None:
                             f"estimator with M >= 1 can use")
 
 
-def _check_provenance(cfg, path, tokenizer) -> None:
+def _check_provenance(cfg, path, tokenizer, dist=None) -> None:
+    """Refuse data not drawn from (or scored with) this run's pi_ref. Rank 0 checks, the other
+    ranks take its verdict: when pi_ref's weight files are not the recorded ones the check
+    loads the model, and one copy in host memory is enough."""
     from pathlib import Path
+
+    from vrpo_fast.train.distributed import broadcast_object
 
     root = Path(path)
     prov = (root if root.is_dir() else root.parent) / "provenance.json"
@@ -162,6 +167,19 @@ def _check_provenance(cfg, path, tokenizer) -> None:
     truncation = {"max_prompt_length": cfg.data.max_prompt_length,
                   "max_response_length": cfg.data.max_response_length} \
         if cfg.ref.source == "cache" else None
-    # pi_ref is loaded (on every rank) only when its weight files are not the recorded ones.
-    check_provenance(prov.parent, lambda: model_from_config(cfg, "ref"), tokenizer,
-                     truncation=truncation, ref_path=cfg.ref.path or cfg.model.path)
+    refusal = failure = None
+    if dist is None or dist.is_main:
+        try:
+            check_provenance(prov.parent, lambda: model_from_config(cfg, "ref"), tokenizer,
+                             truncation=truncation, ref_path=cfg.ref.path or cfg.model.path)
+        except UserError as err:
+            refusal = str(err)
+        except Exception as err:  # the other ranks must not wait for a verdict forever
+            failure = err
+            refusal = f"data.path: rank 0 could not check {prov}: {type(err).__name__}: {err}"
+    if dist is not None:
+        refusal = broadcast_object(refusal)
+    if failure is not None:
+        raise failure
+    if refusal is not None:
+        raise UserError(refusal)
