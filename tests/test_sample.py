@@ -149,6 +149,27 @@ def test_left_padding_keeps_every_position_of_the_distribution():
     assert out == [[path] * 3 for path in expected]
 
 
+def test_generate_attention_uses_flash_attn_only_on_a_gpu_in_half_precision(monkeypatch):
+    import vrpo_fast.samplers as samplers
+    from vrpo_fast.samplers import generate_attention
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert generate_attention(cuda, torch.bfloat16, True) == "flash_attention_2"
+    assert generate_attention(cuda, torch.float16, True) == "flash_attention_2"
+    assert generate_attention(cuda, torch.float32, True) is None     # flash-attn: half only
+    assert generate_attention(cuda, torch.bfloat16, False) is None   # not installed
+    assert generate_attention(cpu, torch.bfloat16, True) is None
+    # The sampler applies the choice to its model: on this CPU, the model keeps SDPA even
+    # with flash-attn "installed"; a chosen implementation is set on the model.
+    monkeypatch.setattr(samplers, "flash_attn_installed", lambda: True)
+    model = small_model()
+    TransformersSampler(model, SmallVocab())
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(samplers, "generate_attention", lambda device, dtype, flash: "eager")
+    TransformersSampler(model, SmallVocab())
+    assert model.config._attn_implementation == "eager"
+
+
 def test_trim_and_stop_ids(tokenizer):
     assert trim_at_stop([5, 6, 1, 2, 2], [1]) == [5, 6, 1]
     assert trim_at_stop([5, 7, 3, 1], [1, 7]) == [5, 7]

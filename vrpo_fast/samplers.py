@@ -1,6 +1,7 @@
 """Sampler backends: draw n responses per prompt from pi_ref, as token ids.
 
-- `TransformersSampler`: batched `generate` with KV cache and left padding; runs anywhere.
+- `TransformersSampler`: batched `generate` with KV cache and left padding; runs anywhere
+  (through flash-attn's kernels on a GPU when the `[flash]` extra is installed).
 - `VLLMSampler`: `vllm.LLM.generate` with `SamplingParams(n=...)`, one seed per prompt; GPU
   machines with vllm installed (imported only when this backend is built).
 
@@ -42,6 +43,22 @@ def trim_at_stop(ids: list[int], stop_ids) -> list[int]:
     return list(ids)
 
 
+def generate_attention(device: torch.device, dtype: torch.dtype, flash_installed: bool
+                       ) -> str | None:
+    """The attention implementation `generate` should switch a model to, or None to keep its
+    own: flash-attn's on a GPU in fp16 / bf16 when it is installed (left-padded batches run
+    unpadded there, no padded query-key pairs), SDPA everywhere else."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_installed:
+        return "flash_attention_2"
+    return None
+
+
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 class TransformersSampler:
     """Batched `generate` sampling. Under one seed the draws are reproducible for the same
     prompts and batch_size (a batch shares one random stream)."""
@@ -54,6 +71,11 @@ class TransformersSampler:
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        weight = next(model.parameters(), None)
+        impl = weight is not None and generate_attention(weight.device, weight.dtype,
+                                                         flash_attn_installed())
+        if impl and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(impl)
 
     @contextlib.contextmanager
     def _plain_generation_config(self, pad: int):
