@@ -283,3 +283,70 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor([[r[k] for k in keys] for r in b], dtype=torch.float64),
                                torch.tensor([[r[k] for k in keys] for r in a], dtype=torch.float64),
                                rtol=1e-4, atol=1e-5, msg=lambda m: f"{keys}: {m}")
+
+
+CRASH_AT_STEP_3 = ("import sys\nimport vrpo_fast.train.loop as L\nstep = L.Trainer.train_step\n"
+                   "def crash(self):\n    if self.step == 3:\n"
+                   "        raise RuntimeError('simulated crash')\n    return step(self)\n"
+                   "L.Trainer.train_step = crash\n"
+                   "from vrpo_fast.cli import main\nsys.exit(main())")
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_on_another_number_of_processes(tmp_path, monkeypatch):
+    """A run crashed after its step-2 checkpoint resumes on 2 processes (the world size that
+    wrote it, or not) and on 1: each finished run logs every step once, with the losses and
+    statistics of an uninterrupted one-process run (up to the order of gradient reductions)."""
+    import shutil
+
+    from vrpo_fast.train.loop import Trainer
+
+    common = [*SMALL, "--train.max_steps=4", "--train.save_every=2", "--aux.mode=lagged",
+              "--aux.refresh_every=3"]
+    straight = cfg_for(tmp_path, *common, name="straight")
+    run_train(straight)
+    want = read_metrics(straight.train.output_dir)
+
+    def torchrun(out, *, crash=False):
+        args = ["--config", str(TINY), f"--train.output_dir={out}", *common]
+        head = ["-c", CRASH_AT_STEP_3, "train"] if crash else ["-m", "vrpo_fast.cli", "train"]
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                            "--standalone", "--no-python", sys.executable, *head, *args],
+                           env=_env(cpu=True), capture_output=True, text=True, timeout=600)
+        assert (r.returncode != 0) == crash, r.stderr[-3000:]
+        return r
+
+    def crashed_in_process(name):
+        cfg = cfg_for(tmp_path, *common, name=name)
+        original = Trainer.train_step
+        monkeypatch.setattr(Trainer, "train_step",
+                            lambda self: (_ for _ in ()).throw(RuntimeError("crash"))
+                            if self.step == 3 else original(self))
+        with pytest.raises(RuntimeError, match="crash"):
+            run_train(cfg)
+        monkeypatch.setattr(Trainer, "train_step", original)
+        return cfg
+
+    def assert_like_straight(out):
+        got = read_metrics(out)
+        assert [r["step"] for r in got] == [1, 2, 3, 4]
+        keys = ["loss", "grad_norm", "tokens", "accuracy", "margin", "lr"]
+        torch.testing.assert_close(
+            torch.tensor([[r[k] for k in keys] for r in got], dtype=torch.float64),
+            torch.tensor([[r[k] for k in keys] for r in want], dtype=torch.float64),
+            rtol=1e-4, atol=1e-5, msg=lambda m: f"{keys}: {m}")
+
+    two = tmp_path / "two"
+    torchrun(two, crash=True)                     # 2 processes, checkpoint at step 2
+    assert [r["step"] for r in read_metrics_safe(two)] == [1, 2, 3]
+    shutil.copytree(two, tmp_path / "two_then_one")
+    r = torchrun(two)                             # resumed on 2
+    assert "resumed from" in r.stdout and "written by 2 rank(s)" not in r.stdout
+    assert_like_straight(two)
+    one = cfg_for(tmp_path, *common, name="two_then_one")
+    run_train(one)                                # resumed on 1 (in this process)
+    assert_like_straight(one.train.output_dir)
+    cfg = crashed_in_process("one_then_two")      # 1 process, checkpoint at step 2
+    r = torchrun(cfg.train.output_dir)            # resumed on 2
+    assert "written by 1 rank(s), this run has 2" in r.stdout
+    assert_like_straight(cfg.train.output_dir)

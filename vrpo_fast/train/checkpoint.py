@@ -6,6 +6,12 @@ Layout of <output_dir>/checkpoints/:
     step_00000100.tmp/        a save in progress; never read, removed on the next start
 A save writes into the .tmp folder and is renamed only after every rank has finished, so a crash
 during a save leaves the previous checkpoint intact. Only the newest `keep_last` are kept.
+
+A checkpoint resumes on any number of ranks: DCP reshards the model and optimizer, and the
+step (with it the schedule and the data order, which are global) is the same on every rank.
+On the world size that wrote it the resume is exact; on another one the trajectory is the same
+up to the order of the gradient reductions, and a rank with no saved state of its own gets its
+random streams from the seed, the step and its rank.
 """
 
 from __future__ import annotations
@@ -103,7 +109,9 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, *, ran
 
 def load_checkpoint(path: Path, model, optimizer, *, rank: int,
                     frozen: dict | None = None) -> dict:
-    """Restore model, optimizer (and `frozen` models) in place; returns this rank's state."""
+    """Restore model, optimizer (and `frozen` models) in place; returns this rank's state:
+    step, skipped_total, rng (None when the checkpoint holds no state for this rank) and
+    world_size (the number of ranks that wrote it)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     state.update({name: get_model_state_dict(m) for name, m in (frozen or {}).items()})
@@ -112,7 +120,12 @@ def load_checkpoint(path: Path, model, optimizer, *, rank: int,
                    optim_state_dict=state["optim"])
     for name, m in (frozen or {}).items():
         set_model_state_dict(m, state[name])
-    return torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
+    written = len(list(path.glob("trainer_rank*.pt")))
+    own = path / f"trainer_rank{rank}.pt"
+    state = torch.load(own if own.is_file() else path / "trainer_rank0.pt", weights_only=False)
+    if not own.is_file():
+        state["rng"] = None
+    return {**state, "world_size": written}
 
 
 def full_model_state_dict(model) -> dict:

@@ -293,10 +293,18 @@ class Trainer:
                                      frozen=self._frozen_state())
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
-        ckpt.set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            ckpt.set_rng_state(state["rng"])
+        else:  # a rank the checkpoint's run did not have
+            self._seed_everything(hash((self.cfg.train.seed, self.step, self.dist.rank)) % 2**32)
         self.metrics.truncate_after(self.step)
         if self.dist.is_main:
             print(f"resumed from {latest} at step {self.step}")
+            if state["world_size"] != self.dist.world_size:
+                print(f"note: the checkpoint was written by {state['world_size']} rank(s), this "
+                      f"run has {self.dist.world_size}: weights, optimizer, schedule and data "
+                      f"order carry over; the trajectory is the same up to the order of "
+                      f"gradient reductions")
 
     def _frozen_state(self) -> dict:
         # The lagged copy is training state: it is not a function of the current weights.
