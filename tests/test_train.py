@@ -350,3 +350,26 @@ def test_checkpoints_resume_on_another_number_of_processes(tmp_path, monkeypatch
     r = torchrun(cfg.train.output_dir)            # resumed on 2
     assert "written by 1 rank(s), this run has 2" in r.stdout
     assert_like_straight(cfg.train.output_dir)
+
+
+def test_resume_refuses_settings_that_move_the_data_order_and_notes_the_others(tmp_path,
+                                                                                capsys):
+    first = cfg_for(tmp_path, "--train.max_steps=2", "--train.save_every=2")
+    run_train(first)
+    capsys.readouterr()
+    for override, key in (("--train.batch_groups=8", "train.batch_groups"),
+                          ("--train.seed=1", "train.seed"),
+                          ("--model.tiny={hidden_size: 32, num_layers: 3, num_heads: 2, "
+                           "num_kv_heads: 1, intermediate_size: 64}", "model.tiny")):
+        with pytest.raises(UserError, match=rf"^{key}: .*step_00000002 was written under other "
+                                            rf"settings .*start a new train.output_dir"):
+            run_train(cfg_for(tmp_path, "--train.max_steps=3", override))
+    assert [r["step"] for r in read_metrics(first.train.output_dir)] == [1, 2]
+    run_train(cfg_for(tmp_path, "--train.max_steps=3", "--train.lr=0.001",
+                      "--train.log_every=2", "--train.keep_last=3"))
+    out = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("note: resuming"))
+    assert (f"train.lr: {first.train.lr!r} -> 0.001; train.max_steps: 2 -> 3): the steps after "
+            f"step_00000002 follow the new ones") in out
+    assert "log_every" not in out and "keep_last" not in out
+    assert [r["step"] for r in read_metrics(first.train.output_dir)] == [1, 2, 3]

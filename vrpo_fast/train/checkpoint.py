@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -105,6 +106,40 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, *, ran
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+# Settings a resumed run must keep: the data order of the steps still to come is a function of
+# them (a change would skip or repeat prompts), or the saved weights would not fit the model.
+RESUME_FIXED = ("train.seed", "train.batch_groups", "train.shuffle", "model.tiny")
+# Settings that change how a run is carried out, never what it computes.
+RESUME_FREE = ("train.output_dir", "train.save_every", "train.keep_last", "train.log_every",
+               "train.tensorboard", "train.wandb_project", "train.max_bad_steps",
+               "train.micro_batch_groups", "train.max_tokens", "train.activation_checkpointing",
+               "train.compile", "data.cache_dir", "sample.", "score.")
+
+
+def config_changes(path: Path, config: dict) -> tuple[list[str], list[str]]:
+    """Settings of `config` (Config.to_dict()) that differ from those checkpoint `path` was
+    written under, as "key: old -> new" lines: (those RESUME_FIXED forbids, the others that
+    change the training trajectory)."""
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return [], []
+    saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
+    now = _flatten(config)
+    fixed, other = [], []
+    for key in sorted(saved.keys() | now.keys()):
+        if saved.get(key) == now.get(key) or key.startswith(RESUME_FREE):
+            continue
+        line = f"{key}: {saved.get(key)!r} -> {now.get(key)!r}"
+        (fixed if key in RESUME_FIXED else other).append(line)
+    return fixed, other
+
+
+def _flatten(config: dict) -> dict:
+    """{"section.key": value} (values that are mappings, like model.tiny, stay whole)."""
+    return {f"{section}.{key}": value for section, values in config.items()
+            for key, value in (values or {}).items()}
 
 
 def load_checkpoint(path: Path, model, optimizer, *, rank: int,

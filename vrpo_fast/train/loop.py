@@ -289,6 +289,15 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.out)
         if latest is None:
             return
+        fixed, other = ckpt.config_changes(latest, self.cfg.to_dict())
+        if fixed:
+            raise UserError(f"{fixed[0].split(':')[0]}: {latest} was written under other "
+                            f"settings that decide which data the remaining steps see or "
+                            f"which model the weights fit ({'; '.join(fixed)}); resume with "
+                            f"the checkpoint's values, or start a new train.output_dir")
+        if other and self.dist.is_main:
+            print(f"note: resuming {latest} with settings other than its own ({'; '.join(other)}):"
+                  f" the steps after {latest.name} follow the new ones")
         state = ckpt.load_checkpoint(latest, self.policy, self.optimizer, rank=self.dist.rank,
                                      frozen=self._frozen_state())
         self.step = state["step"]
