@@ -357,6 +357,7 @@ def test_resume_refuses_settings_that_move_the_data_order_and_notes_the_others(t
     first = cfg_for(tmp_path, "--train.max_steps=2", "--train.save_every=2")
     run_train(first)
     capsys.readouterr()
+    written = (Path(first.train.output_dir) / "config.yaml").read_text()
     for override, key in (("--train.batch_groups=8", "train.batch_groups"),
                           ("--train.seed=1", "train.seed"),
                           ("--model.tiny={hidden_size: 32, num_layers: 3, num_heads: 2, "
@@ -365,6 +366,7 @@ def test_resume_refuses_settings_that_move_the_data_order_and_notes_the_others(t
                                             rf"settings .*start a new train.output_dir"):
             run_train(cfg_for(tmp_path, "--train.max_steps=3", override))
     assert [r["step"] for r in read_metrics(first.train.output_dir)] == [1, 2]
+    assert (Path(first.train.output_dir) / "config.yaml").read_text() == written
     run_train(cfg_for(tmp_path, "--train.max_steps=3", "--train.lr=0.001",
                       "--train.log_every=2", "--train.keep_last=3"))
     out = next(line for line in capsys.readouterr().out.splitlines()
