@@ -122,3 +122,23 @@ def test_demo_quick_writes_its_report(tmp_path, capsys):
     assert names == {"DPO", "VRPO M=4", "VRPO M=4, noisy g"}
     for r in results["runs"]:
         assert 0 <= r["win_rate_vs_ref"]["mean"] <= 1 and r["grad_variance"] > 0
+
+
+@pytest.mark.slow
+def test_demo_lagged_g_variant_trains_on_the_copys_preference(tmp_path):
+    from vrpo_fast.demo import DemoSettings, run_demo
+    from vrpo_fast.train.metrics import read_metrics
+
+    settings = DemoSettings(seeds=[0], Ms=[2], noisy_g=False, lagged_g=True, lagged_refresh=3,
+                            prompts_per_type=2, sft_steps=20, train_steps=4, batch_groups=8,
+                            eval_samples=4, variance_batches=2)
+    results = run_demo(tmp_path, settings)
+    runs = {r["name"]: r for r in results["runs"]}
+    assert set(runs) == {"DPO", "VRPO M=2", "VRPO M=2, lagged g"}
+    assert runs["VRPO M=2, lagged g"]["g"] == "lagged" and runs["VRPO M=2"]["g"] == "true"
+    lagged = read_metrics(tmp_path / "seed0" / "runs" / "VRPO_M2_lagged_g")
+    given = read_metrics(tmp_path / "seed0" / "runs" / "VRPO_M2")
+    # The copy is the policy at step 1 (zero margins: g = 1/2 everywhere), the truth is not.
+    assert lagged[0]["mean_g"] == pytest.approx(0.5, abs=1e-6)
+    assert abs(given[0]["mean_g"] - 0.5) > 1e-3
+    assert runs["VRPO M=2, lagged g"]["grad_variance"] > 0

@@ -34,6 +34,8 @@ class DemoSettings:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     Ms: list = field(default_factory=lambda: [1, 4])  # Monte Carlo pairs per prompt to compare
     noisy_g: bool = True                              # also train VRPO with a noisy g
+    lagged_g: bool = False      # also VRPO with g from a lagged copy of the policy (no extra
+    lagged_refresh: int = 20    # information beyond the labels), refreshed every this many steps
     prompts_per_type: int = 24                        # 12 prompt types -> 288 training prompts
     sft_steps: int = 150
     train_steps: int = 120
@@ -133,15 +135,19 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
                                      "score.shard_size": 64}))
 
     print(f"[seed {seed}] 5/6 training DPO and VRPO (same seed, same data)")
-    runs = [("DPO", "true_g", "dpo", M_max)]
-    runs += [(f"VRPO M={M}", "true_g", "vrpo", M) for M in s.Ms]
+    # (name, data variant, estimator, M, where g comes from)
+    runs = [("DPO", "true_g", "dpo", M_max, "given")]
+    runs += [(f"VRPO M={M}", "true_g", "vrpo", M, "given") for M in s.Ms]
     if s.noisy_g:
-        runs.append((f"VRPO M={M_max}, noisy g", "noisy_g", "vrpo", M_max))
+        runs.append((f"VRPO M={M_max}, noisy g", "noisy_g", "vrpo", M_max, "given"))
+    if s.lagged_g:
+        runs.append((f"VRPO M={M_max}, lagged g", "true_g", "vrpo", M_max, "lagged"))
     finals = {}
-    for name, variant, estimator, M in runs:
+    for name, variant, estimator, M, aux in runs:
         run_dir = root / "runs" / name.replace(" ", "_").replace(",", "").replace("=", "")
         train_cfg = _config(root, **{
-            "data.path": root / variant / "scored", "ref.source": "cache", "aux.mode": "given",
+            "data.path": root / variant / "scored", "ref.source": "cache", "aux.mode": aux,
+            "aux.beta": s.beta, "aux.refresh_every": s.lagged_refresh,
             "loss.estimator": estimator, "loss.num_mc_pairs": M, "loss.beta": s.beta,
             "loss.loss_type": s.loss_type, "train.output_dir": run_dir,
             "train.max_steps": s.train_steps, "train.save_every": 0, "train.seed": seed,
@@ -187,7 +193,7 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
     prompts = task.prompts()
     results = []
     samples = {}
-    for name, variant, estimator, M in runs:
+    for name, variant, estimator, M, aux in runs:
         policy = load_causal_lm(str(finals[name])).eval()
         rep = evaluate_policy(policy, ref, tokenizer, prompts, judge, ref=ref,
                               n=s.eval_samples, seed=1000 + seed,
@@ -197,9 +203,9 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
         samples[name], _, _ = draw(policy, tokenizer, prompts, s.eval_samples,
                                    seed=2000 + seed, max_new_tokens=s.max_new_tokens)
         variance = _gradient_variance(root / variant / "scored", root / "ref", estimator, M, s,
-                                      seed)
+                                      seed, lagged=aux == "lagged")
         results.append({"seed": seed, "name": name, "estimator": estimator, "M": M,
-                        "g": "noisy" if variant == "noisy_g" else "true",
+                        "g": "lagged" if aux == "lagged" else variant.removesuffix("_g"),
                         "win_rate_vs_ref": vars(rep.win_rate_vs_baseline),
                         "true_reward": vars(rep.true_reward), "kl": vars(rep.kl),
                         "grad_variance": variance})
@@ -215,8 +221,9 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
 
 
 def _gradient_variance(data: Path, ref_path: Path, estimator: str, M: int, s: DemoSettings,
-                       seed: int) -> float:
-    """Total variance (trace of the covariance) of the mini-batch gradient at pi_ref."""
+                       seed: int, lagged: bool = False) -> float:
+    """Total variance (trace of the covariance) of the mini-batch gradient at pi_ref. A lagged
+    g at pi_ref's parameters is the copy's implicit preference with zero margins: 1/2."""
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_example
     from vrpo_fast.logprobs import sequence_logps
@@ -236,6 +243,8 @@ def _gradient_variance(data: Path, ref_path: Path, estimator: str, M: int, s: De
                                [t.response_ids[:K] for t in batch])
         ref = torch.tensor([t.ref_logps[:K] for t in batch])
         g = torch.tensor([t.aux_prefs[:1 + M] for t in batch])
+        if lagged:
+            g = torch.full_like(g, 0.5)
         loss, _ = vrpo_loss(logps, ref, g, beta=s.beta, loss_type=s.loss_type,
                             estimator=estimator)
         model.zero_grad()
