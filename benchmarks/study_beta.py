@@ -50,7 +50,7 @@ def plot(rows: list[dict], ref_reward: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in dict.fromkeys(r["name"] for r in rows):
-        line = sorted((r for r in rows if r["name"] == name), key=lambda r: r["kl"])
+        line = sorted((r for r in rows if r["name"] == name), key=lambda r: -r["beta"])
         ax.plot([r["kl"] for r in line], [r["true_reward"] for r in line], marker="o",
                 label=name)
         for r in line:
