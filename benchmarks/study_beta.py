@@ -1,6 +1,7 @@
 """The reward-KL frontier across beta: DPO vs VRPO on the synthetic non-Bradley-Terry task.
 
-    python benchmarks/study_beta.py --out runs/study-beta        # ~1 hour on 2 cores
+    python benchmarks/study_beta.py --out runs/study-beta --Ms 1 4 --noisy --lagged --rm
+                                                           # ~30 minutes on 2 cores
 
 For each beta and seed, `vrpo-fast demo`'s pipeline (pi_ref by SFT, 2 + 2M samples from it, the
 first pair labelled by the true preference, g = the truth) trains DPO and VRPO with the same
@@ -37,6 +38,8 @@ def summarise(results: dict) -> list[dict]:
                                           for r in runs),
                          "win_rate_vs_ref": mean("win_rate_vs_ref"),
                          "win_rate_vs_dpo": mean("win_rate_vs_dpo") if name != "DPO" else None,
+                         "g_error": (sum(r["g_error"] for r in runs) / len(runs)
+                                     if runs[0].get("g_error") is not None else None),
                          "per_seed": [(r["seed"], r["true_reward"]["mean"], r["kl"]["mean"])
                                       for r in runs]})
     return rows
@@ -75,12 +78,14 @@ def main() -> None:
     parser.add_argument("--noisy", action="store_true", help="also VRPO with a noisy g")
     parser.add_argument("--lagged", action="store_true",
                         help="also VRPO with g from a lagged copy of the policy")
+    parser.add_argument("--rm", action="store_true",
+                        help="also VRPO with g from a reward model trained on the same labels")
     args = parser.parse_args()
     out = Path(args.out)
     results = {}
     for beta in args.betas:
         settings = DemoSettings(seeds=list(range(args.seeds)), Ms=args.Ms, noisy_g=args.noisy,
-                                lagged_g=args.lagged,
+                                lagged_g=args.lagged, rm_g=args.rm,
                                 beta=beta, variance_batches=2)
         results[str(beta)] = run_demo(out / f"beta_{beta:g}", settings)
     rows = summarise(results)
@@ -91,14 +96,15 @@ def main() -> None:
     plot(rows, ref_reward, out / "reward_vs_kl_beta.png")
     print(f"{sum(res['seconds'] for res in results.values()):.0f} s")
     print("| beta | run | true reward (mean) | (median) | reward > DPO's | KL | win rate vs "
-          "pi_ref | win rate vs DPO |")
-    print("|---|---|---|---|---|---|---|---|")
+          "pi_ref | win rate vs DPO | mean abs g - P* |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         vs_dpo = "-" if r["win_rate_vs_dpo"] is None else f"{r['win_rate_vs_dpo']:.3f}"
         beats = "-" if r["name"] == "DPO" else f"{r['beats_dpo']} of {r['seeds']} seeds"
+        g_err = "-" if r["g_error"] is None or r["name"] == "DPO" else f"{r['g_error']:.3f}"
         print(f"| {r['beta']:g} | {r['name']} | {r['true_reward']:.3f} | "
               f"{r['median_reward']:.3f} | {beats} | {r['kl']:.2f} | "
-              f"{r['win_rate_vs_ref']:.3f} | {vs_dpo} |")
+              f"{r['win_rate_vs_ref']:.3f} | {vs_dpo} | {g_err} |")
     print(f"pi_ref's expected true reward: {ref_reward:.3f}")
 
 

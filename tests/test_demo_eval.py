@@ -125,16 +125,17 @@ def test_demo_quick_writes_its_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_lagged_g_variant_trains_on_the_copys_preference(tmp_path):
+def test_demo_lagged_and_reward_model_g_variants(tmp_path):
     from vrpo_fast.demo import DemoSettings, run_demo
     from vrpo_fast.train.metrics import read_metrics
 
-    settings = DemoSettings(seeds=[0], Ms=[2], noisy_g=False, lagged_g=True, lagged_refresh=3,
-                            prompts_per_type=2, sft_steps=20, train_steps=4, batch_groups=8,
-                            eval_samples=4, variance_batches=2)
+    settings = DemoSettings(seeds=[0], Ms=[2], noisy_g=True, lagged_g=True, lagged_refresh=3,
+                            rm_g=True, rm_steps=3, prompts_per_type=2, sft_steps=20,
+                            train_steps=4, batch_groups=8, eval_samples=4, variance_batches=2)
     results = run_demo(tmp_path, settings)
     runs = {r["name"]: r for r in results["runs"]}
-    assert set(runs) == {"DPO", "VRPO M=2", "VRPO M=2, lagged g"}
+    assert set(runs) == {"DPO", "VRPO M=2", "VRPO M=2, noisy g", "VRPO M=2, lagged g",
+                         "VRPO M=2, RM g"}
     assert runs["VRPO M=2, lagged g"]["g"] == "lagged" and runs["VRPO M=2"]["g"] == "true"
     lagged = read_metrics(tmp_path / "seed0" / "runs" / "VRPO_M2_lagged_g")
     given = read_metrics(tmp_path / "seed0" / "runs" / "VRPO_M2")
@@ -142,3 +143,13 @@ def test_demo_lagged_g_variant_trains_on_the_copys_preference(tmp_path):
     assert lagged[0]["mean_g"] == pytest.approx(0.5, abs=1e-6)
     assert abs(given[0]["mean_g"] - 0.5) > 1e-3
     assert runs["VRPO M=2, lagged g"]["grad_variance"] > 0
+    # g's error against the truth: none for the truth itself, the clipped noise for the noisy
+    # copy, something for the reward model's g (scored by the trained model, not copied).
+    assert runs["VRPO M=2"]["g_error"] == 0 and runs["VRPO M=2, lagged g"]["g_error"] is None
+    assert 0.1 < runs["VRPO M=2, noisy g"]["g_error"] < 0.25
+    assert runs["VRPO M=2, RM g"]["g_error"] > 0.01
+    from vrpo_fast.data.load import load_preference_data
+
+    rm_rows, _ = load_preference_data(str(tmp_path / "seed0" / "rm_g" / "scored"))
+    rm_model = tmp_path / "seed0" / "rm" / "final"
+    assert rm_model.is_dir() and all(0 < p < 1 for ex in rm_rows for p in ex.aux_prefs)

@@ -36,6 +36,8 @@ class DemoSettings:
     noisy_g: bool = True                              # also train VRPO with a noisy g
     lagged_g: bool = False      # also VRPO with g from a lagged copy of the policy (no extra
     lagged_refresh: int = 20    # information beyond the labels), refreshed every this many steps
+    rm_g: bool = False          # also VRPO with g from a reward model trained on the same labels
+    rm_steps: int = 100         # (plain Bradley-Terry, initialised from pi_ref) for this many steps
     prompts_per_type: int = 24                        # 12 prompt types -> 288 training prompts
     sft_steps: int = 150
     train_steps: int = 120
@@ -134,6 +136,10 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
                                      "score.output": root / variant / "scored",
                                      "score.shard_size": 64}))
 
+    if s.rm_g:
+        print(f"[seed {seed}] 4/6 reward model on the same labels -> g on every pair")
+        _reward_model_g(root, seed, s)
+
     print(f"[seed {seed}] 5/6 training DPO and VRPO (same seed, same data)")
     # (name, data variant, estimator, M, where g comes from)
     runs = [("DPO", "true_g", "dpo", M_max, "given")]
@@ -142,6 +148,8 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
         runs.append((f"VRPO M={M_max}, noisy g", "noisy_g", "vrpo", M_max, "given"))
     if s.lagged_g:
         runs.append((f"VRPO M={M_max}, lagged g", "true_g", "vrpo", M_max, "lagged"))
+    if s.rm_g:
+        runs.append((f"VRPO M={M_max}, RM g", "rm_g", "vrpo", M_max, "given"))
     finals = {}
     for name, variant, estimator, M, aux in runs:
         run_dir = root / "runs" / name.replace(" ", "_").replace(",", "").replace("=", "")
@@ -159,6 +167,28 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
 
     print(f"[seed {seed}] 6/6 evaluating under the true preference")
     return _evaluate(root, seed, s, task, tokenizer, finals, runs)
+
+
+def _reward_model_g(root: Path, seed: int, s: DemoSettings) -> None:
+    """Train a reward model on the labelled pairs alone (plain Bradley-Terry, the body of pi_ref
+    under a new score head), then score g = sigmoid(r(y) - r(y')) on every pair of the data:
+    a g with no information beyond the labels and the model's inductive bias."""
+    from vrpo_fast.score import score_stage
+    from vrpo_fast.train.reward import train_reward
+
+    rm = train_reward(_config(root, **{
+        "data.path": root / "true_g" / "data.jsonl", "aux.mode": "given",
+        "loss.estimator": "dpo", "train.output_dir": root / "rm",
+        "train.max_steps": s.rm_steps, "train.save_every": 0, "train.seed": seed,
+        "train.batch_groups": s.batch_groups, "train.micro_batch_groups": s.batch_groups,
+        "train.lr": 1e-3, "train.warmup_steps": max(1, s.rm_steps // 10)}), quiet=True)
+    (root / "rm_g").mkdir(exist_ok=True)
+    shutil.copyfile(root / "true_g" / "data.jsonl", root / "rm_g" / "data.jsonl")
+    shutil.copyfile(root / "sampled" / "provenance.json", root / "rm_g" / "provenance.json")
+    score_stage(_config(root, **{"score.input": root / "rm_g" / "data.jsonl",
+                                 "score.output": root / "rm_g" / "scored",
+                                 "score.shard_size": 64, "aux.mode": "reward_model",
+                                 "aux.path": rm}))
 
 
 def _label(task, sampled: Path, rng: random.Random, noise: float, eos_text: str) -> dict:
@@ -206,6 +236,7 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
                                       seed, lagged=aux == "lagged")
         results.append({"seed": seed, "name": name, "estimator": estimator, "M": M,
                         "g": "lagged" if aux == "lagged" else variant.removesuffix("_g"),
+                        "g_error": None if aux == "lagged" else _g_error(root, variant),
                         "win_rate_vs_ref": vars(rep.win_rate_vs_baseline),
                         "true_reward": vars(rep.true_reward), "kl": vars(rep.kl),
                         "grad_variance": variance})
@@ -218,6 +249,18 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
         if r["name"] != "DPO":
             r["win_rate_vs_dpo"] = vars(win_rate(prompts, samples[r["name"]], dpo, judge))
     return results
+
+
+def _g_error(root: Path, variant: str) -> float:
+    """Mean |g - P*| over every pair (labelled and Monte Carlo) of a variant's scored data."""
+    from vrpo_fast.data.load import load_preference_data
+
+    def prefs(v):
+        examples, _ = load_preference_data(str(root / v / "scored"))
+        return [p for ex in examples for p in ex.aux_prefs]
+
+    got, truth = prefs(variant), prefs("true_g")
+    return sum(abs(a - b) for a, b in zip(got, truth, strict=True)) / len(truth)
 
 
 def _gradient_variance(data: Path, ref_path: Path, estimator: str, M: int, s: DemoSettings,
