@@ -82,9 +82,10 @@ def model_folder(path) -> Path | None:
     if Path(path).is_dir():
         return Path(path)
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
 
-        config = try_to_load_from_cache(str(path), "config.json")
+        config = try_to_load_from_cache(str(path), "config.json",
+                                        cache_dir=constants.HF_HUB_CACHE)
     except Exception:  # not a hub name (HFValidationError), or no hub client
         return None
     return Path(config).parent if isinstance(config, str) else None
