@@ -34,10 +34,13 @@ class DemoSettings:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     Ms: list = field(default_factory=lambda: [1, 4])  # Monte Carlo pairs per prompt to compare
     noisy_g: bool = True                              # also train VRPO with a noisy g
-    lagged_g: bool = False      # also VRPO with g from a lagged copy of the policy (no extra
-    lagged_refresh: int = 20    # information beyond the labels), refreshed every this many steps
-    rm_g: bool = False          # also VRPO with g from a reward model trained on the same labels
-    rm_steps: int = 100         # (plain Bradley-Terry, initialised from pi_ref) for this many steps
+    # Two g that add no information beyond the labels (the study's controls): a lagged copy of
+    # the policy, refreshed every lagged_refresh steps, and a reward model trained on the same
+    # labels (plain Bradley-Terry, initialised from pi_ref) for rm_steps steps.
+    lagged_g: bool = False
+    lagged_refresh: int = 20
+    rm_g: bool = False
+    rm_steps: int = 100
     prompts_per_type: int = 24                        # 12 prompt types -> 288 training prompts
     sft_steps: int = 150
     train_steps: int = 120
