@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-# The shared data folder beside the checkout; VRPO_BENCH_HH points elsewhere (e.g. when the
-# suite runs from a separate worktree).
-HH = Path(os.environ.get("VRPO_BENCH_HH", Path(__file__).resolve().parents[2] / "shared" /
-                         "data" / "hh-rlhf-harmless-base-test.jsonl.gz"))
+# The HH-RLHF slice shipped in the repository (data/hh-rlhf, MIT licence beside it);
+# VRPO_BENCH_HH points elsewhere.
+HH = Path(os.environ.get("VRPO_BENCH_HH", Path(__file__).resolve().parents[1] / "data" /
+                         "hh-rlhf" / "harmless-base-test.jsonl.gz"))
 
 
 def build_model(hidden: int, layers: int, vocab: int, seed: int = 0):

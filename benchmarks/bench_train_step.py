@@ -14,7 +14,7 @@ backward + AdamW on a small Llama-style model:
 Packing and padding happen inside the timed step for every variant, as in a trainer. Before
 timing, (a) and (c) are checked to compute the same policy and reference log-probs and the
 same loss. Lengths: "hh" draws prompt / response lengths from the HH-RLHF slice in
-../shared/data; "long" is prompt 160 tokens, responses 60-120.
+data/hh-rlhf; "long" is prompt 160 tokens, responses 60-120.
 
     python -m pytest benchmarks/bench_train_step.py -q [--smoke]
 """

@@ -16,8 +16,7 @@ from vrpo_fast.data.load import load_preference_data, load_rows, write_preferenc
 from vrpo_fast.data.schema import PreferenceExample
 from vrpo_fast.errors import UserError
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / \
-    "hh-rlhf-harmless-base-test.jsonl.gz"
+HH = Path(__file__).resolve().parents[1] / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 ROWS = [
     {"prompt": "Q1", "chosen": " a", "rejected": " b", "samples": [" c", " d"],
@@ -189,8 +188,6 @@ def test_check_data_on_a_hub_name_cannot_hang(tmp_path):
 
 
 def test_real_hh_rlhf_rows_split_into_prompt_and_responses(tokenizer):
-    if not HH.is_file():
-        pytest.skip(f"{HH} not present")
     with gzip.open(HH, "rt", encoding="utf-8") as f:
         raw = [json.loads(line) for line in f]
     examples, report = load_preference_data(str(HH))
