@@ -123,7 +123,7 @@ def test_reward_model_g_is_sigmoid_of_score_differences(tmp_path, tokenizer):
 def test_reward_model_with_several_outputs_is_refused(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from vrpo_fast.score import load_reward_model
+    from vrpo_fast.models import load_reward_model
 
     AutoModelForSequenceClassification.from_config(
         tiny_llama_config(num_labels=2, **TINY)).save_pretrained(tmp_path / "rm2")
@@ -158,7 +158,7 @@ def test_given_and_lagged_pass_g_through_and_truncation_is_applied(tmp_path, tok
 
 
 def test_packed_scores_batches_by_budget_one_k_per_batch_in_order():
-    from vrpo_fast.score import packed_scores
+    from vrpo_fast.passes import packed_scores
 
     groups = [([0, 1, 2], [[3], [4, 4]]), ([5], [[6, 6, 6], [7], [8], [9]]),
               ([1] * 9, [[2] * 9, [3]]), ([4], [[5], [6]]), ([7, 7], [[8], [9], [1], [2]])]

@@ -12,7 +12,7 @@ import torch
 from vrpo_fast import vrpo_reward_loss
 from vrpo_fast.models import tiny_llama_config
 from vrpo_fast.packing import pack_groups
-from vrpo_fast.train.modules import SequenceRewards
+from vrpo_fast.passes import SequenceRewards
 
 
 def tiny_reward_model(seed=0):

@@ -90,6 +90,28 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "m
         raise UserError(f"{what}: cannot load a causal LM from {path!r}: {first}") from None
 
 
+def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = False):
+    """A sequence-classification reward model (one output, num_labels = 1) from a local path or
+    hub name, with one clear error naming `what` if it cannot be loaded.
+
+    new_head: the start of reward-model training, where `path` may be a causal LM whose body
+    gets a fresh one-output head; otherwise the checkpoint must already be a one-output model.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    extra = {"num_labels": 1} if new_head else {}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, attn_implementation="sdpa", **extra)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what}: cannot load a reward model from {path!r}: {first}") from None
+    if model.config.num_labels != 1:
+        raise UserError(f"{what}: a reward model has one output (num_labels = 1); {path} has "
+                        f"{model.config.num_labels}")
+    return model
+
+
 def load_tokenizer(name: str | None, what: str = "model.tokenizer"):
     """'byte' (or None with a tiny model) gives the built-in tokenizer; else AutoTokenizer."""
     if name in (None, "byte"):

@@ -33,54 +33,6 @@ from vrpo_fast import shards
 from vrpo_fast.errors import UserError
 
 
-def token_batches(groups: list[tuple[list[int], list[list[int]]]], max_tokens: int):
-    """Consecutive (start, stop) index ranges whose groups fit the token budget together (a lone
-    group over the budget gets a batch of its own)."""
-    start, used = 0, 0
-    for i, (prompt, responses) in enumerate(groups):
-        size = len(prompt) + sum(map(len, responses))
-        if i > start and used + size > max_tokens:
-            yield start, i
-            start, used = i, 0
-        used += size
-    if start < len(groups):
-        yield start, len(groups)
-
-
-@torch.no_grad()
-def packed_scores(module_fn, groups, max_tokens: int) -> list[list[float]]:
-    """Apply `module_fn(prompt_ids, response_ids, budget) -> (G, K)` over token batches of
-    `groups` [(prompt ids, [response ids, ...]), ...]; one list of K values per group, in order.
-
-    Groups with different K (a labelled row has 2 + 2M responses, an unlabelled one 2M) go into
-    separate batches: one packed batch holds one K."""
-    out: list[list[float] | None] = [None] * len(groups)
-    by_k: dict[int, list[int]] = {}
-    for i, (_, responses) in enumerate(groups):
-        by_k.setdefault(len(responses), []).append(i)
-    for index in by_k.values():
-        sub = [groups[i] for i in index]
-        for a, b in token_batches(sub, max_tokens):
-            chunk = sub[a:b]
-            budget = max(max_tokens, max(len(p) + sum(map(len, r)) for p, r in chunk))
-            values = module_fn([p for p, _ in chunk], [r for _, r in chunk], budget)
-            for i, row in zip(index[a:b], values.tolist()):   # host sync: one per batch
-                out[i] = row
-    return out
-
-
-def reward_scores(classifier, prompt_ids, response_ids, max_tokens) -> torch.Tensor:
-    """(G, K) scores of a sequence-classification model at each response's last token, from one
-    packed pass (the body on the packed rows, the `score` head on the gathered last tokens)."""
-    from vrpo_fast.packing import pack_groups, row_padding
-    from vrpo_fast.train.modules import SequenceRewards
-
-    device = next(classifier.parameters()).device
-    batch = pack_groups(prompt_ids, response_ids, max_tokens=max_tokens,
-                        **row_padding(device)).to(device)
-    return SequenceRewards(classifier)(batch)
-
-
 def stored_g(g_row: list[float], labelled: bool) -> list[float]:
     """g as stored (1 + M): an unlabelled row's values cover its M Monte Carlo pairs only, so a
     placeholder 0.5 stands for the missing labelled pair."""
@@ -93,21 +45,6 @@ def _device():
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def load_reward_model(path: str):
-    """A sequence-classification model with one output (num_labels = 1), or a UserError."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"aux.path: cannot load a reward model from {path!r}: {first}") from None
-    if model.config.num_labels != 1:
-        raise UserError(f"aux.path: a reward model has one output (num_labels = 1); {path} has "
-                        f"{model.config.num_labels}")
-    return model
-
-
 def _example_key(ex) -> list:
     return [ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.sample_ids, ex.aux_prefs]
 
@@ -117,8 +54,14 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_example
     from vrpo_fast.logprobs import sequence_logps
-    from vrpo_fast.models import load_causal_lm, model_from_config, tokenizer_from_config
+    from vrpo_fast.models import (
+        load_causal_lm,
+        load_reward_model,
+        model_from_config,
+        tokenizer_from_config,
+    )
     from vrpo_fast.objective import implicit_preference, reward_preference
+    from vrpo_fast.passes import packed_scores, reward_scores
     from vrpo_fast.provenance import (
         build_provenance,
         check_provenance,
@@ -157,7 +100,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     if mode == "lm":
         aux = load_causal_lm(aux_cfg.path, what="aux.path")
     elif mode == "reward_model":
-        aux = load_reward_model(aux_cfg.path)
+        aux = load_reward_model(aux_cfg.path, what="aux.path")
     num_shards = -(-len(examples) // sc.shard_size)
     scoring = {
         "aux_mode": mode,

@@ -26,11 +26,12 @@ from vrpo_fast.errors import UserError
 from vrpo_fast.objective import implicit_preference, vrpo_loss
 from vrpo_fast.ops import per_prompt_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
+from vrpo_fast.passes import SequenceLogps, SequenceRewards
 from vrpo_fast.train import checkpoint as ckpt
 from vrpo_fast.train.data import GroupStream, load_training_groups
 from vrpo_fast.train.distributed import Dist, all_reduce_, init_distributed
 from vrpo_fast.train.metrics import MetricsLogger, peak_flops
-from vrpo_fast.train.modules import SequenceLogps, SequenceRewards, shard
+from vrpo_fast.train.modules import shard
 
 
 def cosine_lr(step: int, cfg) -> float:
@@ -124,14 +125,9 @@ class Trainer:
             return self._frozen(SequenceLogps(load_causal_lm(self.cfg.aux.path,
                                                              what="aux.path")), mixed)
         if mode == "reward_model":
-            from transformers import AutoModelForSequenceClassification
+            from vrpo_fast.models import load_reward_model
 
-            try:
-                rm = AutoModelForSequenceClassification.from_pretrained(
-                    self.cfg.aux.path, attn_implementation="sdpa")
-            except (OSError, ValueError) as err:
-                raise UserError(f"aux.path: cannot load a reward model from "
-                                f"{self.cfg.aux.path!r}: {str(err).splitlines()[0]}") from None
+            rm = load_reward_model(self.cfg.aux.path, what="aux.path")
             return self._frozen(SequenceRewards(rm), mixed)
         if mode == "lagged":
             frozen = self._frozen(self.wrap(self.build_model()), mixed)

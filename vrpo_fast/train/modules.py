@@ -1,43 +1,13 @@
-"""The models of a training step, each wrapped so that ONE FSDP root covers its body and head.
-
-`SequenceLogps` turns a causal LM into packed batch -> (G, K) sequence log-probs (body on the
-packed rows, LM head only on response positions, fused log-prob kernel); `SequenceRewards`
-turns a sequence-classification model into packed batch -> (G, K) scores at each response's last
-token. Wrapping matters for FSDP2: the root's hooks unshard the embedding, final norm and LM head
-for the whole forward, including the head that runs outside the transformers model's forward.
+"""FSDP2 for the models of a training step: each decoder layer sharded, then the wrapper
+(`vrpo_fast.passes.SequenceLogps` / `SequenceRewards`) as the root, so that one root's hooks
+unshard the embedding, final norm and LM head for the whole forward, including the head that
+runs outside the transformers model's forward.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from vrpo_fast.logprobs import packed_body, packed_logps
-
-
-class SequenceLogps(nn.Module):
-    def __init__(self, lm: nn.Module, temperature: float = 1.0):
-        super().__init__()
-        self.lm = lm
-        self.temperature = temperature
-
-    def forward(self, batch) -> torch.Tensor:
-        """batch: PackedBatch of G groups x K responses -> (G, K) float32 log p(y | x)."""
-        # A fresh tensor, not a view: FSDP2's pre-backward hook must not sit on a view.
-        return packed_logps(self.lm, batch, self.temperature).clone()
-
-
-class SequenceRewards(nn.Module):
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, batch) -> torch.Tensor:
-        """batch: PackedBatch -> (G, K) float32 scalar rewards at each response's last token."""
-        hidden = packed_body(self.classifier, batch)              # (R, T, D)
-        last = hidden.flatten(0, 1)[batch.last_index]             # (G*K, D)
-        scores = self.classifier.score(last).squeeze(-1)
-        return scores.float().reshape(batch.num_groups, batch.group_size).clone()
 
 
 def decoder_layers(model: nn.Module):

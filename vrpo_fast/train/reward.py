@@ -18,21 +18,21 @@ import torch
 
 from vrpo_fast.errors import UserError
 from vrpo_fast.objective import reward_preference, vrpo_reward_loss
+from vrpo_fast.passes import SequenceRewards, packed_scores
+from vrpo_fast.passes import reward_scores as packed_reward_scores
 from vrpo_fast.train.loop import Trainer
-from vrpo_fast.train.modules import SequenceRewards
 
 
 def build_reward_model(cfg, tokenizer):
-    from transformers import AutoModelForSequenceClassification
-
+    """The reward model stage 1 starts from: model.path with a fresh one-output head (or the
+    reward model it already is), or a tiny model from model.tiny."""
     if cfg.model.path:
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model.path, num_labels=1, attn_implementation="sdpa")
-        except (OSError, ValueError) as err:
-            raise UserError(f"model.path: cannot load a reward model from {cfg.model.path!r}: "
-                            f"{str(err).splitlines()[0]}") from None
+        from vrpo_fast.models import load_reward_model
+
+        model = load_reward_model(cfg.model.path, what="model.path", new_head=True)
     else:
+        from transformers import AutoModelForSequenceClassification
+
         from vrpo_fast.models import tiny_llama_config
 
         with torch.random.fork_rng(devices=[]):
@@ -87,8 +87,6 @@ def train_reward(cfg, *, quiet: bool = False):
 def reward_scores(model, tokenizer, examples, *, max_tokens: int = 4096) -> torch.Tensor:
     """(B, K) scores of every response of each example (one packed pass per batch)."""
     from vrpo_fast.data.tokenize import tokenize_example
-    from vrpo_fast.score import packed_scores
-    from vrpo_fast.score import reward_scores as packed_reward_scores
 
     tok = [tokenize_example(ex, tokenizer) for ex in examples]
     groups = [(t.prompt_ids, t.response_ids) for t in tok]
@@ -156,8 +154,6 @@ def best_of_n(policy, reward_model, tokenizer, prompts: list[str], n: int, *, se
     """For each prompt, n samples from `policy`, returning the one the reward model scores
     highest (all n scored in one packed pass per prompt batch)."""
     from vrpo_fast.evaluate import draw
-    from vrpo_fast.score import packed_scores
-    from vrpo_fast.score import reward_scores as packed_reward_scores
 
     texts, prompt_ids, ids = draw(policy, tokenizer, prompts, n, seed=seed,
                                   max_new_tokens=max_new_tokens)

@@ -19,8 +19,8 @@ import torch
 
 from vrpo_fast.errors import UserError
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
+from vrpo_fast.passes import SequenceRewards
 from vrpo_fast.train.loop import Trainer
-from vrpo_fast.train.modules import SequenceRewards
 
 
 class PromptGroups:
@@ -46,13 +46,9 @@ class RLOOTrainer(Trainer):
         cfg = dataclasses.replace(cfg, ref=dataclasses.replace(cfg.ref, source="online"),
                                   aux=dataclasses.replace(cfg.aux, mode="none"))
         super().__init__(cfg, *args, **kwargs)
-        from transformers import AutoModelForSequenceClassification
+        from vrpo_fast.models import load_reward_model
 
-        try:
-            rm = AutoModelForSequenceClassification.from_pretrained(cfg.rl.reward_model)
-        except (OSError, ValueError) as err:
-            raise UserError(f"rl.reward_model: cannot load {cfg.rl.reward_model!r}: "
-                            f"{str(err).splitlines()[0]}") from None
+        rm = load_reward_model(cfg.rl.reward_model, what="rl.reward_model")
         on_gpu = self.device.type == "cuda"
         self.reward = self._frozen(SequenceRewards(rm), on_gpu)
         # The sampler runs on an unsharded copy that receives the policy's weights before each
