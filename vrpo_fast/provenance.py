@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from vrpo_fast.data.tokenize import tokenizer_fingerprint
 from vrpo_fast.errors import UserError
 
 FILENAME = "provenance.json"
@@ -89,24 +90,6 @@ def model_folder(path) -> Path | None:
     except Exception:  # not a hub name (HFValidationError), or no hub client
         return None
     return Path(config).parent if isinstance(config, str) else None
-
-
-PROBE = "Hello, world! 1234 \u00e9\u00e8 \u4f60\u597d \n\n  tabs\tand   spaces"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of what decides the token ids: vocabulary, special tokens and chat template (the
-    data package's fingerprint), plus the full pipeline of a fast tokenizer (merges, normaliser,
-    the post-processor that adds BOS) or, for a slow one, the ids of a probe text."""
-    from vrpo_fast.data.tokenize import tokenizer_fingerprint as vocab_fingerprint
-
-    h = hashlib.sha256(vocab_fingerprint(tokenizer).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(tokenizer(PROBE)["input_ids"]).encode())
-    return h.hexdigest()
 
 
 def ids_fingerprint(rows) -> str:

@@ -164,24 +164,27 @@ def tokenize_example(ex: PreferenceExample, tokenizer, *, max_prompt_length: int
                             prompt_truncated=prompt_cut, responses_truncated=cut)
 
 
+# A text whose ids show what a tokenizer without a serialisable pipeline does.
+PROBE = "Hello, world! 1234 \u00e9\u00e8 \u4f60\u597d \n\n  tabs\tand   spaces"
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of the vocabulary, chat template and BOS/EOS ids (provenance builds on it)."""
+    """SHA-256 of what decides the token ids: the vocabulary, chat template and BOS/EOS ids,
+    plus the full pipeline of a fast tokenizer (merges, normaliser, the post-processor that adds
+    BOS) or, for a slow one, the ids of a probe text. Provenance records it (samples are refused
+    under another tokenizer) and the tokenization cache is keyed by it."""
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(tokenizer.chat_template).encode())
     h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
-    return h.hexdigest()
-
-
-def _tokenizer_key(tokenizer) -> str:
-    """tokenizer_fingerprint plus what else decides ids: the fast tokenizer's whole pipeline
-    (merges, normaliser, the post-processor that adds BOS), and the ids of a probe text."""
-    h = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
+    vocab = h.hexdigest()
+    h = hashlib.sha256(vocab.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         h.update(backend.to_str().encode())
-    h.update(json.dumps(list(tokenizer("Hello, world! 123")["input_ids"])).encode())
+    else:
+        h.update(json.dumps(tokenizer(PROBE)["input_ids"]).encode())
     return h.hexdigest()
 
 
@@ -192,7 +195,7 @@ def dataset_fingerprint(examples, tokenizer, settings: dict) -> str:
         h.update(json.dumps([ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.aux_prefs,
                              ex.ref_logps, ex.sample_ids, ex.row], sort_keys=True).encode())
         h.update(b"\n")
-    h.update(_tokenizer_key(tokenizer).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps({**settings, "version": CACHE_VERSION}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
