@@ -41,7 +41,7 @@ def run(args) -> int:
                                ("--max-prompt-length", args.max_prompt_length, 1),
                                ("--max-response-length", args.max_response_length, 1)):
         if value is not None and tokenizer_name is None:
-            raise UserError(f"{flag}: needs --tokenizer (or --model) to count tokens")
+            raise UserError(f"{flag}: needs --tokenizer to count tokens")
         if value is not None and value < least:
             raise UserError(f"{flag}: must be >= {least}, got {value}")
     max_length = args.max_length

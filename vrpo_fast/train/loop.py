@@ -378,9 +378,10 @@ class Trainer:
                             f"settings that decide which data the remaining steps see or "
                             f"which model the weights fit ({'; '.join(fixed)}); resume with "
                             f"the checkpoint's values, or start a new train.output_dir")
+        # Every rank reads the same manifest and holds the same data: the same verdict.
         saved = ckpt.read_manifest(path).get("data")
         now = self._data_fingerprint()
-        if self.dist.is_main and saved is not None and now is not None and saved != now:
+        if saved is not None and now is not None and saved != now:
             if not self.cfg.train.allow_data_change:
                 raise UserError(f"data.path: {self.cfg.data.path} holds other rows than the "
                                 f"data {path} was trained on (their content is compared, not "
@@ -388,9 +389,10 @@ class Trainer:
                                 f"promised; resume with that data, set "
                                 f"train.allow_data_change=true to go on with this one, or start "
                                 f"a new train.output_dir")
-            print(f"note: resuming {path} on other data than its own "
-                  f"(train.allow_data_change): the steps after {path.name} draw from "
-                  f"{self.cfg.data.path}")
+            if self.dist.is_main:
+                print(f"note: resuming {path} on other data than its own "
+                      f"(train.allow_data_change): the steps after {path.name} draw from "
+                      f"{self.cfg.data.path}")
         if other and self.dist.is_main:
             print(f"note: resuming {path} with settings other than its own ({'; '.join(other)}):"
                   f" the steps after {path.name} follow the new ones")
