@@ -97,6 +97,32 @@ def test_a_crafted_checkpoint_file_runs_nothing(finished, tmp_path, capsys, name
     assert_fell_back_and_completed(out, finished, capsys.readouterr().out, name)
 
 
+def test_a_crafted_optimizer_entry_in_a_shard_runs_nothing(finished, tmp_path, capsys,
+                                                           monkeypatch):
+    """DCP stores the optimizer's non-tensor entries (lr, betas, ...) pickled inside the shards;
+    the save at step 4 gets one that would create a file when unpickled."""
+    out = tmp_path / "run"
+    marker = tmp_path / "created_by_the_checkpoint"
+    real = ckpt.get_state_dict
+    saves = []
+
+    def crafted_at_second_save(model, optimizer):
+        model_sd, optim_sd = real(model, optimizer)
+        saves.append(1)
+        if len(saves) == 2:
+            optim_sd["param_groups"][0]["lr"] = MakesAFile(marker)
+        return model_sd, optim_sd
+
+    monkeypatch.setattr(ckpt, "get_state_dict", crafted_at_second_save)
+    run_train(cfg_at(out))
+    monkeypatch.setattr(ckpt, "get_state_dict", real)
+    assert len(saves) == 2 and not marker.exists()
+    capsys.readouterr()
+    run_train(cfg_at(out))
+    assert not marker.exists()
+    assert_fell_back_and_completed(out, finished, capsys.readouterr().out, "shards")
+
+
 @pytest.mark.parametrize("damage", ["truncate shard", "zero shard", "delete trainer state",
                                     "delete config"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(finished, tmp_path, capsys,
@@ -144,6 +170,7 @@ def test_pruning_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(torch, "save", damaged_at_step_4)
     run_train(cfg_at(out, "--train.keep_last=1"))
+    assert step_dir(out, 2).is_dir() and step_dir(out, 4).is_dir()
     assert ckpt.checkpoint_problem(step_dir(out, 2)) is None
     assert ckpt.checkpoint_problem(step_dir(out, 4)) is not None
     monkeypatch.setattr(torch, "save", real_save)
