@@ -351,20 +351,29 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, capsys):
     assert rc == 1 and err.count("\n") == 1 and f"cannot write to {out}" in err
 
 
-def test_a_truncated_safetensors_file_is_one_line(tmp_path, capsys):
-    from vrpo_fast.models import build_tiny_causal_lm
+@pytest.mark.parametrize("key", ["model.path", "aux.path"])
+def test_a_truncated_safetensors_file_is_one_line(tmp_path, capsys, key):
+    from transformers import AutoModelForSequenceClassification
+
+    from vrpo_fast.models import build_tiny_causal_lm, tiny_llama_config
 
     model = tmp_path / "model"
-    build_tiny_causal_lm(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                         intermediate_size=64).save_pretrained(model)
+    shape = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    if key == "model.path":
+        build_tiny_causal_lm(**shape).save_pretrained(model)
+        flags = ["--model.tiny=null", f"--model.path={model}", "--model.tokenizer=byte"]
+    else:   # a reward model as g
+        AutoModelForSequenceClassification.from_config(
+            tiny_llama_config(num_labels=1, **shape)).save_pretrained(model)
+        flags = [*SMALL, "--aux.mode=reward_model", f"--aux.path={model}"]
     weights = model / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 100)
     capsys.readouterr()
     rc = cli_main(["train", "--config", str(TINY), f"--train.output_dir={tmp_path / 'run'}",
-                   "--model.tiny=null", f"--model.path={model}", "--model.tokenizer=byte"])
+                   *flags])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert f"model.path: {weights} is cut short" in err
+    assert f"{key}: {weights} is cut short" in err
 
 
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):

@@ -166,6 +166,9 @@ class Trainer:
         if mode == "reward_model":
             from transformers import AutoModelForSequenceClassification
 
+            from vrpo_fast.models import check_weight_files
+
+            check_weight_files(self.cfg.aux.path, "aux.path")
             try:
                 rm = AutoModelForSequenceClassification.from_pretrained(
                     self.cfg.aux.path, attn_implementation="sdpa")

@@ -26,6 +26,9 @@ def build_reward_model(cfg, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     if cfg.model.path:
+        from vrpo_fast.models import check_weight_files
+
+        check_weight_files(cfg.model.path)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.model.path, num_labels=1, attn_implementation="sdpa")

@@ -48,6 +48,9 @@ class RLOOTrainer(Trainer):
         super().__init__(cfg, *args, **kwargs)
         from transformers import AutoModelForSequenceClassification
 
+        from vrpo_fast.models import check_weight_files
+
+        check_weight_files(cfg.rl.reward_model, "rl.reward_model")
         try:
             rm = AutoModelForSequenceClassification.from_pretrained(cfg.rl.reward_model)
         except (OSError, ValueError) as err:
