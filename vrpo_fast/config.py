@@ -8,6 +8,7 @@ the sections it needs. Unknown keys, wrong types and impossible combinations are
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,6 +121,11 @@ class TrainConfig:
     tensorboard: bool = F(False, "Also log to TensorBoard (<output_dir>/tb).")
     wandb_project: str | None = F(None, "Also log to this Weights & Biases project.")
     shuffle: bool = F(True, "Reshuffle the data each epoch (seeded).")
+    allow_data_change: bool = F(False, "Resume a checkpoint on data whose rows differ from "
+                                       "those it was trained on (compared by content, not "
+                                       "path); refused otherwise, since the remaining steps "
+                                       "would see other rows than the run's data order "
+                                       "promised.")
 
 
 @dataclass
@@ -281,7 +287,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"--config: no such file {str(p)!r}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise UserError(f"--config: {p} is not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise UserError(f"--config: cannot read {p}: {err.strerror or err}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
@@ -310,21 +320,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _non_finite(value, key: str) -> tuple[str, float] | None:
+    """The first NaN or infinity in a setting (a number, or one inside a list or mapping) with
+    its key; None when there is none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    return next((bad for k, v in items if (bad := _non_finite(v, f"{key}.{k}"))), None)
+
+
 def validate(cfg: Config) -> None:
-    """Impossible combinations, each named by the key to change."""
+    """Impossible values and combinations, each named by the key to change."""
+    # Every number of every section, including keys added later: NaN and infinity pass every
+    # range comparison below (nan < 0 is False) and would surface as a traceback mid-run.
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            if (bad := _non_finite(getattr(values, f.name), f"{section.name}.{f.name}")):
+                raise UserError(f"{bad[0]}: must be a finite number, got {bad[1]}")
     t, loss, aux = cfg.train, cfg.loss, cfg.aux
+    d, s, sc, rl = cfg.data, cfg.sample, cfg.score, cfg.rl
     for key, value in [("train.max_steps", t.max_steps), ("train.batch_groups", t.batch_groups),
                        ("train.micro_batch_groups", t.micro_batch_groups),
                        ("train.keep_last", t.keep_last), ("train.max_bad_steps", t.max_bad_steps),
-                       ("train.log_every", t.log_every), ("sample.num_samples",
-                                                          cfg.sample.num_samples)]:
-        if value < 1:
+                       ("train.log_every", t.log_every), ("sample.num_samples", s.num_samples),
+                       ("sample.batch_size", s.batch_size), ("sample.shard_size", s.shard_size),
+                       ("sample.tensor_parallel_size", s.tensor_parallel_size),
+                       ("score.shard_size", sc.shard_size),
+                       ("data.max_prompt_length", d.max_prompt_length),
+                       ("data.max_response_length", d.max_response_length)]:
+        if value is not None and value < 1:
             raise UserError(f"{key}: must be >= 1, got {value}")
     for key, value in [("train.save_every", t.save_every), ("train.warmup_steps", t.warmup_steps),
                        ("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
-                       ("train.grad_clip", t.grad_clip)]:
+                       ("train.grad_clip", t.grad_clip), ("rl.kl_coef", rl.kl_coef)]:
         if value < 0:
             raise UserError(f"{key}: must be >= 0, got {value}")
+    for key, value in [("aux.beta", aux.beta), ("sample.temperature", s.temperature),
+                       ("rl.temperature", rl.temperature)]:
+        if value <= 0:
+            raise UserError(f"{key}: must be > 0, got {value}")
+    for key, value in [("train.seed", t.seed), ("model.seed", cfg.model.seed),
+                       ("sample.seed", s.seed)]:
+        if not 0 <= value < 2**32:   # numpy's seed range
+            raise UserError(f"{key}: must be in [0, 2**32), got {value}")
+    for key, value in [("data.max_length", d.max_length), ("score.max_tokens", sc.max_tokens)]:
+        if value is not None and value < 2:   # a prompt token and a response token
+            raise UserError(f"{key}: must be >= 2, got {value}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise UserError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
@@ -356,22 +403,17 @@ def validate(cfg: Config) -> None:
         raise UserError("model.path: set a model path (or model.tiny for a tiny test model)")
     if cfg.model.path and cfg.model.tiny:
         raise UserError("model.tiny: give either model.path or model.tiny, not both")
-    s = cfg.sample
     if s.num_samples % 2:
         raise UserError(f"sample.num_samples: must be even (2M), got {s.num_samples}")
-    if s.temperature <= 0:
-        raise UserError(f"sample.temperature: must be > 0, got {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise UserError(f"sample.top_p: must be in (0, 1], got {s.top_p}")
     if s.max_new_tokens < 1:
         raise UserError(f"sample.max_new_tokens: must be >= 1, got {s.max_new_tokens}")
-    rl = cfg.rl
     if rl.num_samples < 2:
         raise UserError(f"rl.num_samples: RLOO needs k >= 2 samples per prompt, got "
                         f"{rl.num_samples}")
-    if rl.kl_coef < 0 or rl.temperature <= 0 or rl.max_new_tokens < 1:
-        raise UserError("rl.kl_coef: must be >= 0 (and rl.temperature > 0, "
-                        "rl.max_new_tokens >= 1)")
+    if rl.max_new_tokens < 1:
+        raise UserError(f"rl.max_new_tokens: must be >= 1, got {rl.max_new_tokens}")
 
 
 def model_missing(cfg: Config) -> bool:

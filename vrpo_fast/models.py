@@ -79,10 +79,38 @@ def build_tiny_causal_lm(seed: int = 0, dtype: torch.dtype = torch.float32, **co
     return model.to(dtype)
 
 
+def check_weight_files(path: str, what: str = "model.path") -> None:
+    """A local model folder's safetensors files must hold every byte their header points to: a
+    file cut short (an interrupted copy or download) is one line naming it, not a traceback
+    from deep inside the loader. Reads only the headers."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                size = file.stat().st_size
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError(f"{size} bytes, too short for its header")
+                header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items()
+                       if k != "__metadata__"), default=0)
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise UserError(f"{what}: {file} is damaged ({err})") from None
+        if 8 + n + end > size:
+            raise UserError(f"{what}: {file} is cut short: {size} bytes, its header needs "
+                            f"{8 + n + end} (an interrupted copy or download?)")
+
+
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "model.path"):
     """Load a causal LM from a local path or hub name, with one clear error if it cannot be."""
     from transformers import AutoModelForCausalLM
 
+    check_weight_files(path, what)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
@@ -99,6 +127,7 @@ def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = Fal
     """
     from transformers import AutoModelForSequenceClassification
 
+    check_weight_files(path, what)
     extra = {"num_labels": 1} if new_head else {}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -110,6 +139,37 @@ def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = Fal
         raise UserError(f"{what}: a reward model has one output (num_labels = 1); {path} has "
                         f"{model.config.num_labels}")
     return model
+
+
+def context_length(cfg) -> int | None:
+    """The longest sequence (prompt + one response) the policy and pi_ref take: the smaller
+    max_position_embeddings of the two models' configs (None when a config does not say, or
+    cannot be read here: loading the model reports that)."""
+    if cfg.model.tiny is not None and not cfg.model.path:
+        return _positions(tiny_llama_config(**cfg.model.tiny))
+    sizes = []
+    for path in {p for p in (cfg.model.path, cfg.ref.path) if p}:
+        try:
+            sizes.append(model_context(path))
+        except UserError:
+            pass
+    return min((n for n in sizes if n is not None), default=None)
+
+
+def model_context(path: str, what: str = "model.path") -> int | None:
+    """max_position_embeddings of the model at `path` (its config only is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return _positions(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what}: cannot read a model config from {path!r}: {first}") from None
+
+
+def _positions(config) -> int | None:
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def load_tokenizer(name: str | None, what: str = "model.tokenizer"):

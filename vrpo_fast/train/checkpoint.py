@@ -1,11 +1,20 @@
 """Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of <output_dir>/checkpoints/:
-    step_00000050/            a complete checkpoint (DCP shards + .metadata, config.yaml,
-                              trainer_rank{r}.pt with scheduler, RNG states, step, skipped steps)
+    step_00000050/            a checkpoint: DCP shards (__<rank>_<n>.distcp) + .metadata,
+                              trainer_rank{r}.pt (scheduler step, skipped steps, RNG states),
+                              config.yaml and checkpoint.json (step, world size, data fingerprint)
     step_00000100.tmp/        a save in progress; never read, removed on the next start
 A save writes into the .tmp folder and is renamed only after every rank has finished, so a crash
-during a save leaves the previous checkpoint intact. Only the newest `keep_last` are kept.
+during a save leaves the previous checkpoint intact. Pruning keeps the newest `keep_last`
+complete ones and never removes the newest complete one.
+
+A checkpoint is resumed only when it is complete (`checkpoint_problem`: every file it needs is
+there, each shard holds the bytes .metadata points into, every small file parses); a damaged one
+is passed over for the one before it. Nothing in a checkpoint runs code when read: the trainer
+files load with `torch.load(weights_only=True)` (RNG states are stored as tensors, tuples and
+ints), DCP's .metadata goes through an unpickler that builds DCP's own metadata classes and
+nothing else, and the optimizer's non-tensor entries load with `weights_only=True` too.
 
 A checkpoint resumes on any number of ranks: DCP reshards the model and optimizer, and the
 step (with it the schedule and the data order, which are global) is the same on every rank.
@@ -16,6 +25,10 @@ random streams from the seed, the step and its rank.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import pickle
 import random
 import re
 import shutil
@@ -24,7 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
 import yaml
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,19 +52,33 @@ from torch.distributed.checkpoint.state_dict import (
 from vrpo_fast.train.distributed import barrier
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "checkpoint.json"
+
+
+class CheckpointUnreadable(Exception):
+    """A checkpoint that cannot be resumed (a file missing, cut short, or not what it claims)."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every finished save (renamed from .tmp), newest first, complete or not."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
-    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+        return []
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()),
+                  key=step_of, reverse=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    return next((p for p in checkpoints(output_dir) if checkpoint_problem(p) is None), None)
 
 
 def remove_incomplete(output_dir: str | Path, is_main: bool) -> None:
@@ -60,9 +90,144 @@ def remove_incomplete(output_dir: str | Path, is_main: bool) -> None:
     barrier()
 
 
+# -- reading without running code ----------------------------------------------------------------
+
+def _dcp_class(module: str, name: str):
+    """The classes a DCP .metadata file is made of, and nothing else."""
+    if module == dcp_metadata.__name__:
+        obj = getattr(dcp_metadata, name, None)
+        if isinstance(obj, type) and obj.__module__ == module:
+            return obj
+    if (module, name) == ("torch.distributed.checkpoint.filesystem", "_StorageInfo"):
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        return _StorageInfo
+    if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                           torch.dtype)):
+        return getattr(torch, name)
+    if (module, name) == ("torch.serialization", "_get_layout"):  # a name -> torch.layout
+        return torch.serialization._get_layout
+    if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                        "PureWindowsPath"):
+        import pathlib
+
+        return getattr(pathlib, name)
+    if (module, name) == ("collections", "OrderedDict"):
+        import collections
+
+        return collections.OrderedDict
+    raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _dcp_class(module, name)
+
+
+def read_metadata(path: Path) -> dcp_metadata.Metadata:
+    """A checkpoint's DCP .metadata, unpickled with only DCP's metadata classes available (a
+    pickle naming anything else is refused before anything is built)."""
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError,
+            ValueError, IndexError, KeyError) as err:
+        raise CheckpointUnreadable(f".metadata: {_reason(err)}") from None
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise CheckpointUnreadable(".metadata: not DCP metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with .metadata read by `read_metadata`."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        metadata = read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner with the non-tensor entries (the optimizer's hyper-parameters) read
+    with weights_only=True; DCP's own planner unpickles them without restriction."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        checked = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
+def _load_trainer_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointUnreadable(f"{path.name}: {_reason(err)}") from None
+    if not isinstance(state, dict) or not {"step", "skipped_total", "rng"} <= state.keys():
+        raise CheckpointUnreadable(f"{path.name}: not a trainer state")
+    return state
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed, or None when it is complete: its manifest,
+    config.yaml, .metadata, every shard .metadata names (inside the folder, holding the bytes it
+    points into) and the trainer file of every rank that wrote it, each present and readable.
+    Cheap: the shards are measured, not read."""
+    try:
+        manifest = read_manifest(path)
+        if manifest.get("step") != step_of(path):
+            raise CheckpointUnreadable(f"{MANIFEST}: step {manifest.get('step')!r} in a folder "
+                                       f"named {path.name}")
+        try:
+            yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise CheckpointUnreadable(f"config.yaml: {_reason(err)}") from None
+        ends: dict[str, int] = {}
+        for info in read_metadata(path).storage_data.values():
+            name = str(getattr(info, "relative_path", ""))
+            if not name or Path(name).name != name or name.startswith("."):
+                raise CheckpointUnreadable(f".metadata: shard {name!r} outside the checkpoint")
+            ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+        for name, end in sorted(ends.items()):
+            size = (path / name).stat().st_size if (path / name).is_file() else None
+            if size is None:
+                raise CheckpointUnreadable(f"{name}: missing")
+            if size < end:
+                raise CheckpointUnreadable(f"{name}: {size} bytes, .metadata needs {end}")
+        for rank in range(manifest["world_size"]):
+            state = _load_trainer_state(path / f"trainer_rank{rank}.pt")
+            if state["step"] != manifest["step"]:
+                raise CheckpointUnreadable(f"trainer_rank{rank}.pt: step {state['step']!r}")
+    except CheckpointUnreadable as err:
+        return str(err)
+    return None
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointUnreadable(f"{MANIFEST}: {_reason(err)}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("world_size"), int) or \
+            manifest["world_size"] < 1:
+        raise CheckpointUnreadable(f"{MANIFEST}: no world_size")
+    return manifest
+
+
+# -- RNG states, stored as tensors, tuples and ints (weights_only loads them) ---------------------
+
 def rng_state() -> dict:
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -71,16 +236,31 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def data_fingerprint(rows) -> str:
+    """SHA-256 of the training rows' content in order (PreferenceExample fields, not where they
+    came from): the same file moved gives the same value, a file edited in place another."""
+    h = hashlib.sha256()
+    for ex in rows:
+        h.update(json.dumps([ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.aux_prefs,
+                             ex.ref_logps, ex.sample_ids], sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, *, rank: int,
-                    keep_last: int, config_yaml: str, frozen: dict | None = None) -> Path:
+                    world_size: int, keep_last: int, config_yaml: str,
+                    data: str | None = None, frozen: dict | None = None) -> Path:
     """Write step_<step> atomically (see module docstring); returns its path.
 
-    `frozen`: name -> module of extra models whose weights are training state (a lagged copy).
+    `data`: the training data's fingerprint (rank 0's is recorded). `frozen`: name -> module of
+    extra models whose weights are training state (a lagged copy).
     """
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
@@ -97,15 +277,25 @@ def save_checkpoint(output_dir, step: int, model, optimizer, extra: dict, *, ran
     barrier()
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "world_size": world_size,
+                                                "data": data}) + "\n")
         if final.exists():  # an earlier run reached this step and crashed after the rename
             shutil.rmtree(final)
         tmp.rename(final)
-        done = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)),
-                      key=lambda p: p.name)
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(output_dir, keep_last)
     barrier()
     return final
+
+
+def _prune(output_dir, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints and whatever is newer than the oldest of
+    them; a damaged save never pushes the last complete one out."""
+    complete = 0
+    for path in checkpoints(output_dir):
+        if complete >= keep_last:
+            shutil.rmtree(path, ignore_errors=True)
+        elif checkpoint_problem(path) is None:
+            complete += 1
 
 
 # Settings a resumed run must keep: the data order of the steps still to come is a function of
@@ -115,7 +305,7 @@ RESUME_FIXED = ("train.seed", "train.batch_groups", "train.shuffle", "model.tiny
 RESUME_FREE = ("train.output_dir", "train.save_every", "train.keep_last", "train.log_every",
                "train.tensorboard", "train.wandb_project", "train.max_bad_steps",
                "train.micro_batch_groups", "train.max_tokens", "train.activation_checkpointing",
-               "train.compile", "data.cache_dir", "sample.", "score.")
+               "train.compile", "train.allow_data_change", "data.cache_dir", "sample.", "score.")
 
 
 def config_changes(path: Path, config: dict) -> tuple[list[str], list[str]]:
@@ -125,7 +315,7 @@ def config_changes(path: Path, config: dict) -> tuple[list[str], list[str]]:
     saved_file = path / "config.yaml"
     if not saved_file.is_file():
         return [], []
-    saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
+    saved = _flatten(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
     now = _flatten(config)
     fixed, other = [], []
     for key in sorted(saved.keys() | now.keys()):
@@ -144,23 +334,30 @@ def _flatten(config: dict) -> dict:
 
 def load_checkpoint(path: Path, model, optimizer, *, rank: int,
                     frozen: dict | None = None) -> dict:
-    """Restore model, optimizer (and `frozen` models) in place; returns this rank's state:
-    step, skipped_total, rng (None when the checkpoint holds no state for this rank) and
-    world_size (the number of ranks that wrote it)."""
+    """Restore model, optimizer (and `frozen` models) in place from a checkpoint that
+    `checkpoint_problem` found complete; returns this rank's state: step, skipped_total, rng
+    (None when the checkpoint holds no state for this rank) and world_size (the number of ranks
+    that wrote it). Raises CheckpointUnreadable (on every rank) when the shards' content is
+    damaged after all; the model and optimizer are then partly overwritten, and a complete
+    load of another checkpoint restores them fully."""
+    manifest = read_manifest(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     state.update({name: get_model_state_dict(m) for name, m in (frozen or {}).items()})
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
+    except CheckpointException as err:  # gathered from every rank, raised on every rank
+        exc, _trace = next(iter(err.failures.values()), (err, None))
+        raise CheckpointUnreadable(f"shards: {_reason(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     for name, m in (frozen or {}).items():
         set_model_state_dict(m, state[name])
-    written = len(list(path.glob("trainer_rank*.pt")))
-    own = path / f"trainer_rank{rank}.pt"
-    state = torch.load(own if own.is_file() else path / "trainer_rank0.pt", weights_only=False)
-    if not own.is_file():
+    own = rank < manifest["world_size"]
+    state = _load_trainer_state(path / f"trainer_rank{rank if own else 0}.pt")
+    if not own:
         state["rng"] = None
-    return {**state, "world_size": written}
+    return {**state, "world_size": manifest["world_size"]}
 
 
 def full_model_state_dict(model) -> dict:

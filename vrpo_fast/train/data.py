@@ -105,12 +105,19 @@ def load_training_groups(cfg, tokenizer, dist) -> tuple[TrainingGroups, object]:
     """Load, validate (data.on_bad_row), check provenance and tokenize the training data."""
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_dataset
+    from vrpo_fast.models import context_length
+    from vrpo_fast.train.checkpoint import data_fingerprint
 
     d = cfg.data
     if not d.path:
         raise UserError("data.path: no training data given")
+    # Rows longer than the model's context are bad rows like those over data.max_length: the
+    # model has no positions for them (and their packed attention mask would not fit anyway).
+    limit = min((n for n in (d.max_length, context_length(cfg)) if n is not None), default=None)
     examples, report = load_preference_data(d.path, on_bad_row=d.on_bad_row, split=d.split,
-                                            tokenizer=tokenizer, max_length=d.max_length)
+                                            tokenizer=tokenizer, max_length=limit,
+                                            max_prompt_length=d.max_prompt_length,
+                                            max_response_length=d.max_response_length)
     if dist.is_main and getattr(report, "skipped", 0):
         print(f"data: skipped {report.skipped} bad rows of {d.path} (data.on_bad_row = skip)")
     if not examples:
@@ -130,7 +137,9 @@ def load_training_groups(cfg, tokenizer, dist) -> tuple[TrainingGroups, object]:
                         f"{available} per prompt")
     _check_columns(cfg, tokenized, M)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return TrainingGroups(tokenized, M, eos), report
+    groups = TrainingGroups(tokenized, M, eos)
+    groups.fingerprint = data_fingerprint(examples)   # recorded in checkpoints (resume check)
+    return groups, report
 
 
 def _check_columns(cfg, tokenized, M) -> None:

@@ -11,6 +11,7 @@ by the global number of groups.
 
 from __future__ import annotations
 
+import atexit
 import math
 import random
 import shutil
@@ -28,8 +29,9 @@ from vrpo_fast.ops import per_prompt_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceLogps, SequenceRewards
 from vrpo_fast.train import checkpoint as ckpt
+from vrpo_fast.train import lock
 from vrpo_fast.train.data import GroupStream, load_training_groups
-from vrpo_fast.train.distributed import Dist, all_reduce_, init_distributed
+from vrpo_fast.train.distributed import Dist, all_reduce_, broadcast_object, init_distributed
 from vrpo_fast.train.metrics import MetricsLogger, peak_flops
 from vrpo_fast.train.modules import shard
 
@@ -57,12 +59,14 @@ class Trainer:
                             f"{t.micro_batch_groups}")
         self.local_groups = t.batch_groups // world
         self.out = Path(t.output_dir)
+        self._lock = self._take_lock()
         self._seed_everything(t.seed)
 
         from vrpo_fast.models import model_from_config, tokenizer_from_config
 
         self.tokenizer = tokenizer_from_config(cfg)
         self.load_data()
+        self._check_budget()
         self.stream = GroupStream(len(self.groups), t.batch_groups, seed=t.seed,
                                   shuffle=t.shuffle)
 
@@ -106,6 +110,42 @@ class Trainer:
 
     def wrap(self, model):
         return SequenceLogps(model)
+
+    def _take_lock(self):
+        """One writer per output folder (see train/lock.py): rank 0 takes the lock, every rank
+        stops on its verdict. Released when fit() ends, or when the process exits."""
+        held = refusal = None
+        if self.dist.is_main:
+            try:
+                held = lock.acquire(self.out)
+                atexit.register(held.release)
+            except UserError as err:
+                refusal = str(err)
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            raise UserError(refusal)
+        return held
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            atexit.unregister(self._lock.release)
+            self._lock = None
+
+    def _check_budget(self) -> None:
+        """A packing budget must hold the largest prompt group (its prompt once and all its
+        responses): groups are never split or truncated to fit."""
+        budget = self.cfg.train.max_tokens
+        responses = getattr(self.groups, "response_ids", None)   # None: drawn during training
+        if budget is None or responses is None:
+            return
+        largest = max(len(p) + sum(map(len, rs))
+                      for p, rs in zip(self.groups.prompt_ids, responses))
+        if largest > budget:
+            raise UserError(f"train.max_tokens: a packed row of {budget} tokens cannot hold the "
+                            f"largest prompt group ({largest} tokens: its prompt once and its "
+                            f"{2 + 2 * self.M} responses); set it to at least {largest}, or "
+                            f"leave it unset")
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -281,21 +321,35 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
 
     def resume_if_possible(self) -> None:
+        """Resume from the newest checkpoint that is complete and loads, saying on stdout which
+        ones were passed over and why; with none at all, start afresh (metrics.jsonl too)."""
         ckpt.remove_incomplete(self.out, self.dist.is_main)
-        latest = ckpt.latest_checkpoint(self.out)
-        if latest is None:
+        # Rank 0 inspects the folder; every rank then tries the same checkpoints in order.
+        found = broadcast_object([(p, ckpt.checkpoint_problem(p))
+                                  for p in ckpt.checkpoints(self.out)] if self.dist.is_main
+                                 else None)
+        if not found:
+            self.metrics.truncate_after(0)   # a run killed before its first checkpoint
             return
-        fixed, other = ckpt.config_changes(latest, self.cfg.to_dict())
-        if fixed:
-            raise UserError(f"{fixed[0].split(':')[0]}: {latest} was written under other "
-                            f"settings that decide which data the remaining steps see or "
-                            f"which model the weights fit ({'; '.join(fixed)}); resume with "
-                            f"the checkpoint's values, or start a new train.output_dir")
-        if other and self.dist.is_main:
-            print(f"note: resuming {latest} with settings other than its own ({'; '.join(other)}):"
-                  f" the steps after {latest.name} follow the new ones")
-        state = ckpt.load_checkpoint(latest, self.policy, self.optimizer, rank=self.dist.rank,
-                                     frozen=self._frozen_state())
+        passed = []
+        for path, problem in found:
+            if problem is None:
+                self._check_resume_settings(path)
+                try:
+                    state = ckpt.load_checkpoint(path, self.policy, self.optimizer,
+                                                 rank=self.dist.rank,
+                                                 frozen=self._frozen_state())
+                    break
+                except ckpt.CheckpointUnreadable as err:
+                    problem = str(err)
+            passed.append(f"{path.name}: {problem}")
+            if self.dist.is_main:
+                print(f"note: {path} cannot be resumed ({problem}); trying the checkpoint "
+                      f"before it")
+        else:
+            raise UserError(f"train.output_dir: no checkpoint in {ckpt.checkpoint_root(self.out)} "
+                            f"can be resumed ({'; '.join(passed)}); restore one, or move them "
+                            f"away to start afresh")
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         if state["rng"] is not None:
@@ -304,12 +358,43 @@ class Trainer:
             self._seed_everything(hash((self.cfg.train.seed, self.step, self.dist.rank)) % 2**32)
         self.metrics.truncate_after(self.step)
         if self.dist.is_main:
-            print(f"resumed from {latest} at step {self.step}")
+            print(f"resumed from {path} at step {self.step}")
             if state["world_size"] != self.dist.world_size:
                 print(f"note: the checkpoint was written by {state['world_size']} rank(s), this "
                       f"run has {self.dist.world_size}: weights, optimizer, schedule and data "
                       f"order carry over; the trajectory is the same up to the order of "
                       f"gradient reductions")
+
+    def _check_resume_settings(self, path: Path) -> None:
+        """Refuse settings or data that would change which rows the remaining steps see (or
+        which model the weights fit); note the other changes."""
+        fixed, other = ckpt.config_changes(path, self.cfg.to_dict())
+        if fixed:
+            raise UserError(f"{fixed[0].split(':')[0]}: {path} was written under other "
+                            f"settings that decide which data the remaining steps see or "
+                            f"which model the weights fit ({'; '.join(fixed)}); resume with "
+                            f"the checkpoint's values, or start a new train.output_dir")
+        # Every rank reads the same manifest and holds the same data: the same verdict.
+        saved = ckpt.read_manifest(path).get("data")
+        now = self._data_fingerprint()
+        if saved is not None and now is not None and saved != now:
+            if not self.cfg.train.allow_data_change:
+                raise UserError(f"data.path: {self.cfg.data.path} holds other rows than the "
+                                f"data {path} was trained on (their content is compared, not "
+                                f"the path): the remaining steps would not see the data the run "
+                                f"promised; resume with that data, set "
+                                f"train.allow_data_change=true to go on with this one, or start "
+                                f"a new train.output_dir")
+            if self.dist.is_main:
+                print(f"note: resuming {path} on other data than its own "
+                      f"(train.allow_data_change): the steps after {path.name} draw from "
+                      f"{self.cfg.data.path}")
+        if other and self.dist.is_main:
+            print(f"note: resuming {path} with settings other than its own ({'; '.join(other)}):"
+                  f" the steps after {path.name} follow the new ones")
+
+    def _data_fingerprint(self) -> str | None:
+        return getattr(self.groups, "fingerprint", None)
 
     def _frozen_state(self) -> dict:
         # The lagged copy is training state: it is not a function of the current weights.
@@ -321,8 +406,9 @@ class Trainer:
                             f"(the previous one is intact)")
         extra = {"step": self.step, "skipped_total": self.skipped_total, "rng": ckpt.rng_state()}
         ckpt.save_checkpoint(self.out, self.step, self.policy, self.optimizer, extra,
-                             rank=self.dist.rank, keep_last=self.cfg.train.keep_last,
-                             config_yaml=self.cfg.to_yaml(), frozen=self._frozen_state())
+                             rank=self.dist.rank, world_size=self.dist.world_size,
+                             keep_last=self.cfg.train.keep_last, config_yaml=self.cfg.to_yaml(),
+                             data=self._data_fingerprint(), frozen=self._frozen_state())
 
     def _weights_finite(self) -> bool:
         bad = torch.zeros((), device=self.device)
@@ -354,20 +440,23 @@ class Trainer:
 
     def fit(self) -> Path:
         t = self.cfg.train
-        self.resume_if_possible()
-        self.metrics.start(self.step, t.max_steps, self._summary())
-        while self.step < t.max_steps:
-            record = self.train_step()
-            if record["skipped"] and self.bad_in_row >= t.max_bad_steps:
-                self.metrics.close()
-                raise UserError(f"step {self.step}: {self.bad_in_row} non-finite steps in a row "
-                                f"(train.max_bad_steps = {t.max_bad_steps}); stopping. Lower "
-                                f"train.lr, use loss.loss_type=ramp, or check the data")
-            self.metrics.log(record)
-            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
-                self.save()
-        self.metrics.close()
-        return self.save_final()
+        try:
+            self.resume_if_possible()
+            self.metrics.start(self.step, t.max_steps, self._summary())
+            while self.step < t.max_steps:
+                record = self.train_step()
+                if record["skipped"] and self.bad_in_row >= t.max_bad_steps:
+                    raise UserError(f"step {self.step}: {self.bad_in_row} non-finite steps in a "
+                                    f"row (train.max_bad_steps = {t.max_bad_steps}); stopping. "
+                                    f"Lower train.lr, use loss.loss_type=ramp, or check the data")
+                self.metrics.log(record)
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+                    self.save()
+            self.metrics.close()
+            return self.save_final()
+        finally:
+            self.metrics.close()
+            self._release_lock()
 
     def _summary(self) -> str:
         return (f"policy: {self._n_params / 1e6:.2f}M parameters on {self.device} x "

@@ -68,7 +68,8 @@ class MetricsLogger:
             self.wandb.log(record, step=record["step"])
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps the restored checkpoint has not seen (they rerun)."""
+        """On resume: drop lines of steps the restored checkpoint has not seen (they rerun);
+        step 0 (no checkpoint) empties the file."""
         if not self.is_main or not self.path.is_file():
             return
         kept = []
@@ -88,8 +89,10 @@ class MetricsLogger:
             self.bar = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
 def read_metrics(output_dir) -> list[dict]:

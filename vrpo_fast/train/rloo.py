@@ -59,6 +59,7 @@ class RLOOTrainer(Trainer):
     def load_data(self) -> None:
         from vrpo_fast.data.load import load_preference_data
         from vrpo_fast.data.tokenize import tokenize_prompt
+        from vrpo_fast.train.checkpoint import data_fingerprint
 
         d = self.cfg.data
         if not d.path:
@@ -69,6 +70,7 @@ class RLOOTrainer(Trainer):
             raise UserError(f"data.path: {d.path} holds no usable prompts")
         self.groups = PromptGroups([tokenize_prompt(ex.prompt, self.tokenizer)
                                     for ex in examples])
+        self.groups.fingerprint = data_fingerprint(examples)   # recorded in checkpoints
         self.data_report, self.M = report, 0
 
     @torch.no_grad()
