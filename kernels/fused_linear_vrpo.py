@@ -44,7 +44,6 @@ import triton.language as tl
 from .vrpo_loss import vrpo_loss_backward, vrpo_loss_forward
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # The chunk's logit buffer on CUDA: about this many bytes (tokens per chunk = bytes / (V * size)).
 SWEEP_CHUNK_BYTES = 128 * 2**20
@@ -63,8 +62,8 @@ def _sweep_lse_kernel(
     """lse and logp of one buffer row; scale = log2(e) / T (the running sums are in log2)."""
     row = tl.program_id(0)
     z_row = z_ptr + tl.cast(row, tl.int64) * stride_zn
-    m = tl.full((), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((), dtype=tl.float32)
+    m = float("-inf")                    # scalars: one row per program
+    s = 0.0
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale
