@@ -131,12 +131,15 @@ class TorchSweep:
 
     def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """h: (n, D) -> out (n, V) = h W^T / T in fp32."""
-        return torch.mm(h.float(), self.weight.T, out=out).div_(self.temperature)
+        z = torch.mm(h.float(), self.weight.T, out=out)
+        return z if self.temperature == 1.0 else z.div_(self.temperature)
 
     def lse_logp(self, z, targets):
         """(lse (n,), logp (n,), 0 on ignored positions) of the chunk's z / T (n, V)."""
         valid = targets != self.ignore_index
-        lse = torch.logsumexp(z, dim=1)
+        lse = torch.empty(z.shape[0], device=z.device)
+        for r in range(0, z.shape[0], 64):       # logsumexp's temporary: 64 rows, not the chunk
+            lse[r:r + 64] = torch.logsumexp(z[r:r + 64], dim=1)
         zt = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
         return lse, torch.where(valid, zt - lse, 0.0)
 
