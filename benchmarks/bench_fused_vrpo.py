@@ -10,7 +10,7 @@ LM-head weight (V, D), targets, segment ids, cached reference log-probs and g, p
   ours      vrpo_fast.FusedLinearVRPOLoss, one sweep per chunk of whole groups (CUDA: cuBLAS +
             the Triton row passes; CPU: the same steps in PyTorch, impl="torch")
 
-G = N / 256 groups of K = 4 responses (M = 1) of random lengths, N tokens in all. Useful
+G = N / 256 groups of K = 4 responses (M = 1) of about 32-96 tokens, N tokens in all. Useful
 FLOPs: 6 N D V. Peak memory against the lower bound: inputs (hidden, weight, targets, segment
 ids) and the two gradients.
 
@@ -37,10 +37,10 @@ def make_inputs(N, D, V, seed=0):
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(seed)
     G = max(1, N // (K * 64))
-    # G K responses of random lengths (64 tokens on average) that add up to N: cut [0, N) at
-    # G K - 1 distinct random points.
-    cuts = (torch.randperm(N - 1, generator=gen)[:G * K - 1] + 1).sort().values
-    lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([N])]))
+    # G K responses of 32-96 tokens, rescaled to add up to N (the last one takes the rounding).
+    lengths = torch.randint(32, 97, (G * K,), generator=gen).double()
+    lengths = (lengths * N / lengths.sum()).long().clamp(min=1)
+    lengths[-1] += N - lengths.sum()
     seg = torch.repeat_interleave(torch.arange(G * K), lengths)
     h = torch.randn(N, D, generator=gen).to(device(), dtype).requires_grad_(True)
     w = (torch.randn(V, D, generator=gen) / D ** 0.5).to(device(), dtype).requires_grad_(True)

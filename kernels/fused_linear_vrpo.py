@@ -25,8 +25,9 @@ and cuBLAS runs them near the chip's peak, where the earlier hand-written Triton
 reached ~410 TFLOP/s on an H100 (benchmarks/RESULTS.md); the row passes are memory-bound reads
 (and one write) of the chunk buffer, a small fraction of the GEMM time.
 
-Memory: the (n, V) buffer in the inputs' dtype (SWEEP_CHUNK_BYTES, ~128 MiB, a few percent of
-the lower bound at an 8B model's head) plus dH and dW themselves. 16-bit weights: dW
+Memory: the (n, V) buffer in the inputs' dtype (SWEEP_CHUNK_BYTES, ~128 MiB, about 6% of the
+lower bound at N = 8192, D = 4096, V = 128256; widened up to 4x when a group is longer) plus dH
+and dW themselves. 16-bit weights: dW
 accumulates in the weight's dtype (fp32 accumulation inside each GEMM, one rounding per chunk,
 as Liger-Kernel's fused linear cross entropy does), so that no fp32 (V, D) copy is needed;
 fp32 weights accumulate exactly in fp32. The logits are rounded to the inputs' dtype before the

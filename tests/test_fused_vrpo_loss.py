@@ -158,6 +158,12 @@ def test_logits_are_formed_once_per_token(monkeypatch):
         assert sum(rows) == forward_rows                     # backward: no logits
         assert max(rows) <= chunk
         assert forward_rows == h.shape[0] + sum(s for s in sizes if s > chunk)
+    # The default chunk (a byte budget) widens, up to 4x, to the largest group: no recompute.
+    assert max(sizes) <= 20
+    monkeypatch.setattr(chunked.TorchSweep, "buffer_bytes", 5 * V * 4)        # 5 tokens
+    rows.clear()
+    FusedLinearVRPOLoss(impl="torch")(h.requires_grad_(True), w, t, seg, G, K, ref, g)
+    assert sum(rows) == h.shape[0] and max(rows) >= max(sizes)
 
 
 def test_group_offsets_and_chunks():

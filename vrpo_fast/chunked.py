@@ -117,8 +117,8 @@ SWEEP_CHUNK_BYTES = 64 * 2**20
 class TorchSweep:
     """The steps of `linear_vrpo_sweep` in PyTorch (the CPU path and the reference of
     `vrpo_fast.kernels.fused_linear_vrpo.TritonSweep`): fp32 GEMMs and buffer whatever the
-    inputs' dtype; the buffer holds z / T. The loss derivative comes from autograd through
-    `vrpo_loss` on the (b, K) sequence log-probs of the chunk."""
+    inputs' dtype; the buffer holds z / T, then log softmax, then dlogits. The loss derivative
+    comes from autograd through `vrpo_loss` on the (b, K) sequence log-probs of the chunk."""
 
     buffer_bytes = SWEEP_CHUNK_BYTES
     work = torch.float32
@@ -135,17 +135,20 @@ class TorchSweep:
         return z if self.temperature == 1.0 else z.div_(self.temperature)
 
     def lse_logp(self, z, targets):
-        """(lse (n,), logp (n,), 0 on ignored positions) of the chunk's z / T (n, V)."""
+        """In place: the chunk's z / T (n, V) -> log softmax; returns (None: dlogits_ needs
+        only the buffer, logp (n,), 0 on ignored positions)."""
+        # log_softmax's fused CPU kernel, in place (each row is read before it is written, no
+        # temporary), is several times faster than logsumexp; keeping log p in the buffer
+        # leaves one exp for dlogits_.
+        torch.log_softmax(z, dim=1, out=z)
         valid = targets != self.ignore_index
-        lse = torch.empty(z.shape[0], device=z.device)
-        for r in range(0, z.shape[0], 64):       # logsumexp's temporary: 64 rows, not the chunk
-            lse[r:r + 64] = torch.logsumexp(z[r:r + 64], dim=1)
-        zt = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
-        return lse, torch.where(valid, zt - lse, 0.0)
+        logp = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+        return None, torch.where(valid, logp, 0.0)
 
     def dlogits_(self, z, targets, lse, coef):
-        """In place: z / T -> coef_n (onehot(t_n) - softmax_n); coef is 0 on ignored rows."""
-        z.sub_(lse[:, None]).exp_().mul_(-coef[:, None])
+        """In place: log softmax (n, V) -> coef_n (onehot(t_n) - softmax_n); coef is 0 on
+        ignored rows."""
+        z.exp_().mul_(-coef[:, None])
         valid = targets != self.ignore_index
         return z.scatter_add_(1, torch.where(valid, targets, 0)[:, None], coef[:, None])
 
@@ -194,14 +197,17 @@ def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size
     (G + 1,) token offsets of the groups (`group_offsets`), ref_logps: (G, K) or None,
     aux_prefs: (G, K / 2); grad_scale: dLoss / dL_b (1 / G for the mean, 1 for the sum).
     backend: `TorchSweep` or `vrpo_fast.kernels.fused_linear_vrpo.TritonSweep`, whose
-    `weight` (V, D) is the LM head in its work dtype.
+    `weight` (V, D) is the LM head in its work dtype; its steps work on the buffer in place:
+    logits(h, out) -> z, lse_logp(z, targets) -> (lse or None: what dlogits_ needs besides the
+    buffer, logp), dlogits_(z, targets, lse, coef) -> dz, loss_grad -> (per-prompt loss, dpolicy).
 
-    Per run of whole groups (`group_chunks`, at most chunk_tokens tokens, by default what fits
-    in backend.buffer_bytes): the logits once into one reused (chunk, V) buffer, lse and logp,
-    the sequence sums, the groups' losses and dLoss/dpolicy, then the logit gradients in place
-    in the buffer, dH for the run's rows and dW += dz^T h. A group longer than a chunk is a run
-    of its own, streamed in chunk-sized slices: its slices' logits are computed twice (once for
-    its sums, once for its gradients), the only recompute, and only for such groups.
+    Per run of whole groups (`group_chunks`, at most chunk_tokens tokens; by default what fits
+    in backend.buffer_bytes, or the largest group if that is longer, up to 4x): the logits once
+    into one reused (chunk, V) buffer, lse and logp, the sequence sums, the groups' losses and
+    dLoss/dpolicy, then the logit gradients in place in the buffer, dH for the run's rows and
+    dW += dz^T h. A group longer than a chunk is a run of its own, streamed in chunk-sized
+    slices: its slices' logits and log-sum-exps are computed twice (once for its sums, once for
+    its gradients), the only recompute, and only for such groups.
 
     Returns (per-prompt losses (G,) fp32, policy sequence log-probs (G, K) fp32, dH (N, D) or
     None, dW (V, D) or None), the gradients in backend.work.
@@ -210,7 +216,13 @@ def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size
     G = len(offsets) - 1
     weight = backend.weight
     V, dev = weight.shape[0], hidden.device
-    C = max(1, chunk_tokens or backend.buffer_bytes // (V * weight.element_size()))
+    C = chunk_tokens
+    if C is None:
+        # The buffer's budget, widened (up to 4x) to hold the largest group whole: a group
+        # longer than a chunk costs its logits twice.
+        C = max(1, backend.buffer_bytes // (V * weight.element_size()))
+        largest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+        C = max(C, min(largest, 4 * C))
     need_grad = need_dh or need_dw
     policy = torch.zeros(G, K, dtype=torch.float32, device=dev)
     per = torch.empty(G, dtype=torch.float32, device=dev)
@@ -222,12 +234,10 @@ def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size
         slices = [(a, min(a + C, t1)) for a in range(t0, t1, C)]
         local = segment_ids[t0:t1] - g0 * K
         seq = policy[g0:g1].view(-1)
-        lse = []
         for a, b in slices:
             z = backend.logits(hidden[a:b], buf[:b - a])
-            lse_ab, logp = backend.lse_logp(z, targets[a:b])
+            lse, logp = backend.lse_logp(z, targets[a:b])
             seq.index_add_(0, local[a - t0:b - t0], logp)
-            lse.append(lse_ab)
         ref = None if ref_logps is None else ref_logps[g0:g1].float()
         per[g0:g1], dpol = backend.loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1], grad_scale)
         if not need_grad:
@@ -236,10 +246,11 @@ def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size
         # 1/T of the chain rule through h W^T / T rides in c).
         coef = dpol.reshape(-1).float()[local] / backend.temperature
         coef = torch.where(targets[t0:t1] != backend.ignore_index, coef, 0.0)
-        for (a, b), lse_ab in zip(slices, lse):
-            if len(slices) > 1:
+        for a, b in slices:
+            if len(slices) > 1:             # a group longer than a chunk: its slice again
                 z = backend.logits(hidden[a:b], buf[:b - a])
-            dz = backend.dlogits_(z, targets[a:b], lse_ab, coef[a - t0:b - t0])
+                lse, _ = backend.lse_logp(z, targets[a:b])
+            dz = backend.dlogits_(z, targets[a:b], lse, coef[a - t0:b - t0])
             if need_dh:
                 torch.mm(dz, weight, out=dh[a:b])
             if need_dw:

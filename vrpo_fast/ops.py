@@ -170,7 +170,8 @@ class FusedLinearVRPOLoss(nn.Module):
         check_inputs: check values (finite log-probs, g in [0, 1]) as `vrpo_loss` does; each
             check is a host sync, so a trainer that validated its data can turn them off.
         chunk_tokens: tokens per one-sweep chunk (default: a ~128 MiB logit buffer on CUDA,
-            64 MiB in fp32 on the CPU); an operational setting that never changes the result.
+            64 MiB in fp32 on the CPU, widened up to 4x to hold the largest group whole); an
+            operational setting that never changes the result.
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", estimator: str = "vrpo",
