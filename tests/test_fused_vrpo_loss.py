@@ -195,14 +195,15 @@ def test_non_contiguous_groups_no_grad_and_no_tokens():
     want, _, dh_want, dw_want = oracle(h, w, t, seg, G, K, ref, g, 1.0, beta=0.1,
                                        loss_type="sigmoid", estimator="vrpo", temperature=1.0,
                                        reduction="mean")
-    loss, _, dh, dw = run_module(module, h[perm], w, t[perm], seg[perm], G, K, ref, g, 1.0)
+    loss, _, dh, dw = run_module(module, h[perm], w, t[perm].int(), seg[perm], G, K, ref, g,
+                                 1.0)
     assert_close_verbose(loss, want, 1e-5, 1e-5, "permuted loss")
     assert_close_verbose(dh, dh_want[perm], 1e-5, 1e-4, "permuted dH")
     with torch.no_grad():
         loss, _ = module(h.requires_grad_(True), w, t, seg, G, K, ref, g)
     assert_close_verbose(loss, want, 1e-5, 1e-5, "no_grad loss")
     ww = w.clone().requires_grad_(True)
-    loss, _ = module(h.detach(), ww, t, seg, G, K, ref, g)
+    loss, _ = module(h.detach(), ww, t.int(), seg.int(), G, K, ref, g)     # int32 ids
     loss.backward()
     assert_close_verbose(ww.grad, dw_want, 1e-5, 1e-4, "dW only")
     empty = torch.zeros(0, dtype=torch.long, device=DEVICE)

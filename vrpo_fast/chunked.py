@@ -300,6 +300,7 @@ def one_sweep_vrpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     Returns (loss () fp32, policy sequence log-probs (G, K) fp32, detached).
     """
     G = len(offsets) - 1
+    targets, segment_ids = targets.long(), segment_ids.long()      # gather / scatter indices
     backend = backend_cls(hidden, weight, temperature=temperature, ignore_index=ignore_index,
                           beta=beta, loss_type=loss_type, estimator=estimator)
 
