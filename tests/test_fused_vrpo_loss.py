@@ -235,6 +235,8 @@ def test_argument_errors_name_the_argument():
         FusedLinearVRPOLoss()(h, w, t, seg, 2, 4, ref[:, :1], g)
     with pytest.raises(ValueError, match="^aux_prefs:"):
         FusedLinearVRPOLoss()(h, w, t, seg, 2, 4, ref, g[:1])
+    with pytest.raises(ValueError, match="^aux_prefs:"):
+        FusedLinearVRPOLoss()(h, w, t, seg, 2, 4, ref, None)
     with pytest.raises(ValueError, match="^aux_prefs: every g"):     # the value checks remain
         FusedLinearVRPOLoss()(h, w, t, seg, 2, 4, ref, g + 2)
 

@@ -272,6 +272,10 @@ def _check_group_args(ref_logps, aux_prefs, num_groups, group_size):
     sweep's log-probs, too late to spare it)."""
     for name, x, shape in (("ref_logps", ref_logps, (num_groups, group_size)),
                            ("aux_prefs", aux_prefs, (num_groups, group_size // 2))):
-        if x is not None and (not x.is_floating_point() or x.shape != shape):
+        if x is None and name == "ref_logps":
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape != shape:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else \
+                type(x).__name__
             raise ValueError(f"{name}: expected a floating-point tensor of shape {shape}, got "
-                             f"{x.dtype} {tuple(x.shape)}")
+                             f"{got}")
