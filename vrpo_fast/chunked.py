@@ -1,10 +1,19 @@
-"""The PyTorch reference of the fused linear log-prob kernel (vrpo_fast.kernels.linear_logprob):
-the same maths in vocabulary chunks with an online log-sum-exp, used on the CPU and by the
-kernel tests and benchmarks."""
+"""The PyTorch references of the fused kernels, used on the CPU and by the kernel tests and
+benchmarks:
+
+- `chunked_linear_logprobs`, of the fused linear log-prob (vrpo_fast.kernels.linear_logprob):
+  the same maths in vocabulary chunks with an online log-sum-exp;
+- `one_sweep_vrpo_loss`, of the one-sweep LM head + VRPO loss
+  (vrpo_fast.kernels.fused_linear_vrpo): log-probs, loss and gradients per chunk of whole
+  prompt groups, the loop shared by both paths (`linear_vrpo_sweep`, `TorchSweep`).
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from vrpo_fast.objective import vrpo_loss
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
@@ -97,3 +106,210 @@ def chunked_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
     return _ChunkedLinearLogprobs.apply(hidden, weight, targets, segment_ids, num_segments,
                                         float(temperature), ignore_index, chunk_size)
+
+
+# --- one sweep: log-probs, the VRPO loss and its gradients per chunk of whole groups ---------
+
+# The CPU reference's fp32 logit buffer: about this many bytes per chunk.
+SWEEP_CHUNK_BYTES = 64 * 2**20
+
+
+class TorchSweep:
+    """The steps of `linear_vrpo_sweep` in PyTorch (the CPU path and the reference of
+    `vrpo_fast.kernels.fused_linear_vrpo.TritonSweep`): fp32 GEMMs and buffer whatever the
+    inputs' dtype; the buffer holds z / T, then log softmax, then dlogits. The loss derivative
+    comes from autograd through `vrpo_loss` on the (b, K) sequence log-probs of the chunk."""
+
+    buffer_bytes = SWEEP_CHUNK_BYTES
+    work = torch.float32
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float,
+                 ignore_index: int, beta: float, loss_type: str, estimator: str):
+        self.weight = weight.float()
+        self.temperature, self.ignore_index = temperature, ignore_index
+        self.loss = dict(beta=beta, loss_type=loss_type, estimator=estimator)
+
+    def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """h: (n, D) -> out (n, V) = h W^T / T in fp32."""
+        z = torch.mm(h.float(), self.weight.T, out=out)
+        return z if self.temperature == 1.0 else z.div_(self.temperature)
+
+    def lse_logp(self, z, targets):
+        """In place: the chunk's z / T (n, V) -> log softmax; returns (None: dlogits_ needs
+        only the buffer, logp (n,), 0 on ignored positions)."""
+        # log_softmax's fused CPU kernel, in place (each row is read before it is written, no
+        # temporary), is several times faster than logsumexp; keeping log p in the buffer
+        # leaves one exp for dlogits_.
+        torch.log_softmax(z, dim=1, out=z)
+        valid = targets != self.ignore_index
+        logp = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+        return None, torch.where(valid, logp, 0.0)
+
+    def dlogits_(self, z, targets, lse, coef):
+        """In place: log softmax (n, V) -> coef_n (onehot(t_n) - softmax_n); coef is 0 on
+        ignored rows."""
+        z.exp_().mul_(-coef[:, None])
+        valid = targets != self.ignore_index
+        return z.scatter_add_(1, torch.where(valid, targets, 0)[:, None], coef[:, None])
+
+    def loss_grad(self, policy, ref, g, grad_scale: float):
+        """policy, ref: (b, K) fp32, g: (b, K / 2) -> (per-prompt loss (b,), grad_scale *
+        dL_b / dpolicy (b, K))."""
+        with torch.enable_grad():
+            p = policy.detach().requires_grad_(True)
+            per, _ = vrpo_loss(p, ref, g, reduction="none", check_inputs=False, **self.loss)
+            (dp,) = torch.autograd.grad(per, p, torch.full_like(per, grad_scale))
+        return per.detach(), dp
+
+
+def group_offsets(segment_ids: torch.Tensor, num_groups: int,
+                  group_size: int) -> list[int] | None:
+    """Token offsets (G + 1,) of the groups when every group's tokens are contiguous and in
+    group order (`PackedBatch.segment_ids`, g * K + k, is), else None. One host sync."""
+    S = num_groups * group_size
+    group = segment_ids.clamp(0, max(S - 1, 0)) // group_size
+    ok = ((segment_ids >= 0) & (segment_ids < S)).all() & (group[1:] >= group[:-1]).all()
+    ends = torch.bincount(group, minlength=num_groups).cumsum(0)
+    # Host sync: the chunk boundaries are Python ints (they slice the token range).
+    host = torch.cat([ok.view(1).long(), ends]).tolist()
+    return [0] + host[1:] if host[0] else None
+
+
+def group_chunks(offsets: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Runs [g0, g1) of consecutive groups with at most max_tokens tokens each; a group with
+    more tokens than that is a run of its own."""
+    runs, g0 = [], 0
+    for g in range(len(offsets) - 1):
+        if g > g0 and offsets[g + 1] - offsets[g0] > max_tokens:
+            runs.append((g0, g))
+            g0 = g
+    if len(offsets) > 1:
+        runs.append((g0, len(offsets) - 1))
+    return runs
+
+
+def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size, ref_logps,
+                      aux_prefs, *, grad_scale: float, need_dh: bool, need_dw: bool,
+                      chunk_tokens: int | None = None):
+    """Log-probs, the per-prompt VRPO losses and (optionally) dLoss/dH, dLoss/dW in one sweep.
+
+    hidden: (N, D), targets, segment_ids: (N,) with each group's tokens contiguous, offsets:
+    (G + 1,) token offsets of the groups (`group_offsets`), ref_logps: (G, K) or None,
+    aux_prefs: (G, K / 2); grad_scale: dLoss / dL_b (1 / G for the mean, 1 for the sum).
+    backend: `TorchSweep` or `vrpo_fast.kernels.fused_linear_vrpo.TritonSweep`, whose
+    `weight` (V, D) is the LM head in its work dtype; its steps work on the buffer in place:
+    logits(h, out) -> z, lse_logp(z, targets) -> (lse or None: what dlogits_ needs besides the
+    buffer, logp), dlogits_(z, targets, lse, coef) -> dz, loss_grad -> (per-prompt loss, dpolicy).
+
+    Per run of whole groups (`group_chunks`, at most chunk_tokens tokens; by default what fits
+    in backend.buffer_bytes, or the largest group if that is longer, up to 4x): the logits once
+    into one reused (chunk, V) buffer, lse and logp, the sequence sums, the groups' losses and
+    dLoss/dpolicy, then the logit gradients in place in the buffer, dH for the run's rows and
+    dW += dz^T h. A group longer than a chunk is a run of its own, streamed in chunk-sized
+    slices: its slices' logits and log-sum-exps are computed twice (once for its sums, once for
+    its gradients), the only recompute, and only for such groups.
+
+    Returns (per-prompt losses (G,) fp32, policy sequence log-probs (G, K) fp32, dH (N, D) or
+    None, dW (V, D) or None), the gradients in backend.work.
+    """
+    N, K = hidden.shape[0], group_size
+    G = len(offsets) - 1
+    weight = backend.weight
+    V, dev = weight.shape[0], hidden.device
+    C = chunk_tokens
+    if C is None:
+        # The buffer's budget, widened (up to 4x) to hold the largest group whole: a group
+        # longer than a chunk costs its logits twice.
+        C = max(1, backend.buffer_bytes // (V * weight.element_size()))
+        largest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+        C = max(C, min(largest, 4 * C))
+    need_grad = need_dh or need_dw
+    policy = torch.zeros(G, K, dtype=torch.float32, device=dev)
+    per = torch.empty(G, dtype=torch.float32, device=dev)
+    dh = torch.empty(N, hidden.shape[1], dtype=backend.work, device=dev) if need_dh else None
+    dw = torch.zeros_like(weight) if need_dw else None
+    buf = torch.empty(min(C, N), V, dtype=backend.work, device=dev)
+    for g0, g1 in group_chunks(offsets, C):
+        t0, t1 = offsets[g0], offsets[g1]
+        slices = [(a, min(a + C, t1)) for a in range(t0, t1, C)]
+        local = segment_ids[t0:t1] - g0 * K
+        seq = policy[g0:g1].view(-1)
+        for a, b in slices:
+            z = backend.logits(hidden[a:b], buf[:b - a])
+            lse, logp = backend.lse_logp(z, targets[a:b])
+            seq.index_add_(0, local[a - t0:b - t0], logp)
+        ref = None if ref_logps is None else ref_logps[g0:g1].float()
+        per[g0:g1], dpol = backend.loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1], grad_scale)
+        if not need_grad:
+            continue
+        # dLoss/dlogits_n = c_n (onehot - softmax) with c_n = dLoss/dpolicy_{seg_n} / T (the
+        # 1/T of the chain rule through h W^T / T rides in c).
+        coef = dpol.reshape(-1).float()[local] / backend.temperature
+        coef = torch.where(targets[t0:t1] != backend.ignore_index, coef, 0.0)
+        for a, b in slices:
+            if len(slices) > 1:             # a group longer than a chunk: its slice again
+                z = backend.logits(hidden[a:b], buf[:b - a])
+                lse, _ = backend.lse_logp(z, targets[a:b])
+            dz = backend.dlogits_(z, targets[a:b], lse, coef[a - t0:b - t0])
+            if need_dh:
+                torch.mm(dz, weight, out=dh[a:b])
+            if need_dw:
+                dw.addmm_(dz.T, hidden[a:b].to(backend.work))
+    return per, policy, dh, dw
+
+
+class _OneSweepVRPOLoss(torch.autograd.Function):
+    """The sweep runs in forward and leaves dH and dW (for a scale of 1) in ctx; backward only
+    multiplies them by the incoming scalar, in place (a second backward through the same graph
+    is refused by autograd's saved-tensor version check)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, sweep, reduction):
+        per, policy, dh, dw = sweep(*ctx.needs_input_grad[:2])
+        ctx.mark_non_differentiable(policy)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return (per.mean() if reduction == "mean" else per.sum()), policy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_policy):
+        dh, dw = ctx.saved_tensors
+        dh = None if dh is None else dh.mul_(grad_loss).to(ctx.dtypes[0])
+        dw = None if dw is None else dw.mul_(grad_loss).to(ctx.dtypes[1])
+        return dh, dw, None, None
+
+
+def one_sweep_vrpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        segment_ids: torch.Tensor, offsets: list[int], group_size: int,
+                        ref_logps: torch.Tensor | None, aux_prefs: torch.Tensor, *,
+                        beta: float, loss_type: str, estimator: str, reduction: str,
+                        temperature: float = 1.0, ignore_index: int = -100,
+                        chunk_tokens: int | None = None, backend_cls=TorchSweep):
+    """The mean (or sum) over G prompt groups of the VRPO loss, from the LM head's inputs, in
+    one sweep (`linear_vrpo_sweep`); differentiable in hidden and weight.
+
+    hidden: (N, D), weight: (V, D), targets / segment_ids: (N,) (segment g * K + k, each
+    group's tokens contiguous), offsets: `group_offsets(segment_ids, G, K)`, ref_logps:
+    (G, K) or None, aux_prefs: (G, K / 2). reduction: mean | sum (a per-prompt output would
+    need a vector backward, which stored gradients cannot give). chunk_tokens: tokens per chunk
+    (an operational setting: the result does not depend on it). backend_cls: TorchSweep, or
+    TritonSweep for the GPU steps. Arguments are validated by the caller
+    (`vrpo_fast.ops.FusedLinearVRPOLoss`).
+
+    Returns (loss () fp32, policy sequence log-probs (G, K) fp32, detached).
+    """
+    G = len(offsets) - 1
+    targets, segment_ids = targets.long(), segment_ids.long()      # gather / scatter indices
+    backend = backend_cls(hidden, weight, temperature=temperature, ignore_index=ignore_index,
+                          beta=beta, loss_type=loss_type, estimator=estimator)
+
+    def sweep(need_dh, need_dw):
+        return linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size,
+                                 ref_logps, aux_prefs,
+                                 grad_scale=1.0 / G if reduction == "mean" else 1.0,
+                                 need_dh=need_dh, need_dw=need_dw, chunk_tokens=chunk_tokens)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _OneSweepVRPOLoss.apply(hidden, weight, sweep, reduction)
+    per, policy, _, _ = sweep(False, False)
+    return (per.mean() if reduction == "mean" else per.sum()), policy

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from vrpo_fast.chunked import chunked_linear_logprobs
+from vrpo_fast.chunked import chunked_linear_logprobs, group_offsets, one_sweep_vrpo_loss
 from vrpo_fast.objective import ESTIMATORS, LOSS_TYPES, _check_choice, vrpo_loss
 
 IMPLS = ("auto", "triton", "torch")
@@ -148,9 +148,20 @@ def per_prompt_vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | N
 class FusedLinearVRPOLoss(nn.Module):
     """Response hidden states + LM-head weight -> the VRPO loss, for embedding in any trainer.
 
-    On CUDA: the fused linear log-prob kernel (per-response sums, no logits in memory), then the
-    fused loss kernel; DRO weights (w = softmax(L / dro_tau), not differentiated) in torch on the
-    (B,) vector. On the CPU: the PyTorch references of the same maths.
+    One sweep (reduction mean or sum, no DRO): per chunk of whole prompt groups the logits are
+    formed once, then the log-sum-exp and target logits, the sequence log-probs, the groups'
+    losses and their derivative, and at once the logit gradients, dH and dW
+    (`vrpo_fast.chunked.linear_vrpo_sweep`: 6 N D V flops, no (N, V) logits, a bounded chunk
+    buffer); backward only scales the stored gradients by its incoming scalar. On CUDA the
+    logits and gradient GEMMs are cuBLAS, the softmax passes and the loss Triton
+    (`vrpo_fast.kernels.fused_linear_vrpo`); on the CPU the same steps in PyTorch. It needs each
+    group's tokens contiguous (the packed layout's order), found with one host sync per call.
+
+    Two passes otherwise: the fused linear log-prob (per-response sums), then the fused loss
+    kernel, with the log-probs' backward as a separate pass recomputing the logits. That path
+    serves KL-DRO weighting (w = softmax(L / dro_tau) couples every group of the batch, so no
+    chunk's gradient is known before the last chunk), reduction="none" (a vector backward) and
+    segment ids whose groups are not contiguous.
 
     Args:
         beta, loss_type, estimator, dro_tau: as in `vrpo_fast.vrpo_loss`.
@@ -158,11 +169,14 @@ class FusedLinearVRPOLoss(nn.Module):
         impl: auto | triton | torch.
         check_inputs: check values (finite log-probs, g in [0, 1]) as `vrpo_loss` does; each
             check is a host sync, so a trainer that validated its data can turn them off.
+        chunk_tokens: tokens per one-sweep chunk (default: a ~128 MiB logit buffer on CUDA,
+            64 MiB in fp32 on the CPU, widened up to 4x to hold the largest group whole); an
+            operational setting that never changes the result.
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", estimator: str = "vrpo",
                  dro_tau: float | None = None, temperature: float = 1.0, impl: str = "auto",
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, chunk_tokens: int | None = None):
         super().__init__()
         _check_choice("loss_type", loss_type, LOSS_TYPES)
         _check_choice("estimator", estimator, ESTIMATORS)
@@ -175,7 +189,9 @@ class FusedLinearVRPOLoss(nn.Module):
             raise ValueError(f"temperature: must be > 0, got {temperature}")
         self.beta, self.loss_type, self.estimator = beta, loss_type, estimator
         self.dro_tau, self.temperature, self.impl = dro_tau, temperature, impl
-        self.check_inputs = check_inputs
+        if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
+            raise ValueError(f"chunk_tokens: expected an int > 0 or None, got {chunk_tokens!r}")
+        self.check_inputs, self.chunk_tokens = check_inputs, chunk_tokens
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 segment_ids: torch.Tensor, num_groups: int, group_size: int,
@@ -200,13 +216,21 @@ class FusedLinearVRPOLoss(nn.Module):
                              f"{group_size!r}")
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups: expected an int >= 1, got {num_groups!r}")
+        common = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
+                      dro_tau=self.dro_tau, reduction=reduction,
+                      check_inputs=self.check_inputs)
+        if self.dro_tau is None and reduction in ("mean", "sum"):
+            _check_linear_args(hidden, weight, targets, segment_ids, num_groups * group_size,
+                               self.temperature)
+            _check_group_args(ref_logps, aux_prefs, num_groups, group_size)
+            offsets = group_offsets(segment_ids, num_groups, group_size)
+            if offsets is not None:
+                return self._one_sweep(hidden, weight, targets, segment_ids, offsets,
+                                       group_size, ref_logps, aux_prefs, common)
         logps = linear_logprobs(hidden, weight, targets, segment_ids=segment_ids,
                                 num_segments=num_groups * group_size,
                                 temperature=self.temperature, impl=self.impl)
         policy = logps.view(num_groups, group_size)
-        common = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
-                      dro_tau=self.dro_tau, reduction=reduction,
-                      check_inputs=self.check_inputs)
         if not _use_triton(self.impl, policy):
             return vrpo_loss(policy, ref_logps, aux_prefs, **common)
         # Validation and the detached statistics come from the reference formula (B x K
@@ -224,3 +248,34 @@ class FusedLinearVRPOLoss(nn.Module):
         if reduction == "sum":
             return per.sum(), stats
         return per, stats
+
+    def _one_sweep(self, hidden, weight, targets, segment_ids, offsets, group_size, ref_logps,
+                   aux_prefs, common):
+        sweep = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
+                     reduction=common["reduction"], temperature=float(self.temperature),
+                     chunk_tokens=self.chunk_tokens)
+        if _use_triton(self.impl, hidden, weight):
+            from vrpo_fast.kernels.fused_linear_vrpo import TritonSweep
+
+            hidden, weight = _kernel_inputs(hidden, weight)
+            sweep["backend_cls"] = TritonSweep
+        loss, policy = one_sweep_vrpo_loss(hidden, weight, targets, segment_ids, offsets,
+                                           group_size, ref_logps, aux_prefs.detach(), **sweep)
+        # Validation and the detached statistics: the reference formula on (B, K) numbers.
+        with torch.no_grad():
+            _, stats = vrpo_loss(policy, ref_logps, aux_prefs, **common)
+        return loss, stats
+
+
+def _check_group_args(ref_logps, aux_prefs, num_groups, group_size):
+    """The shape checks of the one-sweep path, before any work (vrpo_loss repeats them on the
+    sweep's log-probs, too late to spare it)."""
+    for name, x, shape in (("ref_logps", ref_logps, (num_groups, group_size)),
+                           ("aux_prefs", aux_prefs, (num_groups, group_size // 2))):
+        if x is None and name == "ref_logps":
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape != shape:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else \
+                type(x).__name__
+            raise ValueError(f"{name}: expected a floating-point tensor of shape {shape}, got "
+                             f"{got}")
