@@ -119,3 +119,42 @@ def test_packaged_hh_length_table_matches_the_data_slice():
         ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
     assert hh_lengths() == (prompts, responses)
     assert len(responses) == 2 * len(prompts)
+
+
+def json_rows(capsys, argv):
+    assert main(["bench", *argv, "--json", "-"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_vrpo_loss_rows_carry_the_check_and_skip_ours_on_the_cpu(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = json_rows(capsys, ["vrpo-loss", "--groups", "4", "--pairs", "3", "--providers",
+                              "eager,ours", "--rounds", "2", "--rep-ms", "1"])
+    assert all(r["shape"] == {"B": 4, "M": 3} for r in rows)
+    eager = {r["direction"]: r for r in rows if r["provider"] == "eager"}
+    assert set(eager) == {"fwd", "bwd", "full"}
+    assert all(r["check"]["ok"] and r["median_s"] > 0 for r in eager.values())
+    # policy, reference (4, 8) and g (4, 4) in float32, the (4,) output; + d policy (4, 8).
+    assert eager["fwd"]["lower_bound_bytes"] == (2 * 32 + 16 + 4) * 4
+    assert eager["full"]["lower_bound_bytes"] == (2 * 32 + 16 + 4 + 32) * 4
+    (ours,) = [r for r in rows if r["provider"] == "ours"]
+    assert "eager formula" in ours["note"]
+
+
+def test_step_of_a_model_folder_counts_the_useful_tokens_of_fixed_lengths(capsys, tmp_path):
+    from vrpo_fast.models import build_tiny_causal_lm
+
+    build_tiny_causal_lm(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=64).save_pretrained(tmp_path / "model")
+    rows = json_rows(capsys, ["step", "--model", str(tmp_path / "model"), "--groups", "2",
+                              "--M", "1",
+                              "--lengths", "6,3", "--providers", "reference_layout,vrpo_fast",
+                              "--rounds", "1", "--rep-ms", "1", "--warmup", "0"])
+    assert [r["provider"] for r in rows] == ["reference_layout", "vrpo_fast"]
+    for row in rows:
+        # 2 groups of one 6-token prompt and 2 + 2M = 4 responses of 3 tokens.
+        assert row["useful_tokens"] == 2 * 6 + 2 * 4 * 3
+        assert row["shape"]["lengths"] == "6,3" and row["peak_bytes"] > row["base_bytes"] > 0
+    assert rows[1]["check"]["ok"]
+    # The reference layout: 8 rows of 9 tokens, through the policy and the reference model.
+    assert rows[0]["model_tokens"] == 2 * 8 * 9

@@ -87,9 +87,10 @@ def _common(parser) -> None:
 
 def add_arguments(parser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = ("benchmark the fused kernels and one training step at any shape: "
+    parser.description = ("benchmark the fused kernels and one training step at any shape:\n"
                           "eager, torch.compile, Liger-Kernel and Cut Cross-Entropy beside "
-                          "ours. Without a sub-command: all three at default shapes.")
+                          "ours.\nWithout a sub-command: all three at default shapes (options "
+                          "go after a sub-command).")
     parser.epilog = METHOD
     parser.add_argument("--quick", action="store_true",
                         help="(without a sub-command) tiny shapes, seconds on a CPU")
