@@ -26,7 +26,7 @@ setup(
     packages=["vrpo_fast", "vrpo_fast.kernels"]
     + [f"vrpo_fast.{p}" for p in find_packages("vrpo_fast")],
     package_dir={"vrpo_fast": "vrpo_fast", "vrpo_fast.kernels": "kernels"},
-    package_data={"vrpo_fast": ["py.typed"]},
+    package_data={"vrpo_fast": ["py.typed"], "vrpo_fast.bench": ["hh_lengths.json"]},
     install_requires=[
         # 2.13.0 is the CPU build CI installs; current CUDA builds sit inside the range.
         "torch>=2.6,<3",

@@ -14,9 +14,11 @@ on a small Llama-style model, "score" (no grad, what `vrpo-fast score` does) and
 
 import pytest
 import torch
-from _layouts import build_model, make_groups, padded_logps, padded_tokens
-from conftest import device, peak_memory, timed
+from _suite import peak_memory, timed
 
+from vrpo_fast.bench.env import device
+from vrpo_fast.bench.layouts import build_model, make_groups, padded_logps, padded_tokens
+from vrpo_fast.bench.memory import measure, tensor_bytes
 from vrpo_fast.packing import trainer_budget
 
 SHAPES = {
@@ -60,8 +62,6 @@ def make_op(fn, model, direction):
 
 
 def probe(provider, direction, **shape):
-    from _peak import measure, tensor_bytes
-
     model, prompts, responses, budget = setup(**shape)
     op = make_op(make_fn(provider, model, prompts, responses, budget), model, direction)
     op()

@@ -6,7 +6,7 @@ batched transformers `generate` everywhere, vLLM where it imports and a GPU is p
 
 import pytest
 import torch
-from conftest import timed
+from _suite import timed
 
 SHAPES = {
     "smoke": [dict(prompts=4, n=2, max_new_tokens=4, hidden=32, layers=1)],

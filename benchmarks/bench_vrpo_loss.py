@@ -2,8 +2,8 @@
 
 bench_vrpo_loss: the VRPO loss on (B, 2 + 2M) sequence log-probs and (B, 1 + M) g, forward and
 forward + backward: the eager formula (`vrpo_fast.vrpo_loss`), torch.compile of it, and ours
-(the fused Triton kernel, `vrpo_fast.ops.per_prompt_vrpo_loss`, CUDA only: on the CPU that
-function IS the eager formula, so no separate row is recorded).
+(the fused Triton kernel, CUDA only). Providers, inputs and the float64 check are the
+package's (vrpo_fast.bench.vrpo_loss, what `vrpo-fast bench vrpo-loss` runs).
 
 bench_fused_linear_dpo: the 2-response case from LM-head inputs (response hidden states, LM-head
 weight, targets) to the DPO loss, reference-free so that every provider does the same maths:
@@ -19,7 +19,11 @@ model's hidden states each step), which is why the comparison is reference-free.
 
 import pytest
 import torch
-from conftest import device, peak_memory, timed
+from _suite import peak_memory, timed
+
+from vrpo_fast.bench import vrpo_loss as vl
+from vrpo_fast.bench.env import Unavailable, device
+from vrpo_fast.bench.memory import measure, tensor_bytes
 
 SHAPES = {
     "smoke": [dict(B=8, M=1)],
@@ -31,60 +35,20 @@ SHAPES_BENCH_FUSED_LINEAR_DPO = {
     "cpu": [dict(B=8, R=64, D=512, V=32000)],
     "gpu": [dict(B=B, R=R, D=4096, V=128256) for B, R in ((8, 512), (32, 256))],
 }
-BETA = 0.1
-
-
-def inputs(B, M, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    pol = (-60 + 10 * torch.randn(B, 2 + 2 * M, generator=gen)).to(device())
-    ref = (-60 + 10 * torch.randn(B, 2 + 2 * M, generator=gen)).to(device())
-    g = torch.rand(B, 1 + M, generator=gen).to(device())
-    return pol.requires_grad_(True), ref, g
-
-
-def eager(pol, ref, g):
-    from vrpo_fast.objective import vrpo_loss
-
-    return vrpo_loss(pol, ref, g, beta=BETA, reduction="none", check_inputs=False)[0]
-
-
-_compiled = None
-
-
-def loss_fn(name):
-    global _compiled
-    if name == "eager":
-        return eager
-    if name == "compile":
-        _compiled = _compiled or torch.compile(eager)
-        return _compiled
-    if device() != "cuda":
-        pytest.skip("ours: on the CPU the fused loss is the eager formula (same row as eager)")
-    from vrpo_fast.ops import per_prompt_vrpo_loss
-
-    return lambda p, r, g: per_prompt_vrpo_loss(p, r, g, beta=BETA, loss_type="sigmoid",
-                                                estimator="vrpo", impl="triton")
+BETA = vl.BETA
 
 
 @pytest.mark.parametrize("direction", ["fwd", "full"])
-@pytest.mark.parametrize("provider", ["eager", "compile", "ours"])
+@pytest.mark.parametrize("provider", vl.PROVIDERS)
 def bench_vrpo_loss(benchmark, record, mode, provider, direction, shape):
-    fn = loss_fn(provider)
-    pol, ref, g = inputs(**shape)
-    # Correctness: values and d loss / d policy against the formula in float64.
-    p64 = pol.detach().double().requires_grad_(True)
-    want = eager(p64, ref.double(), g.double())
-    want.sum().backward()
-    got = fn(pol, ref, g)
-    got.sum().backward()
-    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pol.grad.double(), p64.grad, atol=1e-5, rtol=1e-5)
-    pol.grad = None
-
-    def full():
-        fn(pol, ref, g).sum().backward()
-        pol.grad = None
-    op = full if direction == "full" else (lambda: fn(pol, ref, g))
+    try:
+        fn = vl.provider_fn(provider)
+    except Unavailable as why:
+        pytest.skip(str(why))
+    pol, ref, g = vl.make_inputs(**shape)
+    check = vl.check(fn, pol, ref, g)
+    assert check["ok"], f"{provider}: {check}"
+    op, _ = vl.make_op(fn, pol, ref, g, direction)
     benchmark.group = f"vrpo_loss {shape} {direction}"
     seconds = timed(benchmark, op, rounds=1 if mode == "smoke" else 50,
                     warmup=0 if mode == "smoke" else 5)
@@ -150,8 +114,6 @@ def dpo_fn(name, smoke):
 
 
 def probe_dpo(provider, smoke, **shape):
-    from _peak import measure, tensor_bytes
-
     d = dpo_inputs(**shape)
     fn, leaves = dpo_fn(provider, smoke)
 

@@ -1,5 +1,5 @@
 """The benchmark suite in its smoke mode (tiny shapes, one round), through `vrpo-fast bench
---quick`, so that neither the benchmarks nor the command rot. Every benchmark checks its
+suite --quick`, so that neither the benchmarks nor the command rot. Every benchmark checks its
 providers against a float64 or naive reference before timing, so a wrong provider fails here;
 nothing is asserted about speed."""
 
@@ -20,9 +20,9 @@ ROW_FIELDS = {"op", "provider", "shape", "median_s", "min_s", "max_s", "device",
 def test_bench_quick_runs_every_benchmark_and_records_rows(tmp_path):
     # The benchmarks time real code paths: no Triton interpreter (the test conftest sets it).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "vrpo_fast.cli", "bench", "--quick",
-                          f"--results-dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "vrpo_fast.cli", "bench", "suite", "--quick",
+                          "--dir=benchmarks", f"--results-dir={tmp_path}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     rows = [json.loads(line) for path in tmp_path.glob("*.jsonl")
             for line in path.read_text().splitlines()]
@@ -45,5 +45,13 @@ def test_bench_quick_runs_every_benchmark_and_records_rows(tmp_path):
 def test_bench_command_rejects_unknown_benchmark(capsys):
     from vrpo_fast.cli import main
 
-    assert main(["bench", "--only", "nope"]) == 1
+    assert main(["bench", "suite", "--only", "nope", f"--dir={ROOT / 'benchmarks'}"]) == 1
     assert "--only: no benchmark file bench_nope.py" in capsys.readouterr().err
+
+
+def test_bench_suite_outside_a_checkout_is_one_line_error(tmp_path, capsys):
+    from vrpo_fast.cli import main
+
+    assert main(["bench", "suite", f"--dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--dir: no benchmark suite in" in err

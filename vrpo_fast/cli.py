@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vrpo_fast.train.loop", "train a policy with VRPO (or DPO), resuming automatically"),
     "demo": ("vrpo_fast.demo", "VRPO beside DPO on a synthetic non-Bradley-Terry task (CPU, "
                                "minutes)"),
-    "bench": ("vrpo_fast.bench", "run the benchmark suite and print the table"),
+    "bench": ("vrpo_fast.bench", "benchmark the kernels and a training step at any shape, "
+                                 "providers side by side"),
     "train-reward": ("vrpo_fast.train.reward", "two-stage VRPO, stage 1: a variance-reduced "
                                                "reward model"),
     "train-rl": ("vrpo_fast.train.rloo", "two-stage VRPO, stage 2: RLOO against the reward "

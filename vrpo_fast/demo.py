@@ -11,7 +11,7 @@ Every step goes through the project's own stages:
   6. evaluation under the true preference: win rate against pi_ref, head to head, expected true
      reward and KL(pi || pi_ref); the gradient variance of each estimator at pi_ref
 Writes report.md and PNG plots into DIR and prints the headline table. The study script
-(benchmarks/study_misspecified.py) runs the same pipeline over more seeds and M.
+(studies/study_misspecified.py) runs the same pipeline over more seeds and M.
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ labelled pairs come from pi_ref), so differences in outcome come from variance. 
 reduction needs several Monte Carlo pairs: one pair removes almost nothing
 (Var = E[Var(l | pair)] + Var(E[l | pair]) / M). At this demo's scale (one seed, tens of steps),
 win-rate differences between DPO and VRPO are within their confidence intervals more often than
-not; `benchmarks/study_misspecified.py` runs more seeds and M (results in docs/study.md).
+not; `studies/study_misspecified.py` runs more seeds and M (results in docs/study.md).
 
 Plots: `reward_vs_kl.png` (expected true reward against KL to pi_ref, the paper's Figure 3
 shape), `grad_variance.png`, `loss_curves.png`. Total time: {results['seconds']:.0f} s.

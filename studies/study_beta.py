@@ -1,6 +1,6 @@
 """The reward-KL frontier across beta: DPO vs VRPO on the synthetic non-Bradley-Terry task.
 
-    python benchmarks/study_beta.py --out runs/study-beta --Ms 1 4 --noisy --lagged --rm
+    python studies/study_beta.py --out runs/study-beta --Ms 1 4 --noisy --lagged --rm
                                                            # ~15 minutes on 2 cores
 
 For each beta and seed, `vrpo-fast demo`'s pipeline (pi_ref by SFT, 2 + 2M samples from it, the

@@ -1,6 +1,6 @@
 """The misspecified-preference study: VRPO vs DPO on the synthetic non-Bradley-Terry task.
 
-    python benchmarks/study_misspecified.py --out runs/study      # ~10-15 minutes on 2 cores
+    python studies/study_misspecified.py --out runs/study      # ~10-15 minutes on 2 cores
 
 Five seeds, M in {1, 2, 4, 8}, g = the true preference (and a noisy g at M = 8): (a) gradient
 variance at pi_ref's parameters, (b) win rate against pi_ref and head to head against DPO,

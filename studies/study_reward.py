@@ -1,6 +1,6 @@
 """Reward models on the synthetic non-Bradley-Terry task: variance-reduced vs plain BT training.
 
-    python benchmarks/study_reward.py --out runs/study-reward      # ~5-10 minutes on 2 cores
+    python studies/study_reward.py --out runs/study-reward      # ~5-10 minutes on 2 cores
 
 For each seed: pi_ref (SFT warm start), 2 + 2M samples per prompt from it, the first pair
 labelled by the true preference, then two reward models with the same seed and data: the

@@ -1,0 +1,160 @@
+"""`vrpo-fast bench` from an installed wheel: built here from the source, installed into a
+temporary folder (no dependencies: the current interpreter's serve), and run from an empty
+working folder, so nothing of the checkout (benchmarks/, data/) can be read. Nothing is
+asserted about speed: the rows must carry the shape, every provider (measured, or skipped with
+the reason) and a passed correctness check against the float64 reference."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vrpo_fast.bench.layouts import hh_lengths, hh_lengths_from_jsonl
+from vrpo_fast.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = {"N": 16, "D": 8, "V": 50}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(site folder holding the installed wheel, its vrpo-fast script, an empty folder)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("vrpo_fast", "kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist",
+                    src], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp / "dist").glob("vrpo_fast-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", tmp / "site", wheel], check=True,
+                   capture_output=True, timeout=300)
+    empty = tmp / "empty"
+    empty.mkdir()
+    return tmp / "site", tmp / "site" / "bin" / "vrpo-fast", empty
+
+
+def run_installed(installed, *args):
+    site, script, empty = installed
+    # Timed code paths, not Triton's interpreter; no commit handed in from outside.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "VRPO_BENCH_COMMIT", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(site)
+    return subprocess.run([sys.executable, script, "bench", *args], cwd=empty, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_linear_logprob_from_the_wheel_in_an_empty_folder(installed):
+    empty = installed[2]
+    out = run_installed(installed, "linear-logprob", "--tokens", "16", "--hidden", "8",
+                        "--vocab", "50", "--providers", "eager,ours,liger", "--passes",
+                        "fwd,full", "--rounds", "2", "--rep-ms", "1", "--json", "rows.jsonl",
+                        "--plot", "chart.png")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (empty / "rows.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in rows} == {"eager", "ours", "liger"}
+    for row in rows:
+        assert row["op"] == "linear_logprob" and row["shape"] == SHAPE
+        assert row["dtype"] == "fp32" and row["device"].startswith("cpu")
+        assert row["versions"]["torch"] and row["versions"]["vrpo-fast"]
+        assert "commit" not in row, "an installed package has no commit"
+    liger = [r for r in rows if r["provider"] == "liger"]
+    assert len(liger) == 1 and "CUDA only" in liger[0]["note"]
+    measured = [r for r in rows if r["provider"] != "liger"]
+    assert {(r["provider"], r["direction"]) for r in measured} == {
+        ("eager", "fwd"), ("eager", "full"), ("ours", "fwd"), ("ours", "full")}
+    for row in measured:
+        check = row["check"]
+        assert check["ok"] and check["reference"] == "float64 full logits"
+        assert set(check["rel_err"]) == {"log p", "d hidden", "d weight"}
+        assert max(check["rel_err"].values()) <= check["tol"]
+        assert row["rounds"] >= 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["tflops"] > 0
+        # Inputs and output (and both gradients in `full`) are live at the peak.
+        assert row["peak_bytes"] >= row["lower_bound_bytes"] > 0
+    assert "| ours | full |" in out.stdout
+    assert (empty / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_preset_from_the_wheel_is_one_line_error(installed):
+    out = run_installed(installed, "linear-logprob", "--preset", "llama9-1t")
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--preset: unknown preset 'llama9-1t'" in lines[0]
+    assert "qwen2.5-7b" in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["linear-logprob", "--tokens", "0"], "--tokens: must be >= 1, got 0"),
+    (["linear-logprob", "--hidden", "x"], "--hidden: expected an integer, got 'x'"),
+    (["linear-logprob", "--vocab", "1"], "--vocab: must be >= 2, got 1"),
+    (["linear-logprob", "--dtype", "fp8"], "--dtype: expected one of bf16, fp16, fp32"),
+    (["linear-logprob", "--temperature", "0"], "--temperature: must be > 0"),
+    (["linear-logprob", "--preset", "llama3-8b", "--vocab", "7"], "--preset: sets --hidden"),
+    (["linear-logprob", "--providers", "eager,triton"], "--providers: unknown triton"),
+    (["vrpo-loss", "--groups", "-3"], "--groups: must be >= 1, got -3"),
+    (["vrpo-loss", "--passes", "sideways"], "--passes: unknown sideways"),
+    (["step", "--model", "no-such-model"], "--model: 'no-such-model' is neither a preset"),
+    (["step", "--lengths", "120"], "--lengths: expected hh, long or P,R"),
+    (["step", "--M", "0"], "--M: must be >= 1, got 0"),
+    (["--plot", "chart.svg"], "--plot: expected a .png file name"),
+])
+def test_wrong_shapes_and_flags_are_one_line_errors(args, message, capsys):
+    assert main(["bench", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_packaged_hh_length_table_matches_the_data_slice():
+    """The table shipped in the package is the one computed from data/hh-rlhf (regenerate it
+    with `python -m vrpo_fast.bench.layouts data/hh-rlhf/harmless-base-test.jsonl.gz`)."""
+    prompts, responses = hh_lengths_from_jsonl(
+        ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    assert hh_lengths() == (prompts, responses)
+    assert len(responses) == 2 * len(prompts)
+
+
+def json_rows(capsys, argv):
+    assert main(["bench", *argv, "--json", "-"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_vrpo_loss_rows_carry_the_check_and_skip_ours_on_the_cpu(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = json_rows(capsys, ["vrpo-loss", "--groups", "4", "--pairs", "3", "--providers",
+                              "eager,ours", "--rounds", "2", "--rep-ms", "1"])
+    assert all(r["shape"] == {"B": 4, "M": 3} for r in rows)
+    eager = {r["direction"]: r for r in rows if r["provider"] == "eager"}
+    assert set(eager) == {"fwd", "bwd", "full"}
+    assert all(r["check"]["ok"] and r["median_s"] > 0 for r in eager.values())
+    # policy, reference (4, 8) and g (4, 4) in float32, the (4,) output; + d policy (4, 8).
+    assert eager["fwd"]["lower_bound_bytes"] == (2 * 32 + 16 + 4) * 4
+    assert eager["full"]["lower_bound_bytes"] == (2 * 32 + 16 + 4 + 32) * 4
+    (ours,) = [r for r in rows if r["provider"] == "ours"]
+    assert "eager formula" in ours["note"]
+
+
+def test_step_of_a_model_folder_counts_the_useful_tokens_of_fixed_lengths(capsys, tmp_path):
+    from vrpo_fast.models import build_tiny_causal_lm
+
+    build_tiny_causal_lm(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=64).save_pretrained(tmp_path / "model")
+    rows = json_rows(capsys, ["step", "--model", str(tmp_path / "model"), "--groups", "2",
+                              "--M", "1",
+                              "--lengths", "6,3", "--providers", "reference_layout,vrpo_fast",
+                              "--rounds", "1", "--rep-ms", "1", "--warmup", "0"])
+    assert [r["provider"] for r in rows] == ["reference_layout", "vrpo_fast"]
+    for row in rows:
+        # 2 groups of one 6-token prompt and 2 + 2M = 4 responses of 3 tokens.
+        assert row["useful_tokens"] == 2 * 6 + 2 * 4 * 3
+        assert row["shape"]["lengths"] == "6,3" and row["peak_bytes"] > row["base_bytes"] > 0
+    assert rows[1]["check"]["ok"]
+    # The reference layout: 8 rows of 9 tokens, through the policy and the reference model.
+    assert rows[0]["model_tokens"] == 2 * 8 * 9
