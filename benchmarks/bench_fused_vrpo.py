@@ -19,7 +19,9 @@ ids) and the two gradients.
 
 import pytest
 import torch
-from conftest import device, peak_memory, timed
+from _suite import peak_memory, timed
+
+from vrpo_fast.bench.env import device
 
 SHAPES = {
     "smoke": [dict(N=600, D=32, V=1000)],
