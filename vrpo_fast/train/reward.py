@@ -68,15 +68,13 @@ class RewardTrainer(Trainer):
                 return reward_preference(self.aux(batch))
         return super()._preferences(batch, groups, ref_logps)
 
-    def _loss(self, rewards, ref_logps, g, labelled, n):
+    def _loss(self, rewards, ref_logps, g, labelled, groups):
         cfg = self.cfg
-        common = dict(loss_type=cfg.loss.loss_type, estimator=cfg.loss.estimator,
-                      labelled=labelled, check_inputs=False)
-        if cfg.loss.dro_tau is not None:
-            loss, stats = vrpo_reward_loss(rewards, g, dro_tau=cfg.loss.dro_tau, **common)
-            return loss * (n / self.local_groups), stats
-        per_prompt, stats = vrpo_reward_loss(rewards, g, reduction="none", **common)
-        return per_prompt.sum() / self.local_groups, stats
+        per_prompt, stats = vrpo_reward_loss(rewards, g, loss_type=cfg.loss.loss_type,
+                                             estimator=cfg.loss.estimator, labelled=labelled,
+                                             reduction="none", check_inputs=False)
+        # DRO (loss.dro_tau / loss.group_dro_eta) weighs prompts as in the policy trainer.
+        return self._prompt_share(per_prompt, groups, stats), stats
 
 
 def train_reward(cfg, *, quiet: bool = False):
