@@ -234,20 +234,27 @@ def group_by_domain(domains: Sequence[str | None]) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
-def per_domain(domains: Sequence[str | None], estimate: Callable[[list[int]], object], *,
+def per_domain(domains: Sequence[str | None], estimate: Callable[..., object], *columns,
                higher_is_better: bool = True) -> dict:
-    """Evaluate `estimate(indices)` (an object with a `.mean`) on each domain's items.
+    """`estimate(*columns restricted to a domain's items)` (an object with a `.mean`, e.g.
+    evaluate.Estimate) for each domain.
 
     Returns {"domains": {name: estimate}, "worst": name of the domain with the lowest mean
     (highest when not higher_is_better), "domain_mean": the unweighted mean of the domains'
     means (every domain counts the same, whatever its share of the items)}.
     """
-    groups = group_by_domain(domains)
-    results = {name: estimate(idx) for name, idx in groups.items()}
+    results = {name: estimate(*([col[i] for i in idx] for col in columns))
+               for name, idx in group_by_domain(domains).items()}
     pick = min if higher_is_better else max
     worst = pick(results, key=lambda name: results[name].mean)
     return {"domains": results, "worst": worst,
             "domain_mean": sum(r.mean for r in results.values()) / len(results)}
+
+
+def domains_of(examples) -> list[str] | None:
+    """Each example's `domain` when every one has a domain, else None."""
+    domains = [ex.domain for ex in examples]
+    return domains if domains and None not in domains else None
 
 
 def describe_domains(report: dict, what: str) -> str:

@@ -262,9 +262,9 @@ def tokenize_dataset(examples: list[PreferenceExample], tokenizer, *, cache_dir=
 
 def preference_examples_to_rows(examples: list[PreferenceExample]) -> list[dict]:
     """The inverse of loading: rows in the list form (prompt, chosen, rejected, samples,
-    sample_ids, aux_prefs, ref_logps, domain), which every loader here reads back. Unlabelled rows have
-    no chosen/rejected; absent optional columns are left out. load.write_preference_data
-    writes them to JSONL or Parquet."""
+    sample_ids, aux_prefs, ref_logps, domain), which every loader here reads back. Unlabelled
+    rows have no chosen/rejected; absent optional columns are left out.
+    load.write_preference_data writes them to JSONL or Parquet."""
     rows = []
     for ex in examples:
         row = {"prompt": ex.prompt}
