@@ -175,9 +175,7 @@ class GroupDRO:
         self.device = torch.device(device)
         self.log_q = torch.full((num_domains,), -math.log(num_domains), dtype=torch.float64,
                                 device=self.device)
-        self._scale = None
-        self._counts = None
-        self._sums = torch.zeros(num_domains, dtype=torch.float64, device=self.device)
+        self._scale = self._counts = self._sums = None     # set by begin()
 
     def begin(self, domains: Sequence[int] | None = None) -> None:
         """domains: the domain of each of the step's N prompts (all ranks): fixes n_d."""
@@ -217,11 +215,6 @@ class GroupDRO:
 
     def load_state_dict(self, state: dict) -> None:
         self.log_q = torch.tensor(state["log_q"], dtype=torch.float64, device=self.device)
-
-
-def kl_dro_objective(losses: torch.Tensor, tau: float) -> torch.Tensor:
-    """The exact KL-DRO objective of a finite set of (N,) losses: tau log mean exp(L / tau)."""
-    return tau * (torch.logsumexp(losses / tau, dim=0) - math.log(losses.numel()))
 
 
 # --- evaluation by domain ------------------------------------------------------------------------
