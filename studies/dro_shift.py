@@ -244,6 +244,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/dro-shift")
     parser.add_argument("--seeds", type=int, nargs="*", default=SEEDS)
+    parser.add_argument("--phases", nargs="*", default=["policies", "reward_models"],
+                        choices=["policies", "reward_models"],
+                        help="the policy runs (which prepare each seed's data first), then the "
+                             "reward models (on the data the policy phase prepared)")
     parser.add_argument("--summarise", action="store_true", help="print the tables only")
     args = parser.parse_args()
     from vrpo_fast.synthetic import SyntheticTask
@@ -251,7 +255,7 @@ def main() -> None:
     if not args.summarise:
         RESULTS.mkdir(exist_ok=True)
         # Every seed's policies first, then every seed's reward models.
-        for phase in ("policies", "reward_models"):
+        for phase in args.phases:
             for seed in args.seeds:
                 root = Path(args.out) / f"seed{seed}"
                 path = RESULTS / f"dro_shift_seed{seed}.json"
