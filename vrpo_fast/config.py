@@ -73,7 +73,20 @@ class LossConfig:
     loss_type: Literal["sigmoid", "ramp", "ipo", "hinge"] = F("sigmoid", "Pairwise loss l(u).")
     estimator: Literal["vrpo", "dpo"] = F("vrpo", "vrpo adds the control variate; dpo is the "
                                                   "plain DPO loss on the labelled pair.")
-    dro_tau: float | None = F(None, "KL-DRO temperature over prompts (None: plain mean).")
+    dro_tau: float | None = F(None, "KL-DRO temperature over prompts (None: plain mean): the "
+                                    "objective tau log E[exp(L / tau)], prompt weights "
+                                    "exp(L / tau) / u with u a running normaliser (see "
+                                    "vrpo_fast.dro); with dro_ambiguity chi2, the chi-square "
+                                    "penalty. Every trainer takes it.")
+    dro_gamma: float = F(0.1, "Step size in (0, 1] of the DRO state (KL: u <- (1 - gamma) u + "
+                              "gamma * the step's mean of exp(L / tau); chi2: the dual "
+                              "variable's step). Updated once per optimizer step.")
+    dro_ambiguity: Literal["kl", "chi2"] = F("kl", "Ambiguity set of loss.dro_tau: KL "
+                                                   "(exponential weights) or chi-square "
+                                                   "(weights (1 + (L - eta) / tau)_+).")
+    group_dro_eta: float | None = F(None, "Group DRO over the data's `domain` column: step size "
+                                          "of the exponentiated-gradient update of the domain "
+                                          "weights (None: off; exclusive with dro_tau).")
     num_mc_pairs: int | None = F(None, "M: Monte Carlo pairs per prompt to use (None: all the "
                                        "data has; fewer uses the first M pairs).")
 
@@ -386,6 +399,13 @@ def validate(cfg: Config) -> None:
         raise UserError(f"loss.beta: must be > 0, got {loss.beta}")
     if loss.dro_tau is not None and loss.dro_tau <= 0:
         raise UserError(f"loss.dro_tau: must be > 0, got {loss.dro_tau}")
+    if not 0 < loss.dro_gamma <= 1:
+        raise UserError(f"loss.dro_gamma: must be in (0, 1], got {loss.dro_gamma}")
+    if loss.group_dro_eta is not None and loss.group_dro_eta <= 0:
+        raise UserError(f"loss.group_dro_eta: must be > 0, got {loss.group_dro_eta}")
+    if loss.group_dro_eta is not None and loss.dro_tau is not None:
+        raise UserError("loss.group_dro_eta: group DRO over domains and loss.dro_tau (DRO over "
+                        "prompts) are exclusive; set one of them")
     if loss.num_mc_pairs is not None and loss.num_mc_pairs < 0:
         raise UserError(f"loss.num_mc_pairs: must be >= 0, got {loss.num_mc_pairs}")
     if aux.mode in ("lm", "reward_model") and not aux.path:

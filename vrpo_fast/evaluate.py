@@ -160,6 +160,7 @@ class PolicyReport:
     win_rate_vs_baseline: Estimate
     true_reward: Estimate | None
     kl: Estimate | None
+    by_domain: dict | None = None     # metric -> vrpo_fast.dro.per_domain report
 
 
 def draw(model, tokenizer, prompts: list[str], n: int, *, seed: int, max_new_tokens: int,
@@ -179,8 +180,9 @@ def draw(model, tokenizer, prompts: list[str], n: int, *, seed: int, max_new_tok
 
 def evaluate_policy(model, baseline, tokenizer, prompts: list[str], judge: Judge, *,
                     ref=None, n: int = 16, seed: int = 0, max_new_tokens: int = 32,
-                    name: str = "policy") -> PolicyReport:
-    """Win rate against `baseline`, expected true reward and KL(model || ref) on `prompts`."""
+                    name: str = "policy", domains: list | None = None) -> PolicyReport:
+    """Win rate against `baseline`, expected true reward and KL(model || ref) on `prompts`;
+    with `domains` (one per prompt) the win rate and reward of each domain, and the worst."""
     import torch
 
     from vrpo_fast.logprobs import sequence_logps
@@ -196,8 +198,17 @@ def evaluate_policy(model, baseline, tokenizer, prompts: list[str], judge: Judge
         with torch.no_grad():
             kl = kl_estimate(sequence_logps(model, prompt_ids, y_ids),
                              sequence_logps(ref, prompt_ids, y_ids))
-    return PolicyReport(name, win_rate(prompts, ys, bs, judge),
-                        expected_reward(prompts, ys, judge), kl)
+    report = PolicyReport(name, win_rate(prompts, ys, bs, judge),
+                          expected_reward(prompts, ys, judge), kl)
+    if domains is not None:
+        from vrpo_fast.dro import per_domain
+
+        report.by_domain = {"win_rate": per_domain(
+            domains, lambda p, y, b: win_rate(p, y, b, judge), prompts, ys, bs)}
+        if report.true_reward is not None:
+            report.by_domain["true_reward"] = per_domain(
+                domains, lambda p, y: expected_reward(p, y, judge), prompts, ys)
+    return report
 
 
 def add_arguments(parser) -> None:
@@ -215,6 +226,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from vrpo_fast.data.load import load_preference_data
+    from vrpo_fast.dro import describe_domains, domains_of
     from vrpo_fast.models import load_causal_lm, load_tokenizer
 
     if args.num_samples < 1:
@@ -230,11 +242,14 @@ def run(args) -> int:
     judge = make_judge(args.judge)
     rep = evaluate_policy(model, baseline, tokenizer, prompts, judge, ref=ref,
                           n=args.num_samples, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, name=args.model)
+                          max_new_tokens=args.max_new_tokens, name=args.model,
+                          domains=domains_of(examples))
     print(f"judge: {judge.name}; {len(prompts)} prompts x {args.num_samples} samples; "
           f"95% confidence intervals")
     print(f"win rate of {args.model} vs {args.baseline}: {rep.win_rate_vs_baseline}")
     if rep.true_reward is not None:
         print(f"expected reward: {rep.true_reward}")
     print(f"KL(policy || ref): {rep.kl}")
+    for metric, by in (rep.by_domain or {}).items():
+        print(describe_domains(by, metric.replace("_", " ")))
     return 0

@@ -56,8 +56,10 @@ def vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
         beta: KL strength; margins are u = beta * h.
         loss_type: sigmoid | ramp | ipo | hinge.
         estimator: vrpo | dpo (dpo ignores the Monte Carlo columns and g).
-        dro_tau: if set, KL-DRO weighting over prompts: w = softmax(L / tau) (not
-            differentiated), loss = sum_i w_i L_i. tau -> infinity gives the plain mean.
+        dro_tau: if set, KL-DRO weighting over the prompts of THIS batch: w = softmax(L / tau)
+            (not differentiated), loss = sum_i w_i L_i. tau -> infinity gives the plain mean.
+            The normaliser is this batch's, so splitting a batch changes the result; the
+            trainers keep it as state across steps instead (vrpo_fast.dro).
         labelled: optional (B,) bool. Unlabelled prompts contribute only the Monte Carlo term:
             loss = mean over labelled prompts of the first two terms + mean over all prompts of
             the Monte Carlo term (their chosen/rejected columns are ignored).

@@ -192,6 +192,8 @@ def sample_row(ex, sample_ids: list[list[int]], tokenizer, stop_ids, eos_text: s
         row["chosen"], row["rejected"] = ex.chosen, ex.rejected
     row["samples"] = texts
     row["sample_ids"] = [[int(t) for t in ids] for ids in sample_ids]
+    if ex.domain is not None:
+        row["domain"] = ex.domain
     return row
 
 

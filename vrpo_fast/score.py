@@ -194,6 +194,8 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
             row["ref_logps"] = [float(v) for v in lp]
             if gi is not None:
                 row["aux_prefs"] = [float(v) for v in gi]
+            if ex.domain is not None:
+                row["domain"] = ex.domain
             rows.append(row)
         shards.write_shard(out, index, rows)
         if bar is not None:

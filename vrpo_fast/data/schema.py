@@ -23,6 +23,8 @@ class PreferenceExample:
     ref_logps: (len(responses),) log pi_ref of each response: 2 + 2M labelled, 2M unlabelled.
     sample_ids: (2M,) the exact token ids that were sampled, when the sampling stage recorded them.
     row: the 1-based line number (JSONL) or the 0-based row index (other formats).
+    domain: the prompt's domain (a string; an integer column is read as its text), when the
+        data has a `domain` column: group DRO weighs domains, evaluation reports each one.
     """
 
     prompt: Text
@@ -33,6 +35,7 @@ class PreferenceExample:
     ref_logps: list[float] | None = None
     sample_ids: list[list[int]] | None = None
     row: int = 0
+    domain: str | None = None
 
     @property
     def labelled(self) -> bool:

@@ -265,9 +265,9 @@ def tokenize_dataset(examples: list[PreferenceExample], tokenizer, *, cache_dir=
 
 def preference_examples_to_rows(examples: list[PreferenceExample]) -> list[dict]:
     """The inverse of loading: rows in the list form (prompt, chosen, rejected, samples,
-    sample_ids, aux_prefs, ref_logps), which every loader here reads back. Unlabelled rows have
-    no chosen/rejected; absent optional columns are left out. load.write_preference_data
-    writes them to JSONL or Parquet."""
+    sample_ids, aux_prefs, ref_logps, domain), which every loader here reads back. Unlabelled
+    rows have no chosen/rejected; absent optional columns are left out.
+    load.write_preference_data writes them to JSONL or Parquet."""
     rows = []
     for ex in examples:
         row = {"prompt": ex.prompt}
@@ -280,5 +280,7 @@ def preference_examples_to_rows(examples: list[PreferenceExample]) -> list[dict]
             row["aux_prefs"] = ex.aux_prefs
         if ex.ref_logps is not None:
             row["ref_logps"] = ex.ref_logps
+        if ex.domain is not None:
+            row["domain"] = ex.domain
         rows.append(row)
     return rows

@@ -13,6 +13,7 @@ Accepted columns (TRL's preference format plus VRPO's):
                                        the reference form of g; each pair sums to 1
   ref_logps: [2 + 2M] (2M unlabelled)  reference log-probs (written by `vrpo-fast score`)
   sample_ids: [[ids], ...] (2M)        the exact sampled token ids (written by `vrpo-fast sample`)
+  domain: a string or an integer       the prompt's domain (group DRO, per-domain evaluation)
 A row without chosen and rejected but with samples is an unlabelled prompt; its g keeps a 0.5
 placeholder in the first slot. Other columns are ignored; a null value counts as absent.
 """
@@ -142,6 +143,10 @@ def check_row(raw, row: int, *, expected_samples: int | None = None, tokenizer=N
         prompt, chosen, rejected, prompt_problem = _implicit_prompt(chosen, rejected)
 
     samples = _samples(raw, bad)
+    domain = raw.get("domain")
+    if isinstance(domain, bool) or not isinstance(domain, (str, int, type(None))) \
+            or domain == "":
+        bad("domain", f"expected a non-empty string or an integer, got {domain!r:.40}")
     labelled = chosen is not None or rejected is not None
     if (msg := prompt_problem or _text_problem(prompt)) is not None:
         bad("prompt", msg)
@@ -173,7 +178,8 @@ def check_row(raw, row: int, *, expected_samples: int | None = None, tokenizer=N
         return None, problems, len(samples)
     example = PreferenceExample(prompt=prompt, chosen=chosen if labelled else None,
                                 rejected=rejected if labelled else None, samples=list(samples),
-                                aux_prefs=aux, ref_logps=ref, sample_ids=sample_ids, row=row)
+                                aux_prefs=aux, ref_logps=ref, sample_ids=sample_ids, row=row,
+                                domain=None if domain is None else str(domain))
     if tokenizer is not None:
         names = (["chosen", "rejected"] if labelled else []) + sample_names
         _check_tokenized(example, names, tokenizer, max_length, max_prompt_length,

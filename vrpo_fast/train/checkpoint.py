@@ -249,7 +249,7 @@ def data_fingerprint(rows) -> str:
     h = hashlib.sha256()
     for ex in rows:
         h.update(json.dumps([ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.aux_prefs,
-                             ex.ref_logps, ex.sample_ids], sort_keys=True).encode())
+                             ex.ref_logps, ex.sample_ids, ex.domain], sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
 

@@ -22,9 +22,14 @@ class GroupBatch:
     _aux: list | None
     _ref: list | None
     _labelled: list[bool]
+    _domains: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+    def domain_ids(self, device) -> torch.Tensor:
+        """(G,) index of each group's domain in `TrainingGroups.domain_names`."""
+        return torch.tensor(self._domains, dtype=torch.long, device=device)
 
     @property
     def has_aux(self) -> bool:
@@ -43,10 +48,15 @@ class GroupBatch:
 
 
 class TrainingGroups:
-    """All tokenized groups, truncated to the M Monte Carlo pairs the loss uses."""
+    """All tokenized groups, truncated to the M Monte Carlo pairs the loss uses.
 
-    def __init__(self, examples, num_mc_pairs: int, eos_id: int):
+    domains: each example's domain (None for none); when every example has one, domain_names
+    lists them sorted and domain_ids holds each group's index into it (else both are None).
+    """
+
+    def __init__(self, examples, num_mc_pairs: int, eos_id: int, domains=None):
         self.num_mc_pairs = num_mc_pairs
+        self.domain_names, self.domain_ids = domain_index(domains)
         K = 2 + 2 * num_mc_pairs
         self.prompt_ids, self.response_ids, self.aux, self.ref, self.labelled = [], [], [], [], []
         for ex in examples:
@@ -70,7 +80,18 @@ class TrainingGroups:
     def select(self, idx: list[int]) -> GroupBatch:
         return GroupBatch([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx],
                           [self.aux[i] for i in idx], [self.ref[i] for i in idx],
-                          [self.labelled[i] for i in idx])
+                          [self.labelled[i] for i in idx],
+                          None if self.domain_ids is None else [self.domain_ids[i] for i in idx])
+
+
+def domain_index(domains) -> tuple[list[str] | None, list[int] | None]:
+    """Domain names (sorted) and each item's index into them; (None, None) unless every item
+    has a domain."""
+    if not domains or any(d is None for d in domains):
+        return None, None
+    names = sorted(set(domains))
+    index = {d: i for i, d in enumerate(names)}
+    return names, [index[d] for d in domains]
 
 
 class GroupStream:
@@ -137,7 +158,7 @@ def load_training_groups(cfg, tokenizer, dist) -> tuple[TrainingGroups, object]:
                         f"{available} per prompt")
     _check_columns(cfg, tokenized, M)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    groups = TrainingGroups(tokenized, M, eos)
+    groups = TrainingGroups(tokenized, M, eos, [ex.domain for ex in examples])
     groups.fingerprint = data_fingerprint(examples)   # recorded in checkpoints (resume check)
     return groups, report
 

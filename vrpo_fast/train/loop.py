@@ -6,7 +6,9 @@
 One optimizer step = `train.batch_groups` prompt groups over all ranks, each group packed as its
 prompt once followed by its 2 + 2M responses; the policy runs forward/backward on the packed
 rows, the LM head only on response positions (fused log-prob kernel), and the loss is normalised
-by the global number of groups.
+by the global number of groups. With loss.dro_tau or loss.group_dro_eta each group's loss is
+weighted by its own value and a DRO state updated once per step (vrpo_fast.dro): micro-batching
+and ranks change neither the weights nor the objective, and the state is checkpointed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from vrpo_fast.config import Config
+from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
 from vrpo_fast.errors import UserError
 from vrpo_fast.objective import implicit_preference, vrpo_loss
 from vrpo_fast.ops import per_prompt_vrpo_loss
@@ -81,6 +84,7 @@ class Trainer:
         if cfg.ref.source == "online":
             self.ref = self._frozen(SequenceLogps(model_from_config(cfg, "ref")), mixed)
         self.aux = self._build_aux(mixed)
+        self.dro = self._build_dro()
 
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -175,6 +179,19 @@ class Trainer:
             return frozen
         return None
 
+    def _build_dro(self):
+        """The DRO state of loss.dro_tau / loss.group_dro_eta (vrpo_fast.dro), or None."""
+        loss = self.cfg.loss
+        if loss.group_dro_eta is not None:
+            if self.groups.domain_names is None:
+                raise UserError(f"loss.group_dro_eta: group DRO needs a `domain` on every row "
+                                f"of {self.cfg.data.path}")
+            return GroupDRO(len(self.groups.domain_names), loss.group_dro_eta, self.device)
+        if loss.dro_tau is None:
+            return None
+        cls = KLDRO if loss.dro_ambiguity == "kl" else Chi2DRO
+        return cls(loss.dro_tau, loss.dro_gamma, self.device)
+
     @torch.no_grad()
     def _refresh_lagged(self, frozen=None) -> None:
         # Both are sharded identically, so copying local shards copies the whole model.
@@ -213,38 +230,65 @@ class Trainer:
             ref_logps = None
         g = self._preferences(batch, groups, ref_logps)
         loss, stats = self._loss(policy_logps, ref_logps, g, groups.labelled_mask(self.device),
-                                 len(groups))
+                                 groups)
         return loss, stats, batch.num_tokens
 
-    def _loss(self, policy_logps, ref_logps, g, labelled, n):
-        """This micro-batch's share of the global mean loss, and its statistics."""
+    def _loss(self, policy_logps, ref_logps, g, labelled, groups):
+        """This micro-batch's share of the global (robust) mean loss, and its statistics."""
         cfg = self.cfg
         # Inputs were validated when the data was loaded; value checks here would add host syncs.
         common = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
                       estimator=cfg.loss.estimator, labelled=labelled, check_inputs=False)
-        if cfg.loss.dro_tau is not None:
-            # KL-DRO weights are computed over each micro-batch, whose weighted sum is one
-            # micro-batch's share of the mean.
-            loss, stats = vrpo_loss(policy_logps, ref_logps, g, dro_tau=cfg.loss.dro_tau,
-                                    **common)
-            loss = loss * (n / self.local_groups)
+        if labelled is None and policy_logps.is_cuda:
+            # The fused loss kernel; the statistics come from the reference formula on
+            # detached values (B x K numbers).
+            per_prompt = per_prompt_vrpo_loss(policy_logps, ref_logps, g, beta=cfg.loss.beta,
+                                              loss_type=cfg.loss.loss_type,
+                                              estimator=cfg.loss.estimator)
+            _, stats = vrpo_loss(policy_logps.detach(), ref_logps, g, reduction="none",
+                                 **common)
         else:
-            if labelled is None and policy_logps.is_cuda:
-                # The fused loss kernel; the statistics come from the reference formula on
-                # detached values (B x K numbers).
-                per_prompt = per_prompt_vrpo_loss(policy_logps, ref_logps, g,
-                                                  beta=cfg.loss.beta,
-                                                  loss_type=cfg.loss.loss_type,
-                                                  estimator=cfg.loss.estimator)
-                _, stats = vrpo_loss(policy_logps.detach(), ref_logps, g, reduction="none",
-                                     **common)
-            else:
-                per_prompt, stats = vrpo_loss(policy_logps, ref_logps, g, reduction="none",
-                                              **common)
-            # FSDP averages gradients over ranks, so dividing by this rank's groups gives the
-            # mean over the global batch when every rank holds the same number of groups.
-            loss = per_prompt.sum() / self.local_groups
-        return loss, stats
+            per_prompt, stats = vrpo_loss(policy_logps, ref_logps, g, reduction="none",
+                                          **common)
+        return self._prompt_share(per_prompt, groups, stats), stats
+
+    def _prompt_share(self, per_prompt, groups, stats, values=None) -> torch.Tensor:
+        """This micro-batch's share of the step's mean over prompts: (1 / N) sum_x w_x L_x
+        over its prompts, with w_x = 1, or the DRO weight of the prompt's own value (its loss,
+        or `values`) and the DRO state, so batching cannot change the step's objective."""
+        if self.dro is not None:
+            values = per_prompt.detach() if values is None else values
+            domains = groups.domain_ids(self.device) if isinstance(self.dro, GroupDRO) else None
+            self.dro.observe(values, domains)
+            weights = self.dro.weights(values, domains)
+            stats.pop("dro_ess", None)          # the one-batch weighting's, not these weights'
+            stats["dro_weight_mean"] = weights.mean()
+            per_prompt = weights * per_prompt
+        # FSDP averages gradients over ranks, so dividing by this rank's groups gives the
+        # mean over the global batch when every rank holds the same number of groups.
+        return per_prompt.sum() / self.local_groups
+
+    def _dro_begin(self) -> None:
+        domains = None
+        if isinstance(self.dro, GroupDRO):
+            domains = [self.groups.domain_ids[i] for i in self.stream.global_indices(self.step)]
+        self.dro.begin(domains)
+
+    def _dro_end(self, stat_sums: dict) -> None:
+        """Update the DRO state from the step's global batch (one collective) and add it to
+        the step's statistics (the same on every rank, so the ranks' mean is the value)."""
+        world, rank = self.dist.world_size, self.dist.rank
+
+        def gather(t):                          # (k,) per rank -> (world, k), one all-reduce
+            slots = t.new_zeros((world, *t.shape))
+            slots[rank] = t
+            return all_reduce_(slots)
+
+        self.dro.update(gather)
+        stat_sums["dro_objective"] = self.dro.objective().float()
+        if isinstance(self.dro, GroupDRO):
+            for name, q in zip(self.groups.domain_names, self.dro.domain_weights()):
+                stat_sums[f"dro_weight/{name}"] = q.float()
 
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -259,6 +303,8 @@ class Trainer:
         stat_sums: dict[str, torch.Tensor] = {}
         tokens = 0
         start = time.perf_counter()
+        if self.dro is not None:
+            self._dro_begin()
         for i, idx in enumerate(micro):
             # Reduce-scatter gradients only after the last micro-batch.
             self.policy.set_requires_gradient_sync(i == len(micro) - 1)
@@ -268,6 +314,8 @@ class Trainer:
             for k, v in stats.items():
                 stat_sums[k] = stat_sums.get(k, 0) + v.float() / len(micro)
             tokens += ntok
+        if self.dro is not None:
+            self._dro_end(stat_sums)
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -352,6 +400,8 @@ class Trainer:
                             f"away to start afresh")
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
+        if self.dro is not None and state.get("dro", {}).get("kind") == self.dro.kind:
+            self.dro.load_state_dict(state["dro"])
         if state["rng"] is not None:
             ckpt.set_rng_state(state["rng"])
         else:  # a rank the checkpoint's run did not have
@@ -405,6 +455,8 @@ class Trainer:
             raise UserError(f"step {self.step}: weights are not finite; no checkpoint written "
                             f"(the previous one is intact)")
         extra = {"step": self.step, "skipped_total": self.skipped_total, "rng": ckpt.rng_state()}
+        if self.dro is not None:
+            extra["dro"] = self.dro.state_dict()
         ckpt.save_checkpoint(self.out, self.step, self.policy, self.optimizer, extra,
                              rank=self.dist.rank, world_size=self.dist.world_size,
                              keep_last=self.cfg.train.keep_last, config_yaml=self.cfg.to_yaml(),
@@ -464,7 +516,8 @@ class Trainer:
                 f"Monte Carlo pairs ({2 + 2 * self.M} responses per group); "
                 f"{self.cfg.train.batch_groups} groups per step; loss {self.cfg.loss.loss_type}"
                 f"/{self.cfg.loss.estimator}, g: {self.cfg.aux.mode}, "
-                f"reference: {self.cfg.ref.source}")
+                f"reference: {self.cfg.ref.source}"
+                + (f"; DRO: {self.dro.kind}" if self.dro is not None else ""))
 
 
 def train(cfg: Config, *, quiet: bool = False) -> Path:

@@ -68,15 +68,13 @@ class RewardTrainer(Trainer):
                 return reward_preference(self.aux(batch))
         return super()._preferences(batch, groups, ref_logps)
 
-    def _loss(self, rewards, ref_logps, g, labelled, n):
+    def _loss(self, rewards, ref_logps, g, labelled, groups):
         cfg = self.cfg
-        common = dict(loss_type=cfg.loss.loss_type, estimator=cfg.loss.estimator,
-                      labelled=labelled, check_inputs=False)
-        if cfg.loss.dro_tau is not None:
-            loss, stats = vrpo_reward_loss(rewards, g, dro_tau=cfg.loss.dro_tau, **common)
-            return loss * (n / self.local_groups), stats
-        per_prompt, stats = vrpo_reward_loss(rewards, g, reduction="none", **common)
-        return per_prompt.sum() / self.local_groups, stats
+        per_prompt, stats = vrpo_reward_loss(rewards, g, loss_type=cfg.loss.loss_type,
+                                             estimator=cfg.loss.estimator, labelled=labelled,
+                                             reduction="none", check_inputs=False)
+        # DRO (loss.dro_tau / loss.group_dro_eta) weighs prompts as in the policy trainer.
+        return self._prompt_share(per_prompt, groups, stats), stats
 
 
 def train_reward(cfg, *, quiet: bool = False):
@@ -98,7 +96,12 @@ def evaluate_reward_model(model, tokenizer, examples, *, true_preference=None,
                           bins: int = 10) -> dict:
     """Pairwise accuracy on held-out labelled pairs, a reliability table (predicted
     P(chosen > rejected) against the observed frequency), and, when the true preference is
-    known, accuracy against it: how often sign(r(y) - r(y')) agrees with P*(y, y') > 1/2."""
+    known, accuracy against it: how often sign(r(y) - r(y')) agrees with P*(y, y') > 1/2.
+    When every pair has a domain, report["by_domain"] holds each of these accuracies per domain
+    (vrpo_fast.dro.per_domain: the worst domain and the mean over domains)."""
+    from vrpo_fast.dro import domains_of, per_domain
+    from vrpo_fast.evaluate import Estimate
+
     labelled = [ex for ex in examples if ex.labelled]
     if not labelled:
         raise UserError("reward evaluation needs labelled pairs (chosen, rejected)")
@@ -120,13 +123,21 @@ def evaluate_reward_model(model, tokenizer, examples, *, true_preference=None,
     report["reliability"] = table
     report["ece"] = sum(abs(t["predicted"] - t["observed"]) * t["count"] for t in table) / (
         2 * len(labelled))
+    domains = domains_of(labelled)
+    if domains is not None:
+        report["by_domain"] = {"accuracy": per_domain(domains, Estimate.of,
+                                                      (p > 0.5).float().tolist())}
     if true_preference is not None:
-        agree = []
+        agree, agree_domains = [], []
         for ex, s in zip(labelled, scores):
             truth = true_preference(ex.prompt, ex.chosen, ex.rejected)
             if not math.isclose(truth, 0.5):
                 agree.append(float((s[0] > s[1]).item() == (truth > 0.5)))
+                agree_domains.append(ex.domain)
         report["accuracy_vs_truth"] = sum(agree) / max(1, len(agree))
+        if domains is not None and agree:
+            report["by_domain"]["accuracy_vs_truth"] = per_domain(agree_domains, Estimate.of,
+                                                                  agree)
     return report
 
 

@@ -9,33 +9,53 @@ prompt from the current policy (the project's sampler), scores them with the rew
 
 The k samples share their prompt, so the policy, reference and reward-model passes are each one
 packed shared-prefix forward. The loop, checkpoints, resume and metrics are the policy trainer's.
+DRO (loss.dro_tau, loss.group_dro_eta) weighs each prompt's term by its loss
+L_x = -mean_i r_i (the penalised reward it misses) and the DRO state, as in the other trainers:
+prompts (or domains) on which the policy does worst count more.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from vrpo_fast.errors import UserError
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceRewards
+from vrpo_fast.train.data import domain_index
 from vrpo_fast.train.loop import Trainer
 
 
 class PromptGroups:
-    """Prompts only: the responses are drawn on-policy every step."""
+    """Prompts only: the responses are drawn on-policy every step. `domains`: each prompt's
+    domain or None (see train.data.TrainingGroups)."""
 
     num_mc_pairs = 0
 
-    def __init__(self, prompt_ids):
+    def __init__(self, prompt_ids, domains=None):
         self.prompt_ids = prompt_ids
+        self.domain_names, self.domain_ids = domain_index(domains)
 
     def __len__(self):
         return len(self.prompt_ids)
 
     def select(self, idx):
-        return PromptGroups([self.prompt_ids[i] for i in idx])
+        return PromptBatch([self.prompt_ids[i] for i in idx],
+                           None if self.domain_ids is None else [self.domain_ids[i] for i in idx])
+
+
+@dataclass
+class PromptBatch:
+    prompt_ids: list[list[int]]
+    _domains: list[int] | None
+
+    def __len__(self):
+        return len(self.prompt_ids)
+
+    def domain_ids(self, device) -> torch.Tensor:
+        return torch.tensor(self._domains, dtype=torch.long, device=device)
 
 
 class RLOOTrainer(Trainer):
@@ -69,7 +89,7 @@ class RLOOTrainer(Trainer):
         if not examples:
             raise UserError(f"data.path: {d.path} holds no usable prompts")
         self.groups = PromptGroups([tokenize_prompt(ex.prompt, self.tokenizer)
-                                    for ex in examples])
+                                    for ex in examples], [ex.domain for ex in examples])
         self.groups.fingerprint = data_fingerprint(examples)   # recorded in checkpoints
         self.data_report, self.M = report, 0
 
@@ -119,7 +139,8 @@ class RLOOTrainer(Trainer):
         stats = {"reward": scores.mean(), "kl": kl.mean(), "penalised_reward": r.mean(),
                  "advantage_std": advantage.std(), "response_tokens": batch.targets.new_tensor(
                      batch.targets.numel(), dtype=torch.float32) / (len(groups) * k)}
-        return per_prompt.sum() / self.local_groups, stats, batch.num_tokens
+        loss = self._prompt_share(per_prompt, groups, stats, values=-r.mean(dim=1))
+        return loss, stats, batch.num_tokens
 
 
 def train_rl(cfg, *, quiet: bool = False):
