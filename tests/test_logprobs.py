@@ -271,10 +271,8 @@ def test_flex_attention_forward_equals_dense_sdpa_on_cpu():
     assert b.shape[1] == 128 and b.shape[0] > 1
     with torch.no_grad():
         dense = packed_body(model, b, attention="sdpa")
-        try:
-            flex = packed_body(model, b, attention="flex")
-        except Exception as err:  # no C++ toolchain for inductor on this machine
-            pytest.skip(f"FlexAttention cannot compile on this CPU: {type(err).__name__}")
+        # A compilation failure fails the test: the GPU path would meet it too.
+        flex = packed_body(model, b, attention="flex")
     real = b.group >= 0
     torch.testing.assert_close(flex[real], dense[real], rtol=0, atol=1e-5)
 
