@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown mutants: {sorted(unknown)} (see --list)")
     if args.list:
         for m in chosen:
-            print(f"{m.name:26} {m.path:32} {' '.join(m.tests)}\n{'':26} {m.what}")
+            print(f"{m.name:26} {m.path:32} {shlex.join(m.tests)}\n{'':26} {m.what}")
         return 0
 
     rows, baseline = [], {}
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
 
     table = ["| mutant | deliberate bug | tests run | result |", "|---|---|---|---|"]
     for m, verdict, _, _ in rows:
-        table.append(f"| `{m.name}` | {m.what} (`{m.path}`) | `{' '.join(m.tests)}` | "
+        table.append(f"| `{m.name}` | {m.what} (`{m.path}`) | `{shlex.join(m.tests)}` | "
                      f"{verdict} |")
     print("\n".join(["", *table]))
     if args.markdown:

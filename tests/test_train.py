@@ -1,4 +1,6 @@
-"""The trainer: loss falls, exact resume, crash safety, FSDP2 across processes, aux modes."""
+"""The trainer: loss falls and final/ is the trained model, g wired the right way round in every
+aux mode, micro-batches and processes that do not change the maths, exact resume (random
+streams included), crash safety, checkpoint pruning, the refusals and warnings."""
 
 import json
 import math
@@ -43,14 +45,16 @@ def test_tiny_config_trains_and_loss_falls_and_final_is_the_trained_model(tmp_pa
 
     from vrpo_fast.logprobs import naive_sequence_logps
     from vrpo_fast.models import model_from_config
-    from vrpo_fast.packing import pack_groups
+    from vrpo_fast.packing import pack_groups, row_padding
     from vrpo_fast.train.loop import Trainer
 
     # The shipped config as it is (its model and data), with a larger batch so that the
     # training loss is a smooth enough curve to compare its ends.
+    # (fp32 on a GPU too, for the comparison with the float32 naive forward below.)
     cfg = load_config(TINY, [f"--train.output_dir={tmp_path / 'run'}", "--train.max_steps=30",
                              "--train.save_every=0", "--train.batch_groups=32",
-                             "--train.micro_batch_groups=16", "--loss.estimator=dpo"])
+                             "--train.micro_batch_groups=16", "--loss.estimator=dpo",
+                             "--train.mixed_precision=fp32"])
     trainer = Trainer(cfg)
     final = trainer.fit()
     log = read_metrics(cfg.train.output_dir)
@@ -69,8 +73,9 @@ def test_tiny_config_trains_and_loss_falls_and_final_is_the_trained_model(tmp_pa
     assert all(torch.isfinite(p).all() for p in model.parameters())
     groups = trainer.groups.select(list(range(6)))
     trainer.policy.eval()
+    batch = pack_groups(groups.prompt_ids, groups.response_ids, **row_padding(trainer.device))
     with torch.no_grad():
-        trained = trainer.policy(pack_groups(groups.prompt_ids, groups.response_ids))
+        trained = trainer.policy(batch.to(trainer.device)).cpu()
         exported = naive_sequence_logps(model, groups.prompt_ids, groups.response_ids)
         initial = naive_sequence_logps(model_from_config(cfg), groups.prompt_ids,
                                        groups.response_ids)
@@ -161,7 +166,8 @@ def test_micro_batches_do_not_change_the_maths(tmp_path):
     runs = {}
     for micro in (4, 2, 1):
         cfg = cfg_for(tmp_path, "--train.max_steps=3", "--train.save_every=0",
-                      f"--train.micro_batch_groups={micro}", name=f"micro{micro}")
+                      f"--train.micro_batch_groups={micro}", "--train.mixed_precision=fp32",
+                      name=f"micro{micro}")
         run_train(cfg)
         runs[micro] = read_metrics(cfg.train.output_dir)
     keys = ["loss", "grad_norm", "tokens", "margin", "accuracy", "mean_g", "term_dpo",
@@ -337,7 +343,8 @@ def test_g_is_wired_the_right_way_round_in_every_aux_mode(tmp_path, monkeypatch,
         extra.append(f"--aux.path={_save_tiny(tmp_path, mode)}")
     seen = _capture_g(monkeypatch, weights=mode == "lagged")
     cfg = cfg_for(tmp_path, "--train.max_steps=2", "--train.save_every=0", f"--aux.mode={mode}",
-                  "--aux.beta=1.0", "--aux.refresh_every=1", "--train.lr=1e-2", *extra)
+                  "--aux.beta=1.0", "--aux.refresh_every=1", "--train.lr=1e-2",
+                  "--train.mixed_precision=fp32", *extra)
     run_train(cfg)
     records = read_metrics(cfg.train.output_dir)
     assert [r["skipped"] for r in records] == [0, 0]
