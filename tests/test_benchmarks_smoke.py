@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"op", "provider", "shape", "median_s", "min_s", "max_s", "device", "commit",
               "versions", "timestamp", "command"}
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import TINY
 from torch import nn
 
 from vrpo_fast.cli import main as cli_main
@@ -18,8 +19,6 @@ from vrpo_fast.evaluate import (
 )
 from vrpo_fast.models import build_tiny_causal_lm
 from vrpo_fast.synthetic import SyntheticTask
-
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
 class FixedPolicy(nn.Module):

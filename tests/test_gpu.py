@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from helpers import random_groups
 
 from vrpo_fast import sequence_logps
 from vrpo_fast.models import build_tiny_causal_lm
@@ -15,10 +16,8 @@ pytestmark = pytest.mark.gpu
 
 
 def groups(G, K, seed, vocab=259):
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))] for _ in range(G)]
-    responses = [[[rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))] for _ in range(K)]
-                 for _ in range(G)]
+    prompts, responses = random_groups(G, K, random.Random(seed), vocab, prompt=(1, 40),
+                                       resp=(1, 12))
     responses[0][0] = [5]                                     # a one-token response
     return prompts, responses
 

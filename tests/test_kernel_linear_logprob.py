@@ -9,6 +9,14 @@ every dimension. Tests marked `gpu` run the compiled kernels at larger shapes.
 
 import pytest
 import torch
+from helpers import (
+    DEVICE,
+    IGNORE,
+    assert_close_verbose,
+    make_inputs,
+    oracle_logprobs,
+    segment_sums,
+)
 
 from vrpo_fast.kernels.linear_logprob import (
     LinearLogprobFunction,
@@ -16,29 +24,6 @@ from vrpo_fast.kernels.linear_logprob import (
     linear_logprob_backward,
     linear_logprob_forward,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IGNORE = -100
-
-
-def _index(flat, shape):
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
-
-
-def assert_close_verbose(got, want, atol, rtol, name):
-    """torch.isclose over every element; on failure, how many differ, the worst few and where."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
-    if bad.any():
-        err = (got - want).abs()
-        excess = torch.where(bad, err - atol - rtol * want.abs(), -1.0).flatten()
-        worst = excess.argsort(descending=True)[:min(5, int(bad.sum()))]
-        where = ", ".join(f"{_index(i, got.shape)}: got {got.flatten()[i].item():.6g} "
-                          f"want {want.flatten()[i].item():.6g}" for i in worst.tolist())
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ "
-                             f"(atol={atol}, rtol={rtol}, max abs err {err.max().item():.3g}); "
-                             f"worst at {where}")
 
 
 def assert_within_eager_error(got, eager, want, name, factor=2.0):
@@ -50,30 +35,11 @@ def assert_within_eager_error(got, eager, want, name, factor=2.0):
         f"{name}: kernel max error {err:.3g} > {factor} x eager max error {err_eager:.3g}")
 
 
-def oracle_logprobs(hidden, weight, targets, temperature=1.0):
-    """float64, full (N, V) logits."""
-    logits = hidden.double() @ weight.double().T / temperature
-    lp = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    return torch.where(targets != IGNORE, lp, torch.zeros_like(lp))
-
-
 def eager_logprobs(hidden, weight, targets, temperature=1.0):
     """What a user runs today: the LM head in the inputs' dtype, log-softmax in fp32."""
     logits = (hidden @ weight.T).float() / temperature
     lp = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     return torch.where(targets != IGNORE, lp, torch.zeros_like(lp))
-
-
-def segment_sums(tok, seg, num_segments):
-    return torch.zeros(num_segments, dtype=tok.dtype, device=tok.device).index_add(0, seg, tok)
-
-
-def make_inputs(N, D, V, dtype, hidden_scale=1.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=gen) * hidden_scale
-    w = torch.randn(V, D, generator=gen) * (4 / D**0.5)        # logits of a few units
-    t = torch.randint(0, V, (N,), generator=gen)
-    return h.to(DEVICE, dtype), w.to(DEVICE, dtype), t.to(DEVICE)
 
 
 def run(fn, h, w, upstream, cast=None):

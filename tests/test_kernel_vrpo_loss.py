@@ -1,68 +1,18 @@
-"""The fused VRPO loss kernel (vrpo_fast.kernels.vrpo_loss) against a float64 formula written
-here, pair by pair, and against vrpo_fast.vrpo_loss(reduction="none"): every loss type, both
-estimators, M in {0, 1, 4}, the gradient w.r.t. the policy log-probs, kinks and extremes."""
+"""The fused VRPO loss kernel (vrpo_fast.kernels.vrpo_loss) against the float64 formula written
+pair by pair (tests/helpers.py) and against vrpo_fast.vrpo_loss(reduction="none"): every loss
+type, both estimators, M in {0, 1, 4}, the gradient w.r.t. the policy log-probs, kinks and
+extremes."""
 
 import math
 
 import pytest
 import torch
+from helpers import DEVICE, assert_close_verbose, vrpo_formula
 
 import vrpo_fast
 from vrpo_fast.kernels.vrpo_loss import VRPOLossFunction, vrpo_loss_backward, vrpo_loss_forward
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSS_TYPES = ["sigmoid", "ramp", "ipo", "hinge"]
-
-
-def _index(flat, shape):
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
-
-
-def assert_close_verbose(got, want, atol, rtol, name):
-    """torch.isclose over every element; on failure, how many differ, the worst few and where."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
-    if bad.any():
-        err = (got - want).abs()
-        excess = torch.where(bad, err - atol - rtol * want.abs(), -1.0).flatten()
-        worst = excess.argsort(descending=True)[:min(5, int(bad.sum()))]
-        where = ", ".join(f"{_index(i, got.shape)}: got {got.flatten()[i].item():.6g} "
-                          f"want {want.flatten()[i].item():.6g}" for i in worst.tolist())
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ "
-                             f"(atol={atol}, rtol={rtol}, max abs err {err.max().item():.3g}); "
-                             f"worst at {where}")
-
-
-def pair_loss(u, loss_type, beta):
-    """l(u) in float64, from the definitions (torch's relu: relu'(0) = 0)."""
-    relu = torch.relu
-    if loss_type == "sigmoid":
-        return -torch.nn.functional.logsigmoid(u)
-    if loss_type == "ramp":
-        return relu(1 - u) - relu(-0.5 - u)
-    if loss_type == "ipo":
-        return (u / beta - 1 / (2 * beta)) ** 2
-    return relu(1 - u)
-
-
-def formula(policy, ref, g, beta, loss_type, estimator):
-    """Per-prompt loss (B,), one prompt and one pair at a time, float64."""
-    B, K = policy.shape
-    M = (K - 2) // 2
-    r = beta * (policy - (ref if ref is not None else torch.zeros_like(policy)))
-    out = []
-    for b in range(B):
-        u = [r[b, 2 * p] - r[b, 2 * p + 1] for p in range(M + 1)]
-        loss = pair_loss(u[0], loss_type, beta)
-        if estimator == "vrpo" and M > 0:
-            loss = loss - (g[b, 0] * pair_loss(u[0], loss_type, beta)
-                           + (1 - g[b, 0]) * pair_loss(-u[0], loss_type, beta))
-            mc = sum(g[b, m] * pair_loss(u[m], loss_type, beta)
-                     + (1 - g[b, m]) * pair_loss(-u[m], loss_type, beta) for m in range(1, M + 1))
-            loss = loss + mc / M
-        out.append(loss)
-    return torch.stack(out)
 
 
 def make(B, M, seed, spread=4.0):
@@ -84,7 +34,7 @@ def kernel_loss_and_grad(pol, ref, g, up, beta, loss_type, estimator, dtype=torc
 
 def formula_loss_and_grad(pol, ref, g, up, beta, loss_type, estimator):
     p = pol.clone().requires_grad_(True)
-    loss = formula(p, ref, g, beta, loss_type, estimator)
+    loss = vrpo_formula(p, ref, g, beta, loss_type, estimator)
     (loss * up).sum().backward()
     return loss.detach(), p.grad
 

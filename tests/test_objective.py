@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import pair_loss, vrpo_formula
 
 from vrpo_fast import vrpo_loss, vrpo_reward_loss
 
@@ -13,39 +14,22 @@ LOSS_TYPES = ["sigmoid", "ramp", "ipo", "hinge"]
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent float64 reference: scalar maths, one prompt and one pair at a time.
+# An independent float64 reference (tests/helpers.py): one prompt and one pair at a time, the
+# gradient by central differences.
 # ---------------------------------------------------------------------------------------------
-
-def ref_l(u: float, loss_type: str, beta: float) -> float:
-    if loss_type == "sigmoid":
-        return math.log1p(math.exp(-u)) if u > -30 else -u + math.log1p(math.exp(u))
-    if loss_type == "ramp":
-        return max(0.0, 1 - u) - max(0.0, -0.5 - u)
-    if loss_type == "ipo":
-        return (u / beta - 1 / (2 * beta)) ** 2
-    if loss_type == "hinge":
-        return max(0.0, 1 - u)
-    raise AssertionError(loss_type)
-
 
 def ref_prompt_loss(pol, ref, g, beta, loss_type, estimator):
     """L for one prompt from python floats: pol, ref (2 + 2M,), g (1 + M,)."""
-    r = [beta * (p - q) for p, q in zip(pol, ref)]
-    M = (len(r) - 2) // 2
-    u0 = r[0] - r[1]
-    dpo = ref_l(u0, loss_type, beta)
-    if estimator == "dpo" or M == 0:
-        return dpo
-    label = g[0] * ref_l(u0, loss_type, beta) + (1 - g[0]) * ref_l(-u0, loss_type, beta)
-    mc = 0.0
-    for m in range(1, M + 1):
-        um = r[2 * m] - r[2 * m + 1]
-        mc += g[m] * ref_l(um, loss_type, beta) + (1 - g[m]) * ref_l(-um, loss_type, beta)
-    return dpo - label + mc / M
+    row = lambda x: torch.tensor([x], dtype=torch.float64)
+    return vrpo_formula(row(pol), row(ref), row(g), beta, loss_type, estimator)[0].item()
+
+
+def ref_l(u: float, loss_type: str, beta: float) -> float:
+    return pair_loss(torch.tensor(u, dtype=torch.float64), loss_type, beta).item()
 
 
 def ref_loss_and_grad(pol, ref, g, beta, loss_type, estimator, h=1e-6):
-    """Mean loss and its gradient by central differences, all in python float64."""
+    """Mean loss and its gradient by central differences, in float64."""
     B, K = len(pol), len(pol[0])
     loss = sum(ref_prompt_loss(pol[i], ref[i], g[i], beta, loss_type, estimator)
                for i in range(B)) / B

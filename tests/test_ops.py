@@ -3,20 +3,19 @@ errors, and FusedLinearVRPOLoss end to end against full float64 logits + the flo
 
 import pytest
 import torch
-from test_kernel_linear_logprob import (  # the float64 oracles and the verbose assert
+from helpers import (  # the float64 oracles and the verbose assert
+    DEVICE,
     assert_close_verbose,
     make_inputs,
     oracle_logprobs,
     segment_sums,
+    vrpo_formula,
 )
-from test_kernel_vrpo_loss import formula
 
 import vrpo_fast
 import vrpo_fast.kernels.linear_logprob as kernel_module
 from vrpo_fast import ops
 from vrpo_fast.ops import FusedLinearVRPOLoss, linear_logprobs, per_prompt_vrpo_loss
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
@@ -184,7 +183,7 @@ def test_fused_module_matches_full_logits_and_the_formula(impl, case):
 
     h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
     logps = segment_sums(oracle_logprobs(h64, w64, t, temperature), seg, G * K).view(G, K)
-    per = formula(logps, ref, g, beta, loss_type, "vrpo")
+    per = vrpo_formula(logps, ref, g, beta, loss_type, "vrpo")
     if dro_tau is not None:
         want = (torch.softmax(per.detach() / dro_tau, 0) * per).sum()
     else:

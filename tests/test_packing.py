@@ -5,15 +5,9 @@ import random
 
 import pytest
 import torch
+from helpers import random_groups
 
 from vrpo_fast.packing import bucket_width, pack_groups, row_padding, trainer_budget
-
-
-def random_groups(G, K, rng, vocab=259, prompt=(1, 12), resp=(1, 7)):
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt))] for _ in range(G)]
-    responses = [[[rng.randrange(3, vocab) for _ in range(rng.randint(*resp))] for _ in range(K)]
-                 for _ in range(G)]
-    return prompts, responses
 
 
 def test_layout_by_hand():

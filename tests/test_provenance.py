@@ -8,15 +8,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import TINY, TINY_YAML
 
 from vrpo_fast.config import load_config
 from vrpo_fast.errors import UserError
 from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer, load_causal_lm
 from vrpo_fast.provenance import check_provenance, read_provenance, weights_fingerprint
-
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-TINY_YAML = ("{hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
-             "intermediate_size: 64}")
 
 
 def sample(tmp_path, *extra):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, TINY, TINY_YAML
 
 from vrpo_fast import shards
 from vrpo_fast.config import load_config
@@ -26,11 +27,6 @@ from vrpo_fast.samplers import (
     stop_token_ids,
     trim_at_stop,
 )
-
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-TINY_YAML = ("{hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
-             "intermediate_size: 64}")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class SmallVocab:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, TINY_YAML, float64_logps
 
 from vrpo_fast import shards
 from vrpo_fast.config import load_config
@@ -14,10 +15,6 @@ from vrpo_fast.errors import UserError
 from vrpo_fast.logprobs import sequence_logps
 from vrpo_fast.models import build_tiny_causal_lm, tiny_llama_config
 
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-TINY_YAML = ("{hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
-             "intermediate_size: 64}")
-# Labelled and unlabelled prompts mixed in one shard: their groups have different K.
 PROMPTS = [{"prompt": "ab>", "chosen": "aa", "rejected": "b"}, {"prompt": "cd>"},
            {"prompt": "ba>", "chosen": "a", "rejected": "bba"}, {"prompt": "dcc>"},
            {"prompt": "ac>", "chosen": "c", "rejected": "d"}]
@@ -32,15 +29,6 @@ def config(root: Path, **extra):
             "--sample.max_new_tokens=5", "--sample.shard_size=2", "--score.shard_size=2",
             "--score.max_tokens=40", "--model.tokenizer=byte", f"--model.tiny={TINY_YAML}"]
     return load_config(None, over + [f"--{k}={v}" for k, v in extra.items()])
-
-
-def float64_logps(model64, prompt: list[int], response: list[int]) -> float:
-    """log p(response | prompt): one unpadded float64 forward, full logits."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logp = torch.log_softmax(model64(ids).logits[0, :-1].double(), -1)
-    targets = ids[0, 1:]
-    return logp[torch.arange(len(targets)), targets][len(prompt) - 1:].sum().item()
 
 
 def scored_groups(out, tokenizer, **kw):

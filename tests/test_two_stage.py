@@ -48,7 +48,9 @@ def test_packed_reward_scores_equal_per_response_scoring():
 @pytest.mark.parametrize("g_kind", ["true", "wrong"])
 def test_vr_reward_loss_is_unbiased_for_any_g(g_kind):
     """Tabular reward model r = phi (Y,), pairs from a reference distribution, labels from a
-    mixture-of-two-populations truth: E[grad VR loss] = E[grad BT loss], by enumeration."""
+    mixture-of-two-populations truth: E[grad VR loss] = E[grad BT loss], by enumeration. The
+    reward loss's own unbiasedness (test_objective checks vrpo_loss's), with the same power
+    check: the Monte Carlo term alone is biased under a wrong g, and the z-test sees it."""
     Y = 5
     gen = torch.Generator().manual_seed(11)
     pi_ref = torch.softmax(torch.randn(Y, generator=gen, dtype=torch.float64), 0)
@@ -82,6 +84,18 @@ def test_vr_reward_loss_is_unbiased_for_any_g(g_kind):
     per_sample = torch.zeros(n, Y, dtype=torch.float64).scatter_add_(1, y, d)
     z = (per_sample.mean(0) - exact) / (per_sample.std(0) / math.sqrt(n))
     assert z.abs().max().item() < 4.5, z
+    # And the test has power: the Monte Carlo term alone (no prompt labelled, so no label
+    # correction) is unbiased only when g is the truth; with a wrong g the z-test rejects it.
+    scores = phi[y].clone().requires_grad_(True)
+    loss_mc, _ = vrpo_reward_loss(scores, g, labelled=torch.zeros(n, dtype=torch.bool),
+                                  reduction="sum")
+    (d,) = torch.autograd.grad(loss_mc, scores)
+    per_sample = torch.zeros(n, Y, dtype=torch.float64).scatter_add_(1, y, d)
+    z_mc = (per_sample.mean(0) - exact) / (per_sample.std(0) / math.sqrt(n))
+    if g_kind == "true":
+        assert z_mc.abs().max().item() < 4.5, z_mc
+    else:
+        assert z_mc.abs().max().item() > 10, z_mc
 
 
 def test_rloo_syncs_the_generator_once_per_optimizer_step(tmp_path, monkeypatch):

@@ -1,0 +1,126 @@
+"""What several test files share: the independent float64 references (full-logit log-probs,
+the per-pair VRPO formula, one unpadded forward per sequence), random prompt groups, a verbose
+elementwise assert and the tiny model shapes. Test files import this module and never each
+other. Nothing here calls the code under test, except to build tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+
+# The tiny model the stage tests build: `model.tiny` as keyword arguments and as a YAML override.
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+TINY_YAML = ("{hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+             "intermediate_size: 64}")
+
+
+# -- asserts ---------------------------------------------------------------------------------
+
+def _index(flat, shape):
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
+
+
+def assert_close_verbose(got, want, atol, rtol, name):
+    """torch.isclose over every element; on failure, how many differ, the worst few and where."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
+    if bad.any():
+        err = (got - want).abs()
+        excess = torch.where(bad, err - atol - rtol * want.abs(), -1.0).flatten()
+        worst = excess.argsort(descending=True)[:min(5, int(bad.sum()))]
+        where = ", ".join(f"{_index(i, got.shape)}: got {got.flatten()[i].item():.6g} "
+                          f"want {want.flatten()[i].item():.6g}" for i in worst.tolist())
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ "
+                             f"(atol={atol}, rtol={rtol}, max abs err {err.max().item():.3g}); "
+                             f"worst at {where}")
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+def random_groups(G, K, rng, vocab=259, prompt=(1, 12), resp=(1, 7)):
+    """G prompts of K responses each, token ids in [3, vocab) (no special tokens); lengths
+    uniform in the inclusive ranges `prompt` and `resp`. rng: a random.Random."""
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt))] for _ in range(G)]
+    responses = [[[rng.randrange(3, vocab) for _ in range(rng.randint(*resp))] for _ in range(K)]
+                 for _ in range(G)]
+    return prompts, responses
+
+
+def make_inputs(N, D, V, dtype, hidden_scale=1.0, seed=0):
+    """LM-head inputs on DEVICE: hidden (N, D), weight (V, D) with logits of a few units,
+    targets (N,)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=gen) * hidden_scale
+    w = torch.randn(V, D, generator=gen) * (4 / D**0.5)
+    t = torch.randint(0, V, (N,), generator=gen)
+    return h.to(DEVICE, dtype), w.to(DEVICE, dtype), t.to(DEVICE)
+
+
+# -- float64 references ----------------------------------------------------------------------
+
+def oracle_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=IGNORE):
+    """Per-token log p(target) from full float64 (N, V) logits (0 at ignored positions)."""
+    logits = hidden.double() @ weight.double().T / temperature
+    lp = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(targets != ignore_index, lp, torch.zeros_like(lp))
+
+
+def segment_sums(tok, seg, num_segments):
+    return torch.zeros(num_segments, dtype=tok.dtype, device=tok.device).index_add(0, seg, tok)
+
+
+def float64_logps(model64, prompt: list[int], response: list[int]) -> float:
+    """log p(response | prompt): one unpadded forward of a float64 model, full logits."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model64(ids).logits[0, :-1].double(), -1)
+    targets = ids[0, 1:]
+    return logp[torch.arange(len(targets)), targets][len(prompt) - 1:].sum().item()
+
+
+def float64_reward(rm64, prompt: list[int], response: list[int]) -> float:
+    """A float64 sequence classifier's score of prompt + response (one unpadded forward)."""
+    with torch.no_grad():
+        return rm64(input_ids=torch.tensor([list(prompt) + list(response)])).logits[0, 0].item()
+
+
+def pair_loss(u, loss_type, beta):
+    """l(u) in float64, from the definitions (torch's relu: relu'(0) = 0)."""
+    relu = torch.relu
+    if loss_type == "sigmoid":
+        return -torch.nn.functional.logsigmoid(u)
+    if loss_type == "ramp":
+        return relu(1 - u) - relu(-0.5 - u)
+    if loss_type == "ipo":
+        return (u / beta - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return relu(1 - u)
+    raise AssertionError(loss_type)
+
+
+def vrpo_formula(policy, ref, g, beta, loss_type, estimator):
+    """Per-prompt VRPO loss (B,), one prompt and one pair at a time, in the inputs' dtype
+    (float64 tensors for a reference): policy, ref (B, 2 + 2M) (ref None: reference-free),
+    g (B, 1 + M). Column 2p is pair p's first response, 2p + 1 its second; pair 0 is (chosen,
+    rejected)."""
+    B, K = policy.shape
+    M = (K - 2) // 2
+    r = beta * (policy - (ref if ref is not None else torch.zeros_like(policy)))
+    out = []
+    for b in range(B):
+        u = [r[b, 2 * p] - r[b, 2 * p + 1] for p in range(M + 1)]
+        loss = pair_loss(u[0], loss_type, beta)
+        if estimator == "vrpo" and M > 0:
+            loss = loss - (g[b, 0] * pair_loss(u[0], loss_type, beta)
+                           + (1 - g[b, 0]) * pair_loss(-u[0], loss_type, beta))
+            mc = sum(g[b, m] * pair_loss(u[m], loss_type, beta)
+                     + (1 - g[b, m]) * pair_loss(-u[m], loss_type, beta) for m in range(1, M + 1))
+            loss = loss + mc / M
+        out.append(loss)
+    return torch.stack(out)
