@@ -195,6 +195,18 @@ def test_unlabelled_prompts_contribute_mc_term_only():
     loss2, _ = vrpo_loss(pol2, ref, g, beta=beta, labelled=labelled)
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-12)
 
+    # Split into parts (gradient accumulation, ranks) with the whole batch's label_scale, the
+    # parts' per-prompt sums add up to the whole batch's loss; with each part's own scale
+    # (the default) they do not.
+    scale = 6 / int(labelled.sum())
+    parts = [slice(0, 2), slice(2, 4), slice(4, 6)]
+    split = sum(vrpo_loss(pol[p], ref[p], g[p], beta=beta, labelled=labelled[p],
+                          label_scale=scale, reduction="sum")[0].item() for p in parts) / 6
+    assert split == pytest.approx(exp, rel=1e-10)
+    own = sum(vrpo_loss(pol[p], ref[p], g[p], beta=beta, labelled=labelled[p],
+                        reduction="sum")[0].item() for p in parts) / 6
+    assert abs(own - exp) > 1e-3
+
 
 def test_dro_limits():
     pol, ref, g = random_inputs(8, 1)

@@ -45,8 +45,8 @@ def pairwise_loss(u: torch.Tensor, loss_type: str, beta: float = 1.0) -> torch.T
 def vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
               aux_prefs: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
               estimator: str = "vrpo", dro_tau: float | None = None,
-              labelled: torch.Tensor | None = None, reduction: str = "mean",
-              check_inputs: bool = True):
+              labelled: torch.Tensor | None = None, label_scale: float | None = None,
+              reduction: str = "mean", check_inputs: bool = True):
     """One-stage (DPO-style) VRPO loss.
 
     Args:
@@ -63,6 +63,11 @@ def vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
         labelled: optional (B,) bool. Unlabelled prompts contribute only the Monte Carlo term:
             loss = mean over labelled prompts of the first two terms + mean over all prompts of
             the Monte Carlo term (their chosen/rejected columns are ignored).
+        label_scale: with `labelled`, the factor on a labelled prompt's first two terms in its
+            per-prompt loss (the mean over prompts then weighs them as a mean over labelled
+            prompts). Default: B / (labelled prompts of this batch). A caller that splits a batch
+            (gradient accumulation, ranks) passes the whole batch's value, so the split cannot
+            change the objective.
         reduction: mean | sum | none (per-prompt (B,), for callers that normalise themselves,
             e.g. by the global number of prompt groups under gradient accumulation).
         check_inputs: check values (finite, g in [0, 1]); each check is a host sync, so the
@@ -87,14 +92,15 @@ def vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
         raise ValueError(f"beta: must be > 0, got {beta}")
     rewards = beta * (policy_logps - ref_logps.to(policy_logps.dtype))
     return _estimate(rewards, aux_prefs, beta=beta, loss_type=loss_type, estimator=estimator,
-                     dro_tau=dro_tau, labelled=labelled, reduction=reduction,
-                     check_inputs=check_inputs, name="policy_logps")
+                     dro_tau=dro_tau, labelled=labelled, label_scale=label_scale,
+                     reduction=reduction, check_inputs=check_inputs, name="policy_logps")
 
 
 def vrpo_reward_loss(rewards: torch.Tensor, aux_prefs: torch.Tensor, *,
                      loss_type: str = "sigmoid", estimator: str = "vrpo",
                      dro_tau: float | None = None, labelled: torch.Tensor | None = None,
-                     reduction: str = "mean", check_inputs: bool = True):
+                     label_scale: float | None = None, reduction: str = "mean",
+                     check_inputs: bool = True):
     """Two-stage VRPO loss of a reward model: margins u = r(y) - r(y').
 
     rewards: (B, 2 + 2M) reward-model scores in the same column order as `vrpo_loss`; every
@@ -107,8 +113,8 @@ def vrpo_reward_loss(rewards: torch.Tensor, aux_prefs: torch.Tensor, *,
         raise ValueError("loss_type: 'ipo' is a one-stage (policy) loss; use sigmoid, ramp or "
                          "hinge for a reward model")
     return _estimate(rewards, aux_prefs, beta=1.0, loss_type=loss_type, estimator=estimator,
-                     dro_tau=dro_tau, labelled=labelled, reduction=reduction,
-                     check_inputs=check_inputs, name="rewards")
+                     dro_tau=dro_tau, labelled=labelled, label_scale=label_scale,
+                     reduction=reduction, check_inputs=check_inputs, name="rewards")
 
 
 def _check_choice(name, value, choices):
@@ -123,8 +129,8 @@ def _check_float(x, name):
         raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
 
 
-def _estimate(rewards, aux_prefs, *, beta, loss_type, estimator, dro_tau, labelled, reduction,
-              check_inputs, name):
+def _estimate(rewards, aux_prefs, *, beta, loss_type, estimator, dro_tau, labelled,
+              label_scale, reduction, check_inputs, name):
     B, K = rewards.shape
     if K < 2 or K % 2:
         raise ValueError(f"{name}: expected 2 + 2M columns (an even number >= 2), got shape "
@@ -172,7 +178,7 @@ def _estimate(rewards, aux_prefs, *, beta, loss_type, estimator, dro_tau, labell
         # mean_labelled(first two terms) + mean_all(MC term), written per prompt so that the
         # mean over the batch (and DRO weighting) applies unchanged.
         lab = labelled.to(rewards.dtype)
-        scale = B / lab.sum().clamp(min=1)
+        scale = B / lab.sum().clamp(min=1) if label_scale is None else label_scale
         per_prompt = lab * scale * (term_dpo - term_label) + term_mc
 
     if dro_tau is not None:

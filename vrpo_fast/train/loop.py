@@ -229,8 +229,11 @@ class Trainer:
         else:
             ref_logps = None
         g = self._preferences(batch, groups, ref_logps)
-        loss, stats = self._loss(policy_logps, ref_logps, g, groups.labelled_mask(self.device),
-                                 groups)
+        labelled = groups.labelled_mask(self.device)
+        if labelled is None and self._label_scale is not None:
+            # A fully labelled micro-batch of a step that has unlabelled prompts elsewhere.
+            labelled = torch.ones(len(groups), dtype=torch.bool, device=self.device)
+        loss, stats = self._loss(policy_logps, ref_logps, g, labelled, groups)
         return loss, stats, batch.num_tokens
 
     def _loss(self, policy_logps, ref_logps, g, labelled, groups):
@@ -238,7 +241,8 @@ class Trainer:
         cfg = self.cfg
         # Inputs were validated when the data was loaded; value checks here would add host syncs.
         common = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
-                      estimator=cfg.loss.estimator, labelled=labelled, check_inputs=False)
+                      estimator=cfg.loss.estimator, labelled=labelled,
+                      label_scale=self._label_scale, check_inputs=False)
         if labelled is None and policy_logps.is_cuda:
             # The fused loss kernel; the statistics come from the reference formula on
             # detached values (B x K numbers).
@@ -267,6 +271,17 @@ class Trainer:
         # FSDP averages gradients over ranks, so dividing by this rank's groups gives the
         # mean over the global batch when every rank holds the same number of groups.
         return per_prompt.sum() / self.local_groups
+
+    def _step_label_scale(self) -> float | None:
+        """With unlabelled prompts, the factor that makes a labelled prompt's first two terms a
+        mean over the labelled prompts of the step's GLOBAL batch (known from the data order, no
+        collective), so micro-batches and ranks cannot change the objective."""
+        labelled = getattr(self.groups, "labelled", None)
+        if labelled is None:
+            return None
+        batch = self.stream.global_indices(self.step)
+        count = sum(labelled[i] for i in batch)
+        return None if count == len(batch) else len(batch) / max(1, count)
 
     def _dro_begin(self) -> None:
         domains = None
@@ -305,6 +320,7 @@ class Trainer:
         start = time.perf_counter()
         if self.dro is not None:
             self._dro_begin()
+        self._label_scale = self._step_label_scale()
         for i, idx in enumerate(micro):
             # Reduce-scatter gradients only after the last micro-batch.
             self.policy.set_requires_gradient_sync(i == len(micro) - 1)

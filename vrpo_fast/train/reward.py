@@ -72,7 +72,8 @@ class RewardTrainer(Trainer):
         cfg = self.cfg
         per_prompt, stats = vrpo_reward_loss(rewards, g, loss_type=cfg.loss.loss_type,
                                              estimator=cfg.loss.estimator, labelled=labelled,
-                                             reduction="none", check_inputs=False)
+                                             label_scale=self._label_scale, reduction="none",
+                                             check_inputs=False)
         # DRO (loss.dro_tau / loss.group_dro_eta) weighs prompts as in the policy trainer.
         return self._prompt_share(per_prompt, groups, stats), stats
 
