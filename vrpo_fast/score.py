@@ -131,9 +131,10 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     )
 
     sc, d, aux_cfg = cfg.score, cfg.data, cfg.aux
-    source = sc.input or cfg.sample.output or d.path
+    source = sc.input or cfg.sample.output
     if not source:
-        raise UserError("score.input: nothing to score (set score.input or sample.output)")
+        raise UserError("score.input: nothing to score (set score.input, or sample.output for "
+                        "score to read what sample writes)")
     if not sc.output:
         raise UserError("score.output: no output folder given")
     if sc.max_tokens < 2 or sc.shard_size < 1:
