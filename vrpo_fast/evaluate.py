@@ -98,7 +98,9 @@ class CallableJudge(Judge):
 
 
 class RewardModelJudge(Judge):
-    """A sequence-classification reward model r; P(y beats y2) = sigmoid(r(y) - r(y2))."""
+    """A sequence-classification reward model r; P(y beats y2) = sigmoid(r(y) - r(y2)). It sits
+    on the evaluation's device (bf16 on a GPU); a text longer than its tokenizer's limit keeps
+    its end, where the response is."""
 
     def __init__(self, path: str):
         import torch
@@ -110,6 +112,9 @@ class RewardModelJudge(Judge):
         except (OSError, ValueError) as err:
             raise UserError(f"--judge reward_model:{path}: cannot load it: "
                             f"{str(err).splitlines()[0]}") from None
+        self.device, dtype = eval_device()
+        self.model.to(self.device, dtype)
+        self.tokenizer.truncation_side = "left"
         self.name = f"reward model {path}"
         self._torch = torch
         self._cache: dict[tuple[str, str], float] = {}
@@ -127,7 +132,8 @@ class RewardModelJudge(Judge):
     def reward(self, prompt, y):
         key = (str(prompt), y)
         if key not in self._cache:
-            ids = self.tokenizer(self.text(prompt, y), return_tensors="pt")
+            ids = self.tokenizer(self.text(prompt, y), return_tensors="pt",
+                                 truncation=True).to(self.device)
             with self._torch.no_grad():
                 self._cache[key] = self.model(**ids).logits[0, 0].float().item()
         return self._cache[key]
