@@ -252,6 +252,7 @@ QWEN = next(c for c in CONFIGS if c.stem.startswith("qwen"))
                                       r"not in run\.stages$"),
     (["--run.stages=[eval]"], r"^eval\.policy: .*run/final does not exist and train is not in "
                               r"run\.stages$"),
+    (["--eval.judge=null"], r"^eval\.judge: not set; the eval stage needs a judge"),
     (["--run.stages=[train, sample]"], r"^run\.stages: .* must follow the pipeline order"),
     (["--run.stages=[train-reward, train]"], r"^run\.stages: train-reward and train both "
                                              r"write train\.output_dir"),

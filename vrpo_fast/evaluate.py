@@ -284,7 +284,7 @@ def eval_settings(cfg) -> dict:
             "ref": cfg.ref.path}
 
 
-def eval_stage(cfg, *, progress: bool = True) -> Path | None:
+def eval_stage(cfg) -> Path | None:
     """Sample every player at every temperature, judge, write the report (when eval.output is
     set); returns eval.output."""
     import gc

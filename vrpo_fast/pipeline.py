@@ -106,6 +106,9 @@ def plan(cfg: Config) -> list[Step]:
         key, path = step.output
         if not path:
             raise UserError(f"{key}: not set; the {step.name} stage writes there")
+    if "eval" in names and not cfg.eval.judge:
+        raise UserError("eval.judge: not set; the eval stage needs a judge (synthetic, "
+                        "reward_model:PATH or python:module:function)")
     for ups, downs, key in LINKS:
         up = next((s for s in steps if s.name in ups), None)
         down = next((s for s in steps if s.name in downs), None)
@@ -235,7 +238,7 @@ def run_stage(cfg: Config, name: str, *, progress: bool = True):
         return None
     from vrpo_fast.evaluate import eval_stage
 
-    return eval_stage(cfg, progress=progress)
+    return eval_stage(cfg)
 
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> list[tuple[str, Path | None]]:
