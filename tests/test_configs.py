@@ -330,3 +330,19 @@ def test_config_driven_help_says_where_every_key_is_documented(command, capsys):
         main([command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--section.key=value" in out and "vrpo-fast config-doc" in out
+
+
+@pytest.mark.parametrize("stage, key", [("sample", "sample.input"), ("score", "score.input"),
+                                        ("eval", "eval.prompts")])
+def test_a_stage_names_its_own_input_key_when_the_input_cannot_be_read(tmp_path, stage, key):
+    """Run alone (not through `run`), each stage reports an unreadable input under its key."""
+    from vrpo_fast.pipeline import run_stage
+
+    missing = tmp_path / "missing.jsonl"
+    cfg = load_config(None, ["--model.tiny={hidden_size: 16, num_layers: 1, num_heads: 2, "
+                             "num_kv_heads: 1, intermediate_size: 32}", "--model.tokenizer=byte",
+                             f"--{key}={missing}", f"--sample.output={tmp_path / 's'}",
+                             f"--score.output={tmp_path / 'c'}", "--eval.judge=synthetic",
+                             f"--train.output_dir={tmp_path / 'r'}"])
+    with pytest.raises(UserError, match=rf"^{key}: no such file or folder '{missing}'"):
+        run_stage(cfg, stage, progress=False)

@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, renamed
 from vrpo_fast.samplers import draw
 
 
@@ -298,8 +298,11 @@ def eval_stage(cfg) -> Path | None:
 
     e = cfg.eval
     _check(e)
-    examples, _ = load_preference_data(e.prompts, on_bad_row=cfg.data.on_bad_row,
-                                            split=cfg.data.split, prompts_only=True)
+    try:
+        examples, _ = load_preference_data(e.prompts, on_bad_row=cfg.data.on_bad_row,
+                                           split=cfg.data.split, prompts_only=True)
+    except UserError as err:
+        raise renamed(err, "eval.prompts") from None
     examples = examples[:e.num_prompts]
     if not examples:
         raise UserError(f"eval.prompts: {e.prompts} holds no prompts")

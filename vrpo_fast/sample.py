@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from vrpo_fast import shards
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, renamed
 
 
 def choose_backend(cfg) -> str:
@@ -94,8 +94,11 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
                         f"{s.batch_size}, {s.shard_size}")
     out = Path(s.output)
     tokenizer = tokenizer_from_config(cfg)
-    examples, report = load_preference_data(s.input, on_bad_row=cfg.data.on_bad_row,
-                                            split=cfg.data.split, prompts_only=True)
+    try:
+        examples, report = load_preference_data(s.input, on_bad_row=cfg.data.on_bad_row,
+                                                split=cfg.data.split, prompts_only=True)
+    except UserError as err:
+        raise renamed(err, "sample.input") from None
     if report.skipped:
         print(f"sample: skipped {report.skipped} bad rows (data.on_bad_row = skip)")
     if not examples:

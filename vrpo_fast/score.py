@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from vrpo_fast import shards
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, renamed
 
 
 def token_batches(groups: list[tuple[list[int], list[list[int]]]], max_tokens: int):
@@ -146,7 +146,11 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         raise UserError(f"score.output: {out} is the input's folder; scored shards need a "
                         f"folder of their own")
     tokenizer = tokenizer_from_config(cfg)
-    examples, report = load_preference_data(str(source), on_bad_row=d.on_bad_row, split=d.split)
+    try:
+        examples, report = load_preference_data(str(source), on_bad_row=d.on_bad_row,
+                                                split=d.split)
+    except UserError as err:
+        raise renamed(err, "score.input") from None
     if report.skipped:
         print(f"score: skipped {report.skipped} bad rows (data.on_bad_row = skip)")
     if not examples:
