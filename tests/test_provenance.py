@@ -21,7 +21,7 @@ def sample(tmp_path, *extra):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("ab>", "cd>", "e>")))
-    cfg = load_config(None, [f"--data.path={prompts}", f"--sample.output={tmp_path / 'sampled'}",
+    cfg = load_config(None, [f"--sample.input={prompts}", f"--sample.output={tmp_path / 'sampled'}",
                              "--sample.num_samples=2", "--sample.max_new_tokens=3",
                              "--sample.shard_size=1", "--sample.seed=5",
                              "--model.tokenizer=byte", *extra])

@@ -190,7 +190,7 @@ def write_prompts(path: Path) -> Path:
 
 
 def overrides(root: Path, **extra) -> list[str]:
-    out = [f"--data.path={write_prompts(root / 'prompts.jsonl')}",
+    out = [f"--sample.input={write_prompts(root / 'prompts.jsonl')}",
            f"--sample.output={root / 'sampled'}", "--sample.num_samples=4",
            "--sample.max_new_tokens=5", "--sample.shard_size=2", "--sample.batch_size=2",
            "--model.tokenizer=byte", f"--model.tiny={TINY_YAML}"]
@@ -269,7 +269,7 @@ def test_resume_refuses_other_settings_or_prompts(tmp_path):
     # resumed with a smaller batch, or after moving the prompts, is accepted.
     moved = write_prompts(tmp_path / "moved.jsonl")
     cfg = config(tmp_path, **{"sample.batch_size": 1})
-    cfg.data.path = str(moved)
+    cfg.sample.input = str(moved)
     sample_stage(cfg, progress=False)
 
 
@@ -310,8 +310,8 @@ def test_killed_with_sigkill_then_rerun_equals_uninterrupted(tmp_path, capsys):
         cfg_path = tmp_path / "sample.yaml"
         cfg_path.write_text(yaml.safe_dump({
             "model": {"tiny": yaml.safe_load(TINY_YAML), "tokenizer": "byte"},
-            "data": {"path": str(tmp_path / "prompts.jsonl")},
-            "sample": {"output": str(tmp_path / "killed"), "num_samples": 4,
+            "sample": {"input": str(tmp_path / "prompts.jsonl"),
+                       "output": str(tmp_path / "killed"), "num_samples": 4,
                        "max_new_tokens": 5, "shard_size": 2, "batch_size": 2}}))
         (tmp_path / "killer.py").write_text(KILLER)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

@@ -24,7 +24,7 @@ def config(root: Path, **extra):
     root.mkdir(parents=True, exist_ok=True)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    over = [f"--data.path={prompts}", f"--sample.output={root / 'sampled'}",
+    over = [f"--sample.input={prompts}", f"--sample.output={root / 'sampled'}",
             f"--score.output={root / 'scored'}", "--sample.num_samples=4",
             "--sample.max_new_tokens=5", "--sample.shard_size=2", "--score.shard_size=2",
             "--score.max_tokens=40", "--model.tokenizer=byte", f"--model.tiny={TINY_YAML}"]

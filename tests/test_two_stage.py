@@ -142,9 +142,9 @@ def test_two_stage_end_to_end_raises_the_true_reward(tmp_path):
     from vrpo_fast.config import load_config
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.demo import TINY_MODEL, _label
-    from vrpo_fast.evaluate import draw
     from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer, load_causal_lm
     from vrpo_fast.sample import sample_stage
+    from vrpo_fast.samplers import draw
     from vrpo_fast.sft import sft_warm_start
     from vrpo_fast.synthetic import SyntheticTask, write_jsonl
     from vrpo_fast.train.reward import (
@@ -166,7 +166,7 @@ def test_two_stage_end_to_end_raises_the_true_reward(tmp_path):
 
     def labelled(name, seed):
         """Pairs and samples drawn from pi_ref, labelled by the truth (g = P*)."""
-        sample_stage(load_config(None, base + [f"--data.path={tmp_path / 'prompts.jsonl'}",
+        sample_stage(load_config(None, base + [f"--sample.input={tmp_path / 'prompts.jsonl'}",
                                                f"--sample.output={tmp_path / name}",
                                                "--sample.num_samples=6",
                                                "--sample.max_new_tokens=8",

@@ -17,6 +17,9 @@ from vrpo_fast.errors import UserError
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "config-doc": ("vrpo_fast.config", "every config key with its doc and default (as YAML)"),
+    "run": ("vrpo_fast.pipeline", "run a config's stages in order (run.stages: sample, score, "
+                                  "train, eval, ...), each resuming or skipping what is done"),
     "check-data": ("vrpo_fast.data.cli", "validate a preference data set, one line per problem"),
     "sample": ("vrpo_fast.sample", "draw 2M responses per prompt from pi_ref (vLLM or "
                                    "transformers)"),
@@ -31,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                "reward model"),
     "train-rl": ("vrpo_fast.train.rloo", "two-stage VRPO, stage 2: RLOO against the reward "
                                          "model, KL to pi_ref"),
-    "eval": ("vrpo_fast.evaluate", "win rate against a baseline under a judge, reward and KL"),
+    "eval": ("vrpo_fast.evaluate", "win rates against pi_ref, a baseline and the data's chosen "
+                                   "responses under a judge, per temperature; reward and KL"),
 }
 
 

@@ -1,8 +1,14 @@
 """Configs: dataclasses with a doc per field, loaded from YAML, overridden as --section.key=value.
 
 Every stage (sample, score, train, train-reward, train-rl, eval) reads the same file; each uses
-the sections it needs. Unknown keys, wrong types and impossible combinations are one-line
-`UserError`s naming the key.
+the sections it needs, and `vrpo-fast run` runs the stages of `run.stages` in order. Each stage
+has a key of its own for what it reads, defaulting to what the stage before it writes:
+
+    sample.input --sample--> sample.output = score.input --score--> score.output = data.path
+        --train--> <train.output_dir>/final = eval.policy --eval--> eval.output
+
+Unknown keys, wrong types and impossible combinations are one-line `UserError`s naming the key.
+`vrpo-fast config-doc` prints every key with its doc and default.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ class ModelConfig:
                                 "and the demo.")
     tokenizer: str | None = F(None, "Tokenizer path or hub name; default model.path; 'byte' "
                                     "is the built-in byte-level tokenizer.")
-    dtype: Literal["auto", "float32", "bfloat16"] = F(
-        "auto", "Parameter dtype. auto: float32 master weights (bf16 compute on GPU via FSDP2 "
-                "mixed precision).")
+    dtype: Literal["float32", "bfloat16"] = F(
+        "float32", "Dtype the policy and pi_ref are built or loaded in. float32: float32 master "
+                   "weights and optimizer states (bf16 compute on a GPU through "
+                   "train.mixed_precision); bfloat16 halves weight and optimizer memory but "
+                   "rounds away updates smaller than ~1/256 of a weight (small learning rates).")
     seed: int = F(0, "Initialisation seed of a tiny model.")
 
 
@@ -54,10 +62,10 @@ class RefConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = F(None, "Training data: JSONL, Parquet, a saved datasets directory or "
-                               "a hub name.")
+    path: str | None = F(None, "What `train` (and train-reward, train-rl, check-data) reads: "
+                               "JSONL, Parquet, a saved datasets directory or a hub name "
+                               "(default: score.output, the scored set).")
     split: str = F("train", "Split to read from a datasets directory or hub name.")
-    eval_path: str | None = F(None, "Held-out data for evaluation.")
     max_prompt_length: int | None = F(None, "Prompts longer than this keep their END.")
     max_response_length: int | None = F(None, "Responses longer than this keep their START.")
     max_length: int | None = F(None, "Rows whose prompt + response exceed this are bad rows.")
@@ -153,6 +161,8 @@ class SampleConfig:
     batch_size: int = F(16, "Prompts per generate call (transformers backend).")
     shard_size: int = F(256, "Prompts per resumable output shard.")
     tensor_parallel_size: int = F(1, "vLLM tensor parallelism.")
+    input: str | None = F(None, "Prompts `sample` draws responses for (any data format with a "
+                                "prompt column; labelled pairs are carried along).")
     output: str | None = F(None, "Output directory of the sampled data set.")
 
 
@@ -178,6 +188,36 @@ class RLConfig:
 
 
 @dataclass
+class EvalConfig:
+    policy: str | None = F(None, "The policy `eval` judges (default: <train.output_dir>/final).")
+    prompts: str | None = F(None, "Held-out prompts (any data format with a prompt column; "
+                                  "strings or conversational messages). Rows with a chosen "
+                                  "response also give the win rate against it.")
+    baseline: str | None = F(None, "Another policy to play against (e.g. a DPO run's final/); "
+                                   "the win rate against pi_ref is always reported.")
+    judge: str | None = F(None, "synthetic | reward_model:PATH | python:module:function: "
+                                "P(y beats y2) for a prompt.")
+    num_samples: int = F(4, "Responses per prompt and temperature, per model.")
+    temperatures: list = F([1.0], "Sampling temperatures of the policy and its opponents: one "
+                                  "win rate per temperature.")
+    max_new_tokens: int = F(128, "Longest response.")
+    num_prompts: int | None = F(None, "Judge only the first this many prompts (None: all).")
+    seed: int = F(0, "Sampling seed.")
+    backend: Literal["auto", "vllm", "transformers"] = F(
+        "auto", "auto: vllm when it imports, a GPU is present and every model is a path.")
+    batch_size: int = F(16, "Prompts per generate call (transformers backend).")
+    output: str | None = F(None, "Folder of report.md, win_rates.png and results.json "
+                                 "(default: <train.output_dir>/eval).")
+
+
+@dataclass
+class RunConfig:
+    stages: list = F(["sample", "score", "train", "eval"],
+                     "Stages `vrpo-fast run` runs, in this order: any of sample, score, "
+                     "train-reward, train, train-rl, eval.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ref: RefConfig = field(default_factory=RefConfig)
@@ -188,6 +228,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -196,12 +238,9 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
-def _section_classes(config_cls=Config) -> dict[str, type]:
-    hints = typing.get_type_hints(config_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -291,9 +330,9 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                config_cls=Config) -> Config:
-    """Read a YAML config, apply overrides, check every key and type, then the combinations."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, check every key and type, chain each stage's input
+    to the previous stage's output where it is not given, then check the combinations."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -316,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw[section], dict):
             raise UserError(f"{section}: expected a mapping")
         raw[section].update(values)
-    classes = _section_classes(config_cls)
+    classes = _section_classes()
     kwargs = {}
     for section, values in raw.items():
         if section not in classes:
@@ -328,7 +367,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise UserError(f"{section}: expected a mapping of keys, got {values!r}")
         kwargs[section] = _build(classes[section], values, f"{section}.")
-    cfg = config_cls(**kwargs)
+    cfg = Config(**kwargs)
+    chain_defaults(cfg)
     validate(cfg)
     return cfg
 
@@ -345,6 +385,21 @@ def _non_finite(value, key: str) -> tuple[str, float] | None:
     else:
         return None
     return next((bad for k, v in items if (bad := _non_finite(v, f"{key}.{k}"))), None)
+
+
+def chain_defaults(cfg: Config) -> None:
+    """Each stage reads what the stage before it writes unless its input key is set:
+    score.input = sample.output, data.path = score.output, eval.policy =
+    <train.output_dir>/final, eval.output = <train.output_dir>/eval."""
+    if cfg.score.input is None:
+        cfg.score.input = cfg.sample.output
+    if cfg.data.path is None:
+        cfg.data.path = cfg.score.output
+    out = Path(cfg.train.output_dir)
+    if cfg.eval.policy is None:
+        cfg.eval.policy = str(out / "final")
+    if cfg.eval.output is None:
+        cfg.eval.output = str(out / "eval")
 
 
 def validate(cfg: Config) -> None:
@@ -429,6 +484,18 @@ def validate(cfg: Config) -> None:
         raise UserError(f"sample.top_p: must be in (0, 1], got {s.top_p}")
     if s.max_new_tokens < 1:
         raise UserError(f"sample.max_new_tokens: must be >= 1, got {s.max_new_tokens}")
+    unknown = [st for st in cfg.run.stages if st not in STAGES]
+    if unknown:
+        raise UserError(f"run.stages: unknown stage {unknown[0]!r} (expected some of "
+                        f"{', '.join(STAGES)})")
+    if sorted(cfg.run.stages, key=STAGES.index) != list(cfg.run.stages) or \
+            len(set(cfg.run.stages)) != len(cfg.run.stages):
+        raise UserError(f"run.stages: {cfg.run.stages} must follow the pipeline order "
+                        f"{', '.join(STAGES)}, each stage once")
+    trainers = [st for st in cfg.run.stages if st in ("train-reward", "train", "train-rl")]
+    if len(trainers) > 1:
+        raise UserError(f"run.stages: {' and '.join(trainers)} both write train.output_dir; run "
+                        f"them from configs of their own")
     if rl.num_samples < 2:
         raise UserError(f"rl.num_samples: RLOO needs k >= 2 samples per prompt, got "
                         f"{rl.num_samples}")
@@ -440,20 +507,45 @@ def model_missing(cfg: Config) -> bool:
     return not cfg.model.path and not cfg.model.tiny
 
 
-def describe(config_cls=Config) -> str:
-    """Every key with its type, default and doc, as YAML comments (for `vrpo-fast config-doc`)."""
+# The stages `vrpo-fast run` knows, in pipeline order.
+STAGES = ("sample", "score", "train-reward", "train", "train-rl", "eval")
+
+
+def describe(sections: list[str] | None = None) -> str:
+    """Every key (of `sections`, default all) with its type, default and doc, as YAML comments
+    (for `vrpo-fast config-doc`): the output is itself a valid config of the defaults."""
     lines = []
-    for section, cls in _section_classes(config_cls).items():
+    for section, cls in _section_classes().items():
+        if sections is not None and section not in sections:
+            continue
         lines.append(f"{section}:")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tp = str(hints[f.name]).replace("typing.", "")
+            tp = hints[f.name]
+            tp = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
             lines.append(f"  # {f.metadata.get('doc', '')} [{tp}]")
             lines.append(f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip()}"
                          .replace("\n...", ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    """`vrpo-fast config-doc [SECTION ...]`."""
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help=f"only these sections (of {', '.join(_section_classes())})")
+
+
+def run(args) -> int:
+    """Print every key (of the chosen sections) with its doc, type and default, as YAML."""
+    known = _section_classes()
+    for name in args.sections:
+        if name not in known:
+            raise UserError(f"SECTION: unknown section {name!r} (expected one of "
+                            f"{', '.join(known)})")
+    print(describe(args.sections or None))
+    return 0
 
 
 def add_config_arguments(parser) -> None:
@@ -462,6 +554,9 @@ def add_config_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML config file (see configs/); any "
                                          "--section.key=value after it overrides the file")
     parser.set_defaults(overrides=[])
+    parser.epilog = ("Every config key can be given as --section.key=value (e.g. "
+                     "--train.max_steps=10). `vrpo-fast config-doc` prints every key with its "
+                     "doc and default.")
 
 
 def config_from_args(args) -> Config:

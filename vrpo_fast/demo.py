@@ -119,7 +119,7 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
     print(f"[seed {seed}] 2/6 sampling 2 + 2M = {2 + 2 * M_max} responses per prompt from pi_ref")
     prompts = [p for p in task.prompts() for _ in range(s.prompts_per_type)]
     write_jsonl([{"prompt": p} for p in prompts], root / "prompts.jsonl")
-    cfg = _config(root, **{"data.path": root / "prompts.jsonl",
+    cfg = _config(root, **{"sample.input": root / "prompts.jsonl",
                            "sample.output": root / "sampled",
                            "sample.num_samples": 2 + 2 * M_max,
                            "sample.max_new_tokens": s.max_new_tokens,
@@ -231,7 +231,7 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
         rep = evaluate_policy(policy, ref, tokenizer, prompts, judge, ref=ref,
                               n=s.eval_samples, seed=1000 + seed,
                               max_new_tokens=s.max_new_tokens, name=name)
-        from vrpo_fast.evaluate import draw
+        from vrpo_fast.samplers import draw
 
         samples[name], _, _ = draw(policy, tokenizer, prompts, s.eval_samples,
                                    seed=2000 + seed, max_new_tokens=s.max_new_tokens)

@@ -188,11 +188,14 @@ def load_tokenizer(name: str | None, what: str = "model.tokenizer"):
     return tok
 
 
-def model_from_config(cfg, which: str = "policy", dtype: torch.dtype = torch.float32):
-    """The policy's starting point (`which="policy"`) or pi_ref (`which="ref"`) of a Config.
+def model_from_config(cfg, which: str = "policy", dtype: torch.dtype | None = None):
+    """The policy's starting point (`which="policy"`) or pi_ref (`which="ref"`) of a Config,
+    in `dtype` (default: model.dtype).
 
     pi_ref is ref.path when set, otherwise the same weights as the policy's starting point.
     """
+    if dtype is None:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     path = cfg.ref.path if which == "ref" and cfg.ref.path else cfg.model.path
     what = "ref.path" if which == "ref" and cfg.ref.path else "model.path"
     if path:

@@ -1,11 +1,11 @@
 """`vrpo-fast sample --config X.yaml [--section.key=value ...]`: draw 2M responses per prompt
 from pi_ref.
 
-Reads prompts (and labelled pairs, when present) from data.path and writes sample.output/:
+Reads prompts (and labelled pairs, when present) from sample.input and writes sample.output/:
 Parquet shards `shard_00000.parquet`, ... with the columns prompt, chosen, rejected (labelled
 rows), `samples` (the responses as text) and `sample_ids` (the exact sampled token ids, which
 scoring and training use, so no re-tokenization drift creeps in), plus provenance.json. The
-folder is what `data.path` / `score.input` take.
+folder is what `score.input` takes (by default: score.input is sample.output).
 
 Resumable: a shard exists only once complete (written to a temporary name, then renamed), and
 each shard is drawn under its own seed, so a killed job re-run with the same command skips the
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from vrpo_fast import shards
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, renamed
 
 
 def choose_backend(cfg) -> str:
@@ -33,20 +33,11 @@ def choose_backend(cfg) -> str:
     return backend
 
 
-def _device():
-    import torch
-
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    # Under torchrun each rank takes its own GPU.
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def make_sampler(cfg, tokenizer, backend: str, ref_model=None):
     """The sampler of `backend`; the transformers one runs `ref_model` (bf16 on a GPU)."""
     import torch
 
-    from vrpo_fast.samplers import TransformersSampler, VLLMSampler
+    from vrpo_fast.samplers import TransformersSampler, VLLMSampler, device_of_rank
 
     s = cfg.sample
     if backend == "vllm":
@@ -62,7 +53,7 @@ def make_sampler(cfg, tokenizer, backend: str, ref_model=None):
         return VLLMSampler(path, tokenizer, tokenizer_path=tok_path, temperature=s.temperature,
                            top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                            tensor_parallel_size=s.tensor_parallel_size, seed=s.seed)
-    device = _device()
+    device = device_of_rank()
     model = ref_model.to(device)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
@@ -95,19 +86,23 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
     s = cfg.sample
     if not s.output:
         raise UserError("sample.output: no output folder given")
-    if not cfg.data.path:
-        raise UserError("data.path: no prompts given")
+    if not s.input:
+        raise UserError("sample.input: no prompts given (sample reads sample.input; data.path "
+                        "is what train reads)")
     if s.batch_size < 1 or s.shard_size < 1:
         raise UserError(f"sample.batch_size, sample.shard_size: must be >= 1, got "
                         f"{s.batch_size}, {s.shard_size}")
     out = Path(s.output)
     tokenizer = tokenizer_from_config(cfg)
-    examples, report = load_preference_data(cfg.data.path, on_bad_row=cfg.data.on_bad_row,
-                                            split=cfg.data.split, prompts_only=True)
+    try:
+        examples, report = load_preference_data(s.input, on_bad_row=cfg.data.on_bad_row,
+                                                split=cfg.data.split, prompts_only=True)
+    except UserError as err:
+        raise renamed(err, "sample.input") from None
     if report.skipped:
         print(f"sample: skipped {report.skipped} bad rows (data.on_bad_row = skip)")
     if not examples:
-        raise UserError(f"data.path: {cfg.data.path} holds no prompts")
+        raise UserError(f"sample.input: {s.input} holds no prompts")
     prompt_ids = [tokenize_prompt(ex.prompt, tokenizer) for ex in examples]
     backend = choose_backend(cfg)
     rank, world = shards.rank_and_world()
@@ -124,7 +119,7 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
                "world_size": world}
     record = build_provenance(
         ref, tokenizer, sampling=sampling,
-        prompts={"source": str(cfg.data.path), "count": len(examples),
+        prompts={"source": str(s.input), "count": len(examples),
                  "sha256": ids_fingerprint(prompt_ids)},
         shards={"count": num_shards, "size": s.shard_size}, runtime=runtime, backend=backend)
     existing = read_provenance(out)

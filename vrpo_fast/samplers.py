@@ -22,6 +22,16 @@ import torch
 from vrpo_fast.errors import UserError
 
 
+def device_of_rank() -> torch.device:
+    """This process's device: under torchrun each rank takes its own GPU (LOCAL_RANK); the CPU
+    when there is none."""
+    import os
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     """The tokenizer's EOS plus the generation config's eos ids (chat models list their
     end-of-turn token there), in first-seen order. vLLM stops at the same union."""
@@ -201,3 +211,22 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def response_texts(tokenizer, ids: list[list[list[int]]], stop_ids) -> list[list[str]]:
+    """Decoded responses (P, n), each without its final stop token."""
+    stop = set(stop_ids)
+    return [[tokenizer.decode(r[:-1] if r and r[-1] in stop else r) for r in per] for per in ids]
+
+
+def draw(model, tokenizer, prompts: list, n: int, *, seed: int, max_new_tokens: int,
+         temperature: float = 1.0, batch_size: int = 8):
+    """n samples per prompt (strings or messages) from `model` -> (texts (P, n), prompt ids (P,),
+    response ids (P, n)): the sampling helper of evaluation, best-of-n and the demo."""
+    from vrpo_fast.data.tokenize import tokenize_prompt
+
+    prompt_ids = [tokenize_prompt(p, tokenizer) for p in prompts]
+    sampler = TransformersSampler(model, tokenizer, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ids = sampler.sample(prompt_ids, n, seed=seed)
+    return response_texts(tokenizer, ids, sampler.stop_ids), prompt_ids, ids

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from vrpo_fast import shards
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, renamed
 
 
 def stored_g(g_row: list[float], labelled: bool) -> list[float]:
@@ -74,9 +74,10 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     )
 
     sc, d, aux_cfg = cfg.score, cfg.data, cfg.aux
-    source = sc.input or cfg.sample.output or d.path
+    source = sc.input or cfg.sample.output
     if not source:
-        raise UserError("score.input: nothing to score (set score.input or sample.output)")
+        raise UserError("score.input: nothing to score (set score.input, or sample.output for "
+                        "score to read what sample writes)")
     if not sc.output:
         raise UserError("score.output: no output folder given")
     if sc.max_tokens < 2 or sc.shard_size < 1:
@@ -88,7 +89,11 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         raise UserError(f"score.output: {out} is the input's folder; scored shards need a "
                         f"folder of their own")
     tokenizer = tokenizer_from_config(cfg)
-    examples, report = load_preference_data(str(source), on_bad_row=d.on_bad_row, split=d.split)
+    try:
+        examples, report = load_preference_data(str(source), on_bad_row=d.on_bad_row,
+                                                split=d.split)
+    except UserError as err:
+        raise renamed(err, "score.input") from None
     if report.skipped:
         print(f"score: skipped {report.skipped} bad rows (data.on_bad_row = skip)")
     if not examples:

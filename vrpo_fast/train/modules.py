@@ -24,8 +24,12 @@ def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshar
     """FSDP2: fully_shard each decoder layer, then the wrapper as the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision else MixedPrecisionPolicy()
+    # The inputs are a PackedBatch of token ids and positions: nothing to cast (and FSDP's cast
+    # rebuilds dataclass inputs with dataclasses.replace, which a PackedBatch's mask cache, an
+    # init=False field, refuses).
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False) \
+        if mixed_precision else MixedPrecisionPolicy(cast_forward_inputs=False)
     if activation_checkpointing:
         # transformers' own wrapper keeps parameter names, so checkpoints and the final
         # Hugging Face save are unchanged.

@@ -165,7 +165,7 @@ def best_of_n(policy, reward_model, tokenizer, prompts: list[str], n: int, *, se
               max_new_tokens: int = 64) -> list[str]:
     """For each prompt, n samples from `policy`, returning the one the reward model scores
     highest (all n scored in one packed pass per prompt batch)."""
-    from vrpo_fast.evaluate import draw
+    from vrpo_fast.samplers import draw
 
     texts, prompt_ids, ids = draw(policy, tokenizer, prompts, n, seed=seed,
                                   max_new_tokens=max_new_tokens)
