@@ -124,3 +124,19 @@ def vrpo_formula(policy, ref, g, beta, loss_type, estimator):
             loss = loss + mc / M
         out.append(loss)
     return torch.stack(out)
+
+
+def assert_within_eager_error(got, eager, want, name, factor=2.0):
+    """Low-precision rule (flash-attention's): the kernel's max error against the float64
+    oracle is at most `factor` x that of eager PyTorch in the same dtype."""
+    err = (got.double() - want).abs().max().item()
+    err_eager = (eager.double() - want).abs().max().item()
+    assert err <= factor * err_eager, (
+        f"{name}: kernel max error {err:.3g} > {factor} x eager max error {err_eager:.3g}")
+
+
+def eager_logprobs(hidden, weight, targets, temperature=1.0):
+    """What a user runs today: the LM head in the inputs' dtype, log-softmax in fp32."""
+    logits = (hidden @ weight.T).float() / temperature
+    lp = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(targets != IGNORE, lp, torch.zeros_like(lp))

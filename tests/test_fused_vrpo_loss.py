@@ -11,7 +11,7 @@ block); tests marked `gpu` run the compiled kernels.
 
 import pytest
 import torch
-from test_kernel_linear_logprob import (  # the float64 oracles and the verbose assert
+from helpers import (  # the float64 oracles and the verbose assert
     assert_close_verbose,
     assert_within_eager_error,
     eager_logprobs,
@@ -19,7 +19,7 @@ from test_kernel_linear_logprob import (  # the float64 oracles and the verbose 
     oracle_logprobs,
     segment_sums,
 )
-from test_kernel_vrpo_loss import formula
+from helpers import vrpo_formula as formula
 
 import vrpo_fast
 from vrpo_fast import chunked
