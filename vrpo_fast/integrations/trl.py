@@ -87,6 +87,9 @@ class VRPOConfig(DPOConfig):
 
 def _refuse_unsupported(args: VRPOConfig) -> None:
     """DPOConfig options whose maths this trainer does not implement: one line naming it."""
+    if not isinstance(args, VRPOConfig):
+        raise UserError("args: VRPOTrainer takes a VRPOConfig (DPOConfig plus estimator, "
+                        "num_mc_pairs, dro_tau, max_tokens)")
     loss_types = list(args.loss_type)
     if len(loss_types) != 1 or loss_types[0] not in LOSS_TYPES:
         raise UserError(f"loss_type: {loss_types} not supported by VRPOTrainer; expected one of "
@@ -105,9 +108,6 @@ def _refuse_unsupported(args: VRPOConfig) -> None:
         if bad:
             raise UserError(f"{name}: {getattr(args, name)!r} is not supported by VRPOTrainer "
                             f"(leave it at DPOConfig's default)")
-    if not isinstance(args, VRPOConfig):
-        raise UserError("args: VRPOTrainer takes a VRPOConfig (DPOConfig plus estimator, "
-                        "num_mc_pairs, dro_tau, max_tokens)")
 
 
 @dataclass
@@ -260,8 +260,9 @@ class VRPOTrainer(DPOTrainer):
         tokenizer = self._tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
             (tokenizer.eos_token_id or 0)
-        vocab = self._base(self.accelerator.unwrap_model(self.model)).get_output_embeddings() \
-            .weight.shape[0]
+        # From the config: under ZeRO-3 the weight itself may be an empty placeholder here.
+        vocab = self._base(self.accelerator.unwrap_model(self.model)).config \
+            .get_text_config().vocab_size
         return VRPOCollator(num_mc_pairs=self._num_mc_pairs or 0, pad_id=pad, vocab_size=vocab,
                             device=self.args.device, max_tokens=self.args.max_tokens)
 
