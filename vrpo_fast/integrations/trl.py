@@ -209,7 +209,7 @@ class VRPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         columns = set(dataset.column_names or next(iter(dataset)).keys())
-        if set(TOKENIZED) <= columns or {"prompt_ids", "response_ids"} <= columns:
+        if {"prompt_ids", "response_ids"} <= columns:
             return dataset                                 # already prepared (evaluate())
         if {"image", "images"} & columns:
             raise UserError(f"{dataset_name}_dataset: image columns; VRPOTrainer takes text "
