@@ -44,6 +44,8 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "liger-kernel>=0.5"],
         "vllm": ["vllm>=0.8"],
         "flash": ["flash-attn>=2.6"],
+        # vrpo_fast.integrations.trl subclasses DPOTrainer's 1.x internals.
+        "trl": ["trl>=1.16,<2"],
     },
     entry_points={"console_scripts": ["vrpo-fast=vrpo_fast.cli:main"]},
 )

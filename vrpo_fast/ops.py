@@ -65,6 +65,29 @@ def _check_linear_args(hidden, weight, targets, segment_ids, num_segments, tempe
         raise ValueError(f"temperature: must be > 0, got {temperature}")
 
 
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole (V, D) LM-head weight when a sharding wrapper holds only a piece of it.
+
+    FSDP2 (or tensor parallelism) keeps a parameter as a sharded DTensor outside the forward of
+    the module that owns it; a loss that takes the head weight next to the hidden states runs
+    there. The shards are all-gathered, and the gradient of the gathered weight is treated as
+    each rank's partial contribution: its backward reduce-scatters the average over ranks into
+    the shard, as FSDP2 does for the parameters its own forward unshards. DeepSpeed ZeRO-3
+    leaves an empty placeholder instead, which cannot be gathered from here: ValueError saying
+    what to do.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    if isinstance(weight, DTensor):
+        return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    if hasattr(weight, "ds_id") and weight.numel() == 0:
+        raise ValueError("weight: the LM-head weight is partitioned by DeepSpeed ZeRO-3 (an empty "
+                         "placeholder here); compute the loss inside "
+                         "deepspeed.zero.GatheredParameters([weight]) or inside the model's "
+                         "forward")
+    return weight
+
+
 def _kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor):
     """The dtype the LM head would run in: autocast's when it is on (as F.linear would),
     else the promoted dtype of the two (the kernels multiply tiles of one dtype)."""
@@ -93,8 +116,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Returns:
         (N,) float32 per-token log-probs, or (S,) float32 per-segment sums; differentiable in
-        hidden and weight.
+        hidden and weight. A sharded weight (FSDP2 DTensor) is gathered first (`full_weight`).
     """
+    weight = full_weight(weight)
     _check_linear_args(hidden, weight, targets, segment_ids, num_segments, temperature)
     if not _use_triton(impl, hidden, weight):
         return chunked_linear_logprobs(hidden, weight, targets, segment_ids=segment_ids,
@@ -219,6 +243,7 @@ class FusedLinearVRPOLoss(nn.Module):
         common = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
                       dro_tau=self.dro_tau, reduction=reduction,
                       check_inputs=self.check_inputs)
+        weight = full_weight(weight)     # a sharded head (FSDP2 DTensor) is gathered once
         if self.dro_tau is None and reduction in ("mean", "sum"):
             _check_linear_args(hidden, weight, targets, segment_ids, num_groups * group_size,
                                self.temperature)
@@ -230,14 +255,24 @@ class FusedLinearVRPOLoss(nn.Module):
         logps = linear_logprobs(hidden, weight, targets, segment_ids=segment_ids,
                                 num_segments=num_groups * group_size,
                                 temperature=self.temperature, impl=self.impl)
-        policy = logps.view(num_groups, group_size)
-        if not _use_triton(self.impl, policy):
-            return vrpo_loss(policy, ref_logps, aux_prefs, **common)
+        return self.from_logps(logps.view(num_groups, group_size), ref_logps, aux_prefs,
+                               reduction=reduction)
+
+    def from_logps(self, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                   aux_prefs: torch.Tensor, reduction: str = "mean"):
+        """The loss from (B, K) sequence log-probs already summed (by `linear_logprobs` with
+        segment_ids, inside a model's forward): for trainers whose LM head must run inside the
+        forward of a sharding wrapper. Same returns as `forward`."""
+        common = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
+                      dro_tau=self.dro_tau, reduction=reduction,
+                      check_inputs=self.check_inputs)
+        if not _use_triton(self.impl, policy_logps):
+            return vrpo_loss(policy_logps, ref_logps, aux_prefs, **common)
         # Validation and the detached statistics come from the reference formula (B x K
         # numbers); the loss and its gradient from the kernel.
         with torch.no_grad():
-            _, stats = vrpo_loss(policy.detach(), ref_logps, aux_prefs, **common)
-        per = per_prompt_vrpo_loss(policy, ref_logps, aux_prefs, beta=self.beta,
+            _, stats = vrpo_loss(policy_logps.detach(), ref_logps, aux_prefs, **common)
+        per = per_prompt_vrpo_loss(policy_logps, ref_logps, aux_prefs, beta=self.beta,
                                    loss_type=self.loss_type, estimator=self.estimator,
                                    impl=self.impl)
         if self.dro_tau is not None:
