@@ -108,3 +108,69 @@ def padded_tokens(prompts, responses) -> int:
     """Token positions of the padded layout (rows x width)."""
     width = max(len(p) + len(r) for p, rs in zip(prompts, responses) for r in rs)
     return sum(len(rs) for rs in responses) * width
+
+
+def step_flops(model, prompts, responses, *, reference: bool) -> float:
+    """Useful FLOPs of one training step on these groups: the arithmetic a step cannot avoid.
+
+    Per forward: 2 P per token through the body (P: the decoder layers' matrix parameters; each
+    prompt counted once, every response token once), 4 H d per needed query-key pair per layer
+    (q.k and p.v; a prompt token meets its earlier prompt tokens, a response token the whole
+    prompt and its own earlier tokens, nothing else), 2 N D V for the LM head on the N response
+    tokens. The policy's forward + backward is 3 forwards; an online reference adds one.
+    """
+    cfg = model.config
+    body = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+    D, V, H = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or D // H
+    N = sum(len(r) for rs in responses for r in rs)
+    tokens = sum(map(len, prompts)) + N
+    pairs = sum(len(p) * (len(p) + 1) // 2 +
+                sum(len(r) * len(p) + len(r) * (len(r) + 1) // 2 for r in rs)
+                for p, rs in zip(prompts, responses))
+    forward = 2 * body * tokens + 4 * H * d * cfg.num_hidden_layers * pairs + 2 * N * D * V
+    return float(forward * (3 + reference))
+
+
+def trl_dpo_step(policy, ref, prompts, responses, beta: float):
+    """TRL's DPOTrainer on (policy, ref) and the pairs (prompt, responses[0] chosen,
+    responses[1] rejected) -> (step, loss, keep): `step()` runs its collator, its training_step
+    (forward + backward of the policy, no-grad reference forward, DPO sigmoid loss) and a fused
+    AdamW step; `loss()` the loss alone, without grad. The trainer is built on a one-row text
+    dataset (its constructor tokenizes one); the timed batches are the id lists themselves."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from vrpo_fast.models import byte_tokenizer
+
+    scratch = tempfile.TemporaryDirectory(prefix="vrpo-bench-trl-")
+    args = DPOConfig(output_dir=scratch.name, per_device_train_batch_size=len(prompts),
+                     learning_rate=1e-6, beta=beta, loss_type=["sigmoid"], max_length=None,
+                     report_to=[], save_strategy="no", logging_strategy="no",
+                     bf16=policy.dtype == torch.bfloat16, use_cpu=policy.device.type != "cuda",
+                     optim="adamw_torch_fused")
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b",
+                                                           "rejected": "c"}]),
+                         processing_class=byte_tokenizer())
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1    # what Trainer.train sets per step
+    examples = [{"prompt_ids": p, "chosen_ids": rs[0], "rejected_ids": rs[1]}
+                for p, rs in zip(prompts, responses)]
+
+    def batch():
+        return trainer._prepare_inputs(trainer.data_collator(examples))
+
+    def step():
+        trainer.model.train()
+        out = trainer.training_step(trainer.model, batch())
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def loss():
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch())
+    return step, loss, [trainer.model, ref, trainer.optimizer, scratch]

@@ -311,13 +311,11 @@ def row_padding(device: torch.device | str) -> dict:
 
 
 def trainer_budget(max_tokens: int | None, device, prompt_ids, response_ids) -> int | None:
-    """The packing budget of a training micro-batch: `max_tokens` when set. Otherwise one row
-    for the whole micro-batch on CUDA, where FlexAttention skips the blocks between groups,
-    and rows no longer than the longest group elsewhere: a dense mask pays for every
-    query-key pair of its row, so groups sharing a row cost attention work quadratic in it."""
-    if max_tokens is not None or torch.device(device).type == "cuda":
-        return max_tokens
-    return max(len(p) + sum(map(len, rs)) for p, rs in zip(prompt_ids, response_ids))
+    """The packing budget of a training micro-batch: `max_tokens` (None: the whole micro-batch
+    in one row). No attention the trainer runs pays for the pairs between groups (FlexAttention
+    skips their blocks on CUDA, the cascade attention never forms them on the CPU), so one row
+    costs nothing there and leaves no tail padding for the body to run through."""
+    return max_tokens
 
 
 def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], *,
