@@ -15,6 +15,8 @@ AdamW on a small Llama-style model:
                         `vrpo-fast score` writes (no reference forward)
   vrpo_fast_online      the trainer's step with ref.source = online: (c) plus a packed no-grad
                         reference pass every step
+  vrpo_fast_online_dense  the same through SDPA over the dense (T, T) mask (the CPU path
+                        before the cascade attention), rows no longer than the longest group
 
 Packing and padding happen inside the timed step for every variant, as in a trainer. Before
 timing, (a) and (c) are checked to compute the same policy and reference log-probs and the
@@ -52,7 +54,8 @@ SHAPES = {
     "gpu": [dict(G=8, M=M, lengths=lengths, cap=(512, 256), hidden=1024, layers=8,
                  vocab=128256, budget=None) for lengths in ("hh", "long") for M in (1, 2, 4)],
 }
-VARIANTS = ["reference_layout", "dpo_naive", "trl_dpo", "vrpo_fast", "vrpo_fast_online"]
+VARIANTS = ["reference_layout", "dpo_naive", "trl_dpo", "vrpo_fast", "vrpo_fast_online",
+            "vrpo_fast_online_dense"]
 DPO_VARIANTS = ("dpo_naive", "trl_dpo")
 BETA = 0.1
 
@@ -114,18 +117,18 @@ def fast_loss(policy, ref_logps, prompts, responses, g, budget):
     return per_prompt.mean()
 
 
-def online_loss(policy, ref, prompts, responses, g, budget):
+def online_loss(policy, ref, prompts, responses, g, budget, attention="auto"):
     """The trainer's micro-step with an online reference: one packed batch, the policy's
     log-probs with grad, the reference's without, the VRPO loss."""
+    from vrpo_fast.logprobs import packed_logps
     from vrpo_fast.ops import per_prompt_vrpo_loss
     from vrpo_fast.packing import pack_groups, row_padding
-    from vrpo_fast.passes import SequenceLogps
 
     batch = pack_groups(prompts, responses, max_tokens=budget,
                         **row_padding(device())).to(device())
-    logps = SequenceLogps(policy)(batch)
+    logps = packed_logps(policy, batch, attention=attention)
     with torch.no_grad():
-        ref_logps = SequenceLogps(ref)(batch)
+        ref_logps = packed_logps(ref, batch, attention=attention)
     per_prompt = per_prompt_vrpo_loss(logps, ref_logps, g, beta=BETA, loss_type="sigmoid",
                                       estimator="vrpo")
     return per_prompt.mean()
@@ -137,9 +140,13 @@ def make_step(shape, variant):
     if variant == "trl_dpo":
         step, _, keep = trl_dpo_step(policy, ref, prompts, responses, BETA)
         return step, dict(keep=keep, prompts=prompts, responses=responses, budget=budget)
-    if variant == "vrpo_fast_online":
+    if variant.startswith("vrpo_fast_online"):
+        attention = "sdpa" if variant.endswith("dense") else "auto"
+        if attention == "sdpa":      # a dense mask pays for every pair of its row
+            budget = max(len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses))
+
         def loss_fn():
-            return online_loss(policy, ref, prompts, responses, g, budget)
+            return online_loss(policy, ref, prompts, responses, g, budget, attention)
         keep = [policy, ref, opt, g]
     elif variant == "vrpo_fast":
         ref_logps = cached_ref_logps(ref, prompts, responses, budget)
