@@ -62,9 +62,8 @@ def _sliding_window(config, batch: PackedBatch) -> tuple[int | None, list[str]]:
     if unknown:
         raise ValueError(f"model: attention layer types {sorted(unknown)} are not supported by "
                          f"the packed path (full_attention and sliding_attention are)")
-    if "sliding_attention" not in kinds or window is None or window >= batch.max_length:
-        return None, kinds
-    return window, kinds
+    matters = "sliding_attention" in kinds and window is not None and window < batch.max_length
+    return (window if matters else None), kinds
 
 
 def _attention_inputs(model: nn.Module, batch: PackedBatch, attention: str) -> dict:
