@@ -36,8 +36,7 @@ import time
 
 import pytest
 import torch
-from _layouts import (build_model, make_groups, padded_logps, padded_tokens, step_flops,
-                      trl_dpo_step)
+from _layouts import build_model, make_groups, padded_logps, padded_tokens, step_flops, trl_dpo_step
 from conftest import device, peak_memory, timed
 
 from vrpo_fast.packing import trainer_budget
