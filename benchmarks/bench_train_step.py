@@ -1,27 +1,40 @@
-"""One optimizer step at HH-like lengths (BENCHMARKS.md item 3), three ways, each forward +
-backward + AdamW on a small Llama-style model: (a) the reference implementation's layout, (b)
-plain DPO in the same naive layout, (c) vrpo_fast (vrpo_fast.bench.step says what each does;
-`vrpo-fast bench step` measures a model and lengths of one's choosing the same way). Before
-timing, (a) and (c) are checked to compute the same policy and reference log-probs and the
-same loss. Lengths: "hh" draws prompt / response lengths from the HH-RLHF length table shipped
-with the package (vrpo_fast/bench/hh_lengths.json); "long" is prompt 160 tokens, responses
-60-120.
+"""One optimizer step at HH-like lengths (BENCHMARKS.md item 3), each forward + backward +
+AdamW on a small Llama-style model: (a) the reference implementation's layout, (b) plain DPO in
+the same naive layout, TRL's DPOTrainer (when installed), (c) vrpo_fast with cached reference
+log-probs, and the trainer's step with an online reference, through the cascade attention and
+through the dense mask (vrpo_fast.bench.step says what each does; `vrpo-fast bench step`
+measures a model and lengths of one's choosing the same way). Before timing, (a) and (c) are
+checked to compute the same policy and reference log-probs and the same loss, and TRL's loss
+against (b)'s. Lengths: "hh" draws prompt / response lengths from the HH-RLHF length table
+shipped with the package (vrpo_fast/bench/hh_lengths.json); "long" is prompt 160 tokens,
+responses 60-120.
 
-    python -m pytest benchmarks/bench_train_step.py -q [--smoke]
+Beside each time the row holds the step's arithmetic lower bound: the useful FLOPs
+(`bound_flops`) over the float32 matmul rate measured in the same run just after the step's
+timing (`matmul_flops_per_s`), and the ratio time / bound (`bound_ratio`); `-s` prints them.
+
+    python -m pytest benchmarks/bench_train_step.py -q -s [--smoke]
+    python -m pytest benchmarks/bench_train_step.py -q -s -k "G2-"    # the two-prompt shapes
 """
+
+import statistics
 
 import pytest
 import torch
 from _suite import peak_memory, timed
 
 from vrpo_fast.bench import step as train_step
+from vrpo_fast.bench.env import Unavailable
 
 SHAPES = {
     "smoke": [dict(G=2, M=1, lengths="hh", cap=(24, 12), hidden=32, layers=1, vocab=500,
                    budget=None)],
     "cpu": [dict(G=4, M=M, lengths=lengths, cap=(256, 128), hidden=256, layers=4, vocab=32000,
                  budget=None) for lengths, Ms in (("hh", (1, 2, 4)), ("long", (1, 2)))
-            for M in Ms],
+            for M in Ms]
+    # Two prompts per step with many responses each (the shared prefix at its most useful).
+    + [dict(G=2, M=M, lengths="long", cap=(256, 128), hidden=256, layers=4, vocab=32000,
+            budget=None) for M in (2, 8)],
     "gpu": [dict(G=8, M=M, lengths=lengths, cap=(512, 256), hidden=1024, layers=8,
                  vocab=128256, budget=None) for lengths in ("hh", "long") for M in (1, 2, 4)],
 }
@@ -29,10 +42,16 @@ SHAPES = {
 
 @pytest.mark.parametrize("variant", train_step.VARIANTS)
 def bench_train_step(benchmark, record, mode, variant, shape):
-    if variant == "vrpo_fast":
-        check = train_step.check_same_maths(shape)
-        assert check["ok"], f"(c) against (a): {check}"
-    step, state = train_step.make_step(shape, variant)
+    try:
+        if variant == "trl_dpo":
+            check = train_step.check_trl_loss(shape)
+            assert check["ok"], f"TRL's DPO loss against (b): {check}"
+        if variant == "vrpo_fast":
+            check = train_step.check_same_maths(shape)
+            assert check["ok"], f"(c) against (a): {check}"
+        step, state = train_step.make_step(shape, variant)
+    except Unavailable as why:
+        pytest.skip(str(why))
     benchmark.group = f"train_step {shape}"
     try:
         seconds = timed(benchmark, step, rounds=1 if mode == "smoke" else 3,
@@ -44,5 +63,9 @@ def bench_train_step(benchmark, record, mode, variant, shape):
         pytest.skip("out of memory")
     loss = step()
     assert torch.isfinite(loss), f"{variant}: loss {loss.item()} after the timed steps"
+    bound = train_step.bound(variant, state, statistics.median(seconds))
+    print(f"\n{variant} {shape}: {statistics.median(seconds) * 1e3:.1f} ms, bound "
+          f"{bound['bound_s'] * 1e3:.1f} ms ({bound['bound_flops'] / 1e9:.2f} GFLOP at "
+          f"{bound['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s), {bound['bound_ratio']:.2f}x")
     record("train_step", variant, shape, seconds, **train_step.token_counts(variant, state),
-           **mem)
+           **bound, **mem)

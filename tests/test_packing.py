@@ -198,15 +198,41 @@ def test_masks_are_built_once_per_batch_window_and_device(monkeypatch):
     assert torch.equal(moved.dense_mask(), first) and built == [None, 3, None]
 
 
-def test_trainer_budget_keeps_cpu_rows_to_the_longest_group():
+def test_trainer_budget_is_one_row_unless_set():
+    """Neither the cascade attention (CPU) nor FlexAttention (CUDA) pays for pairs between
+    groups: one row, no tail padding, unless train.max_tokens says otherwise."""
     prompts = [[3] * 4, [3] * 9, [3] * 2]
     responses = [[[4] * 3, [5] * 1], [[4] * 2, [5] * 2], [[4] * 6, [5] * 6]]   # 8, 13, 14 tokens
-    assert trainer_budget(None, "cpu", prompts, responses) == 14
-    assert trainer_budget(None, "cuda", prompts, responses) is None    # BlockMask: one row
-    assert trainer_budget(40, "cpu", prompts, responses) == 40         # set by the user
+    for device in ("cpu", "cuda"):
+        assert trainer_budget(None, device, prompts, responses) is None
+        assert trainer_budget(40, device, prompts, responses) == 40
     b = pack_groups(prompts, responses, max_tokens=trainer_budget(None, "cpu", prompts,
                                                                    responses))
-    assert b.shape == (3, 14)                 # no row holds two groups' attention pairs
+    assert b.shape == (1, 35) and bool((b.group >= 0).all())
+
+
+def test_row_segments_walk_each_row_as_the_token_tensors_describe_it():
+    prompts, responses = random_groups(5, 3, random.Random(12))
+    b = pack_groups(prompts, responses, max_tokens=60, pad_to_multiple=16)
+    rows = b.row_segments()
+    assert len(rows) == b.shape[0] and b.row_segments() is rows           # built once
+    for r, segments in enumerate(rows):
+        col = 0
+        for i, seg in enumerate(segments):
+            group = b.group[r, col:col + seg.length]
+            response = b.response[r, col:col + seg.length]
+            assert len(set(group.tolist())) == 1 and len(set(response.tolist())) == 1
+            if seg.pad:
+                assert group[0] == -1 and i == len(segments) - 1
+            elif seg.prompt < 0:
+                assert group[0] >= 0 and response[0] == -1
+            else:
+                assert response[0] >= 0 and not segments[seg.prompt].pad
+                start = sum(s.length for s in segments[:seg.prompt])
+                assert b.group[r, start] == group[0] and b.response[r, start] == -1
+            col += seg.length
+        assert col == b.shape[1]
+    assert sum(not s.pad and s.prompt >= 0 for row in rows for s in row) == 5 * 3
 
 
 def test_to_moves_every_tensor():

@@ -125,7 +125,8 @@ def test_rloo_syncs_the_generator_once_per_optimizer_step(tmp_path, monkeypatch)
     def checked(prompt_ids):
         out = sample(prompt_ids)
         for name, p in trainer.generator.named_parameters():
-            assert torch.equal(p, trainer.policy.lm.get_parameter(name).full_tensor()), name
+            q = trainer.policy.lm.get_parameter(name)     # a DTensor under FSDP
+            assert torch.equal(p, q.full_tensor() if hasattr(q, "full_tensor") else q), name
         draws.append((trainer.step, next(trainer.generator.parameters()).clone()))
         return out
     monkeypatch.setattr(trainer, "_draw", checked)

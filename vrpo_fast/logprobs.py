@@ -15,7 +15,7 @@ from torch import nn
 from vrpo_fast.ops import linear_logprobs
 from vrpo_fast.packing import PackedBatch, pack_groups, row_padding, validate_groups
 
-ATTENTION = ("auto", "sdpa", "flex")
+ATTENTION = ("auto", "cascade", "sdpa", "flex")
 IMPLS = ("packed", "naive")
 
 
@@ -47,59 +47,76 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
-def _sliding_window(config, batch: PackedBatch) -> tuple[int | None, bool]:
-    """(window, mixed): the sliding window the mask must apply (None when the model has none
-    or when no sequence is long enough for it to matter), and whether only some layers use it.
+def _sliding_window(config, batch: PackedBatch) -> tuple[int | None, list[str]]:
+    """(window, kinds): the sliding window the packed attention must apply (None when the model
+    has none or when no sequence is long enough for it to matter), and the kind of each layer
+    ("full_attention" / "sliding_attention").
 
-    A custom 4-D mask replaces transformers' own, window included, so the window must be in it.
+    A custom mask replaces transformers' own, window included, so the window must be in it.
     """
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    kinds = set(layer_types) if layer_types else {"sliding_attention" if window else
-                                                   "full_attention"}
-    unknown = kinds - {"full_attention", "sliding_attention"}
+    kinds = list(layer_types) if layer_types else \
+        ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+    unknown = set(kinds) - {"full_attention", "sliding_attention"}
     if unknown:
         raise ValueError(f"model: attention layer types {sorted(unknown)} are not supported by "
                          f"the packed path (full_attention and sliding_attention are)")
-    if "sliding_attention" not in kinds or window is None or window >= batch.max_length:
-        return None, False
-    return window, "full_attention" in kinds
+    matters = "sliding_attention" in kinds and window is not None and window < batch.max_length
+    return (window if matters else None), kinds
 
 
-def _attention_mask(model: nn.Module, batch: PackedBatch, attention: str):
-    """The packed mask in the form the chosen attention takes, setting the model's attention
-    implementation to match (and leaving it so: activation checkpointing re-runs the forward
-    during backward and must find the same implementation)."""
+def _attention_inputs(model: nn.Module, batch: PackedBatch, attention: str) -> dict:
+    """The body's keywords that carry the packed layout in the form the chosen attention takes,
+    setting the model's attention implementation to match (and leaving it so: activation
+    checkpointing re-runs the forward during backward and must find the same implementation).
+
+    "cascade": the row segments (vrpo_fast.attention), with a placeholder 4-D mask so that
+    transformers builds none; "sdpa": the dense (R, 1, T, T) mask; "flex": the BlockMask.
+    """
     if attention not in ATTENTION:
         raise ValueError(f"attention: expected one of {ATTENTION}, got {attention!r}")
     if attention == "auto":
-        # FlexAttention has no backward on the CPU (torch 2.13): dense mask + SDPA there.
-        attention = "flex" if batch.input_ids.is_cuda else "sdpa"
-    impl = "flex_attention" if attention == "flex" else "sdpa"
+        # FlexAttention has no backward on the CPU (torch 2.13); the cascade runs there, per
+        # segment, instead of SDPA over a dense mask that is mostly False.
+        attention = "flex" if batch.input_ids.is_cuda else "cascade"
+    if attention == "cascade":
+        from vrpo_fast.attention import cascade_layout, register
+
+        impl = register()
+    else:
+        impl = "flex_attention" if attention == "flex" else "sdpa"
     if model.config._attn_implementation != impl:
         model.set_attn_implementation(impl)
-    window, mixed = _sliding_window(model.config, batch)
+    window, kinds = _sliding_window(model.config, batch)
+    if attention == "cascade":
+        windows = [window if kind == "sliding_attention" else None for kind in kinds]
+        placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=batch.input_ids.device)
+        return {"attention_mask": placeholder, "vrpo_cascade": cascade_layout(batch, windows)}
     if attention == "flex":
         make = lambda w: batch.block_mask(sliding_window=w)
     else:
         make = lambda w: batch.dense_mask(sliding_window=w)
-    if mixed:
+    if window is not None and "full_attention" in kinds:
         # Models with both layer kinds (Qwen2 with max_window_layers) take one mask per kind.
-        return {"full_attention": make(None), "sliding_attention": make(window)}
-    return make(window)
+        return {"attention_mask": {"full_attention": make(None),
+                                   "sliding_attention": make(window)}}
+    return {"attention_mask": make(window)}
 
 
 def packed_body(model: nn.Module, batch: PackedBatch, *, attention: str = "auto"
                 ) -> torch.Tensor:
     """The transformer body (no LM head) on the packed rows -> hidden states (R, T, D).
 
-    attention: "auto" (FlexAttention BlockMask on CUDA, dense 4-D mask + SDPA elsewhere),
-    "sdpa" or "flex" to force one (FlexAttention runs forward-only on the CPU). Works for causal
-    LMs and sequence classifiers alike (a reward model scores at `batch.last_index`).
+    attention: "auto" (FlexAttention BlockMask on CUDA, the cascade attention elsewhere),
+    "cascade" (vrpo_fast.attention: SDPA per prompt and per response, no T x T mask), "sdpa"
+    (a dense 4-D mask) or "flex" to force one (FlexAttention runs forward-only on the CPU).
+    Works for causal LMs and sequence classifiers alike (a reward model scores at
+    `batch.last_index`). Hidden states at pad positions depend on the attention (zero
+    attention output under the cascade); nothing reads them.
     """
-    mask = _attention_mask(model, batch, attention)
-    out = _body(model)(input_ids=batch.input_ids, attention_mask=mask,
-                       position_ids=batch.position_ids, use_cache=False)
+    out = _body(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                       use_cache=False, **_attention_inputs(model, batch, attention))
     return out.last_hidden_state
 
 

@@ -23,6 +23,16 @@ from typing import NamedTuple
 import torch
 
 
+class Segment(NamedTuple):
+    """One piece of a packed row, in column order: a prompt (`prompt` -1), a response (`prompt`:
+    the index, among its row's segments, of its group's prompt), or the row's tail padding
+    (`pad` True, `prompt` -1)."""
+
+    length: int
+    prompt: int
+    pad: bool = False
+
+
 class Span(NamedTuple):
     """Where response `response` of group `group` (-1: its prompt) lies in the packed rows:
     row `row`, columns [start, end)."""
@@ -119,6 +129,29 @@ class PackedBatch:
         # Pads attend to themselves, so that no attention row is empty (SDPA would give NaN).
         mask.diagonal(dim1=1, dim2=2).logical_or_(self.group < 0)
         return mask[:, None]
+
+    def row_segments(self) -> tuple[tuple[Segment, ...], ...]:
+        """The R rows as `Segment`s in column order, each row's lengths summing to T: the form
+        the cascade attention (vrpo_fast.attention) takes, which attends segment by segment
+        and never builds a T x T mask."""
+        if "segments" not in self._masks:
+            self._masks["segments"] = self._row_segments()
+        return self._masks["segments"]
+
+    def _row_segments(self):
+        R, T = self.shape
+        rows: list[list[Segment]] = [[] for _ in range(R)]
+        prompt_at: dict[int, int] = {}                    # group -> its prompt's segment index
+        for s in sorted([*self.prompt_spans, *self.spans], key=lambda s: (s.row, s.start)):
+            if s.response < 0:
+                prompt_at[s.group] = len(rows[s.row])
+            rows[s.row].append(Segment(s.end - s.start,
+                                       -1 if s.response < 0 else prompt_at[s.group]))
+        for row in rows:
+            used = sum(seg.length for seg in row)
+            if used < T:
+                row.append(Segment(T - used, -1, pad=True))
+        return tuple(map(tuple, rows))
 
     def block_mask(self, device=None, sliding_window: int | None = None):
         """The same mask as a FlexAttention BlockMask (the GPU form), built on `device`
@@ -278,13 +311,11 @@ def row_padding(device: torch.device | str) -> dict:
 
 
 def trainer_budget(max_tokens: int | None, device, prompt_ids, response_ids) -> int | None:
-    """The packing budget of a training micro-batch: `max_tokens` when set. Otherwise one row
-    for the whole micro-batch on CUDA, where FlexAttention skips the blocks between groups,
-    and rows no longer than the longest group elsewhere: a dense mask pays for every
-    query-key pair of its row, so groups sharing a row cost attention work quadratic in it."""
-    if max_tokens is not None or torch.device(device).type == "cuda":
-        return max_tokens
-    return max(len(p) + sum(map(len, rs)) for p, rs in zip(prompt_ids, response_ids))
+    """The packing budget of a training micro-batch: `max_tokens` (None: the whole micro-batch
+    in one row). No attention the trainer runs pays for the pairs between groups (FlexAttention
+    skips their blocks on CUDA, the cascade attention never forms them on the CPU), so one row
+    costs nothing there and leaves no tail padding for the body to run through."""
+    return max_tokens
 
 
 def pack_groups(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], *,

@@ -323,20 +323,26 @@ def bench_step(args, quick: bool = False) -> list[dict]:
     rows = []
     for variant in providers:
         row = dict(op="train_step", shape=shape, provider=variant, direction=None)
-        if variant == "vrpo_fast":
-            row["check"] = check
-            if not check["ok"]:
+        try:
+            if variant == "trl_dpo":
+                row["check"] = step.check_trl_loss(shape)
+            elif variant == "vrpo_fast":
+                row["check"] = check
+            if "check" in row and not row["check"]["ok"]:
                 rows.append(dict(row, error="correctness check failed: not timed"))
                 continue
-        try:
             fn, state = step.make_step(shape, variant)
             out = summary(time_calls(fn, **timing))
+            out.update(step.bound(variant, state, out["median_s"]))
             loss = fn()
             if not torch.isfinite(loss):      # a host sync, outside the timed calls
                 out["error"] = f"loss {loss.item()} after the timed steps"
             if not args.no_memory:
                 out.update(peak_memory("vrpo_fast.bench.step:probe", fresh_process=False,
                                        variant=variant, **shape))
+        except Unavailable as why:
+            rows.append(dict(row, note=str(why)))
+            continue
         except torch.cuda.OutOfMemoryError:
             rows.append(dict(row, error="out of memory"))
             continue

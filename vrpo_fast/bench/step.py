@@ -5,14 +5,24 @@
                         loss, and a reference-model forward (no grad) every step
   dpo_naive        (b)  plain DPO (2 responses) in the same naive layout, reference forward
                         every step: what users run today
+  trl_dpo               TRL's DPOTrainer (when `trl` is installed): its collator, its
+                        training_step (policy and reference forwards, its own fused LM head)
+                        and the optimizer step, on the same 2 responses
   vrpo_fast        (c)  pack_groups -> packed_hidden_states -> linear_logprobs (the Triton
                         kernel on CUDA, the chunked reference on the CPU) -> the VRPO loss (the
                         fused kernel on CUDA), reference log-probs from the cache that
                         `vrpo-fast score` writes (no reference forward)
+  vrpo_fast_online      the trainer's step with ref.source = online: (c) plus a packed no-grad
+                        reference pass every step
+  vrpo_fast_online_dense  the same through SDPA over the dense (T, T) mask (the CPU path
+                        before the cascade attention), rows no longer than the longest group
 
 Packing and padding happen inside the timed step for every variant, as in a trainer. Before
 timing, (a) and (c) are checked to compute the same policy and reference log-probs and the
-same loss.
+same loss (and the online step the same loss), and TRL's loss against (b)'s.
+
+Beside each time, `bound` gives the step's arithmetic lower bound: its useful FLOPs
+(`step_flops`) over the float32 matmul rate measured in the same run (`matmul_rate`).
 
 A shape is a JSON-able dict: G groups, M Monte Carlo pairs, lengths ("hh", "long" or "P,R"),
 cap (prompt, response) for "hh", budget (train.max_tokens; None: the trainer's default), and
@@ -22,9 +32,12 @@ model, loaded with its weights) or hidden / layers / vocab (a Llama-style model)
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
-from vrpo_fast.bench.env import device
+from vrpo_fast.bench.env import Unavailable, device
 from vrpo_fast.bench.layouts import (
     build_model,
     make_groups,
@@ -34,12 +47,14 @@ from vrpo_fast.bench.layouts import (
 )
 from vrpo_fast.bench.memory import measure, tensor_bytes
 from vrpo_fast.bench.presets import preset
-from vrpo_fast.logprobs import packed_hidden_states, sequence_logps
+from vrpo_fast.logprobs import packed_hidden_states, packed_logps, sequence_logps
 from vrpo_fast.objective import vrpo_loss
 from vrpo_fast.ops import linear_logprobs, per_prompt_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 
-VARIANTS = ("reference_layout", "dpo_naive", "vrpo_fast")
+VARIANTS = ("reference_layout", "dpo_naive", "trl_dpo", "vrpo_fast", "vrpo_fast_online",
+            "vrpo_fast_online_dense")
+DPO_VARIANTS = ("dpo_naive", "trl_dpo")
 BETA = 0.1
 
 
@@ -68,7 +83,7 @@ def build(shape: dict, variant: str):
     ref.requires_grad_(False)
     prompts, responses = make_groups(shape["G"], 2 + 2 * M, parse_lengths(shape["lengths"]),
                                      policy.config.vocab_size, tuple(shape["cap"]))
-    if variant == "dpo_naive":
+    if variant in DPO_VARIANTS:
         responses, M = [rs[:2] for rs in responses], 0
     gen = torch.Generator().manual_seed(0)
     g = torch.rand(shape["G"], 1 + M, generator=gen).to(device())
@@ -109,10 +124,82 @@ def fast_loss(policy, ref_logps, prompts, responses, g, budget):
     return per_prompt.mean()
 
 
+def online_loss(policy, ref, prompts, responses, g, budget, attention="auto"):
+    """The trainer's micro-step with an online reference: one packed batch, the policy's
+    log-probs with grad, the reference's without, the VRPO loss."""
+    batch = pack_groups(prompts, responses, max_tokens=budget,
+                        **row_padding(device())).to(device())
+    logps = packed_logps(policy, batch, attention=attention)
+    with torch.no_grad():
+        ref_logps = packed_logps(ref, batch, attention=attention)
+    per_prompt = per_prompt_vrpo_loss(logps, ref_logps, g, beta=BETA, loss_type="sigmoid",
+                                      estimator="vrpo")
+    return per_prompt.mean()
+
+
+def trl_dpo_step(policy, ref, prompts, responses, beta: float):
+    """TRL's DPOTrainer on (policy, ref) and the pairs (prompt, responses[0] chosen,
+    responses[1] rejected) -> (step, loss, keep): `step()` runs its collator, its training_step
+    (forward + backward of the policy, no-grad reference forward, DPO sigmoid loss) and a fused
+    AdamW step; `loss()` the loss alone, without grad. The trainer is built on a one-row text
+    dataset (its constructor tokenizes one); the timed batches are the id lists themselves."""
+    import tempfile
+
+    try:
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+    except ImportError:
+        raise Unavailable("trl is not installed (pip install vrpo-fast[trl])") from None
+
+    from vrpo_fast.models import byte_tokenizer
+
+    scratch = tempfile.TemporaryDirectory(prefix="vrpo-bench-trl-")
+    args = DPOConfig(output_dir=scratch.name, per_device_train_batch_size=len(prompts),
+                     learning_rate=1e-6, beta=beta, loss_type=["sigmoid"], max_length=None,
+                     report_to=[], save_strategy="no", logging_strategy="no",
+                     bf16=policy.dtype == torch.bfloat16, use_cpu=policy.device.type != "cuda",
+                     optim="adamw_torch_fused")
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b",
+                                                           "rejected": "c"}]),
+                         processing_class=byte_tokenizer())
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1    # what Trainer.train sets per step
+    examples = [{"prompt_ids": p, "chosen_ids": rs[0], "rejected_ids": rs[1]}
+                for p, rs in zip(prompts, responses)]
+
+    def batch():
+        return trainer._prepare_inputs(trainer.data_collator(examples))
+
+    def step():
+        trainer.model.train()
+        out = trainer.training_step(trainer.model, batch())
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def loss():
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch())
+    return step, loss, [trainer.model, ref, trainer.optimizer, scratch]
+
+
 def make_step(shape: dict, variant: str):
-    """-> (step, state): `step()` is one optimizer step; state holds what it keeps alive."""
+    """-> (step, state): `step()` is one optimizer step; state holds what it keeps alive.
+    Unavailable when the variant cannot run here (trl_dpo without TRL)."""
     policy, ref, opt, prompts, responses, g, M, budget = build(shape, variant)
-    if variant == "vrpo_fast":
+    if variant == "trl_dpo":
+        step, _, keep = trl_dpo_step(policy, ref, prompts, responses, BETA)
+        return step, dict(keep=keep, prompts=prompts, responses=responses, budget=budget)
+    if variant.startswith("vrpo_fast_online"):
+        attention = "sdpa" if variant.endswith("dense") else "auto"
+        if attention == "sdpa":      # a dense mask pays for every pair of its row
+            budget = max(len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses))
+
+        def loss_fn():
+            return online_loss(policy, ref, prompts, responses, g, budget, attention)
+        keep = [policy, ref, opt, g]
+    elif variant == "vrpo_fast":
         ref_logps = cached_ref_logps(ref, prompts, responses, budget)
         del ref                      # the cache replaces the reference model in training
 
@@ -146,16 +233,84 @@ def check_same_maths(shape: dict) -> dict:
         packed = sequence_logps(policy, prompts, responses, impl="packed", max_tokens=budget)
         a = naive_loss(policy, ref, prompts, responses, g, M)
         c = fast_loss(policy, cached, prompts, responses, g, budget)
+        online = online_loss(policy, ref, prompts, responses, g, budget)
     tol = 1e-4 if policy.dtype == torch.float32 else 2e-2
     scale = naive.abs().max()
 
     def err(got, want, atol):       # assert_close's |got - want| <= atol + rtol |want|, as a ratio
         return ((got - want).abs() / (atol + want.abs())).max().item()
     errs = {"policy log p": err(packed, naive, scale), "reference log p":
-            err(cached, naive_ref, scale), "loss": err(c, a, 1.0)}
-    limits = {"policy log p": tol, "reference log p": tol, "loss": 10 * tol}
+            err(cached, naive_ref, scale), "loss": err(c, a, 1.0),
+            "online loss": err(online, a, 1.0)}
+    limits = {"policy log p": tol, "reference log p": tol, "loss": 10 * tol,
+              "online loss": 10 * tol}
     return dict(reference="the naive padded layout (a)", rel_err=errs, tol=limits,
                 ok=all(errs[k] <= limits[k] for k in errs))
+
+
+def check_trl_loss(shape: dict) -> dict:
+    """TRL's DPO loss on the first step against (b)'s on the same model, pairs and reference,
+    as |got - want| / (atol + |want|) (atol 1), within 1e-4 in fp32 and 2e-2 in bf16."""
+    policy, ref, _, prompts, responses, g, M, _ = build(shape, "trl_dpo")
+    with torch.no_grad():
+        want = naive_loss(policy, ref, prompts, responses, g, M).float()
+    _, loss, _ = trl_dpo_step(policy, ref, prompts, responses, BETA)
+    got = loss().detach().float()
+    tol = 1e-4 if policy.dtype == torch.float32 else 2e-2
+    err = ((got - want).abs() / (1.0 + want.abs())).item()
+    return dict(reference="plain DPO in the naive layout (b)", rel_err={"loss": err},
+                tol={"loss": tol}, ok=err <= tol)
+
+
+def step_flops(model, prompts, responses, *, reference: bool) -> float:
+    """Useful FLOPs of one training step on these groups: the arithmetic a step cannot avoid.
+
+    Per forward: 2 P per token through the body (P: the decoder layers' matrix parameters; each
+    prompt counted once, every response token once), 4 H d per needed query-key pair per layer
+    (q.k and p.v; a prompt token meets its earlier prompt tokens, a response token the whole
+    prompt and its own earlier tokens, nothing else), 2 N D V for the LM head on the N response
+    tokens. The policy's forward + backward is 3 forwards; an online reference adds one.
+    """
+    cfg = model.config
+    body = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+    D, V, H = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or D // H
+    N = sum(len(r) for rs in responses for r in rs)
+    tokens = sum(map(len, prompts)) + N
+    pairs = sum(len(p) * (len(p) + 1) // 2 +
+                sum(len(r) * len(p) + len(r) * (len(r) + 1) // 2 for r in rs)
+                for p, rs in zip(prompts, responses))
+    forward = 2 * body * tokens + 4 * H * d * cfg.num_hidden_layers * pairs + 2 * N * D * V
+    return float(forward * (3 + reference))
+
+
+def matmul_rate(seconds: float = 1.0) -> float:
+    """FLOP/s of a (1024 x 1024) @ (1024 x 1024) float32 matmul on this device now: the median
+    of the calls within `seconds`, after one warm-up. The median, not the best: on a shared
+    machine the best call is one that ran alone, which the timed step, seconds long, never is."""
+    a, b = (torch.randn(1024, 1024, device=device()) for _ in range(2))
+    sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        start = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2 * 1024 ** 3 / statistics.median(times)
+
+
+def bound(variant: str, state: dict, median_s: float) -> dict:
+    """The step's arithmetic lower bound (useful FLOPs of the step this variant computes, its
+    responses and its reference pass, at the matmul rate measured now, under the same load as
+    the timing) and the ratio of the measured median to it."""
+    online = variant != "vrpo_fast"            # a reference forward inside the step
+    flops = step_flops(state["keep"][0], state["prompts"], state["responses"],
+                       reference=online)
+    rate = matmul_rate()
+    return dict(bound_flops=flops, matmul_flops_per_s=rate, bound_s=flops / rate,
+                bound_ratio=median_s * rate / flops)
 
 
 def token_counts(variant: str, state: dict) -> dict:
@@ -165,9 +320,10 @@ def token_counts(variant: str, state: dict) -> dict:
     G, K = len(prompts), len(responses[0])
     P = sum(map(len, prompts))
     R = sum(len(r) for rs in responses for r in rs)
-    if variant == "vrpo_fast":      # packed rows (with their tail padding), response tokens
+    online = variant != "vrpo_fast"             # a reference forward inside the step
+    if variant.startswith("vrpo_fast"):  # packed rows (with their tail padding), response tokens
         rows, width = pack_groups(prompts, responses, max_tokens=state["budget"]).shape
-        model_tokens, lm_head_tokens = rows * width, R
+        model_tokens, lm_head_tokens = (1 + online) * rows * width, (1 + online) * R
     else:     # policy forward + reference forward, both over every padded position
         model_tokens = lm_head_tokens = 2 * padded_tokens(prompts, responses)
     return dict(groups=G, responses_per_group=K, useful_tokens=P + R,

@@ -89,7 +89,7 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
-            fused=on_gpu or None)
+            fused=True)    # one kernel over all parameters, on the CPU as on a GPU
         self.step = 0
         self.skipped_total = 0
         self.bad_in_row = 0
@@ -322,8 +322,10 @@ class Trainer:
             self._dro_begin()
         self._label_scale = self._step_label_scale()
         for i, idx in enumerate(micro):
-            # Reduce-scatter gradients only after the last micro-batch.
-            self.policy.set_requires_gradient_sync(i == len(micro) - 1)
+            # Reduce-scatter gradients only after the last micro-batch (FSDP only: one rank
+            # in full precision runs unsharded, see train/modules.py).
+            if hasattr(self.policy, "set_requires_gradient_sync"):
+                self.policy.set_requires_gradient_sync(i == len(micro) - 1)
             loss, stats, ntok = self._micro_step(self.groups.select(idx))
             loss.backward()
             loss_sum += loss.detach()

@@ -2,6 +2,12 @@
 (`vrpo_fast.passes.SequenceLogps` / `SequenceRewards`) as the root, so that one root's hooks
 unshard the embedding, final norm and LM head for the whole forward, including the head that
 runs outside the transformers model's forward.
+
+One process computing in the parameters' own dtype gets no FSDP at all: its unshard, reshard
+and gradient reduce would be copies of whole tensors with nothing to gather or reduce. With
+mixed precision FSDP stays, because its unshard is the bf16 cast the step computes in (the maths
+of one rank and of many must not differ). Checkpoints are the same either way: DCP saves plain
+tensors and DTensors under the same names, and reshards between them on load.
 """
 
 from __future__ import annotations
@@ -19,9 +25,17 @@ def decoder_layers(model: nn.Module):
                      f"model.model.layers as in Llama/Qwen2/Mistral)")
 
 
+def needs_fsdp(mixed_precision: bool) -> bool:
+    """Whether `shard` wraps in FSDP2: several ranks, or mixed precision (module docstring)."""
+    import torch.distributed as dist
+
+    return mixed_precision or (dist.is_initialized() and dist.get_world_size() > 1)
+
+
 def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshard: bool = True,
           activation_checkpointing: bool = False, compile_layers: bool = False) -> nn.Module:
-    """FSDP2: fully_shard each decoder layer, then the wrapper as the root."""
+    """FSDP2: fully_shard each decoder layer, then the wrapper as the root; the wrapper as it
+    is when `needs_fsdp` says no. Activation checkpointing and layer compilation either way."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # The inputs are a PackedBatch of token ids and positions: nothing to cast (and FSDP's cast
@@ -34,9 +48,12 @@ def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshar
         # transformers' own wrapper keeps parameter names, so checkpoints and the final
         # Hugging Face save are unchanged.
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fsdp = needs_fsdp(mixed_precision)
     for layer in decoder_layers(inner):
         if compile_layers:
             layer.compile()
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(wrapper, mp_policy=mp, reshard_after_forward=reshard)
+        if fsdp:
+            fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
+    if fsdp:
+        fully_shard(wrapper, mp_policy=mp, reshard_after_forward=reshard)
     return wrapper

@@ -1,0 +1,130 @@
+"""Shared-prefix (cascade) attention on packed rows, without a T x T mask.
+
+In a packed group (vrpo_fast/packing.py)
+
+    [ p0 p1 p2 p3 | c0 c1 c2 | r0 r1 | ... ]
+
+the prompt attends causally to itself, and each response to the whole prompt and causally to
+its own earlier tokens; nothing else. A dense (T, T) mask makes SDPA score every query-key pair
+of the row and throw most away: with K responses of length L behind a prompt of length P, the
+row has (P + K L)^2 pairs, of which P^2 / 2 + K (L P + L^2 / 2) are needed (11 % at P = 160,
+K = 18, L ~ 90). Here the row is cut into its segments and attention runs per segment:
+
+    prompt:      SDPA(q_p, k_p, v_p, causal)
+    response r:  SDPA(q_r, [k_p; k_r], [v_p; v_r], mask (L_r, P + L_r))
+
+The response's small mask is the lower-right causal one (query i, at position P + i, sees keys
+0 .. P + i), a slice of one (max_length, max_length) lower-triangular matrix, as the prompt's is
+when a sliding window applies. This is the cascade / shared-KV decomposition with its merge
+done inside SDPA: the response's queries meet the prompt's keys and its own in one softmax,
+which is exactly the two partial attentions merged by their log-sum-exp. SDPA on the CPU cannot
+return that LSE, so the concatenation is the form that also keeps the backward a plain autograd
+graph (split / cat / SDPA). The prompt's keys and values are shared, not copied per response:
+their gradients sum the K responses' contributions and the prompt's own.
+
+Pads at a row's tail attend to nothing; their output is zero (no real token reads them).
+
+The function is registered with transformers' AttentionInterface under `NAME`; `packed_body`
+sets a model to it and passes the layout (`CascadeLayout`) as the `vrpo_cascade` keyword, which
+transformers hands through the decoder layers to the attention call (and activation
+checkpointing keeps for the recomputed forward). Called without it (generate, a plain forward
+of a model left on this implementation), the function is transformers' own SDPA attention with
+transformers' own mask, so the model stays usable.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vrpo_fast.packing import PackedBatch, Segment
+
+NAME = "vrpo_cascade"
+
+
+@dataclass(frozen=True)
+class CascadeLayout:
+    """What the attention of one packed forward needs besides q, k, v.
+
+    rows: the batch's `PackedBatch.row_segments()`;
+    windows: per decoder layer, the sliding window it applies (None: none, or none shorter than
+        the batch's longest sequence);
+    seen: window -> (max_length, max_length) bool, True where position a may see position b.
+    """
+
+    rows: tuple[tuple[Segment, ...], ...]
+    windows: tuple[int | None, ...]
+    seen: dict
+
+
+def cascade_layout(batch: PackedBatch, windows: list[int | None]) -> CascadeLayout:
+    """The layout of `batch` for a model whose layers use `windows` (one entry per layer)."""
+    L, device = batch.max_length, batch.input_ids.device
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    seen = {w: causal if w is None else causal.triu(1 - w) for w in set(windows)}
+    return CascadeLayout(batch.row_segments(), tuple(windows), seen)
+
+
+@functools.cache
+def register() -> str:
+    """Register the cascade attention with transformers (once per process); returns its name,
+    for `model.set_attn_implementation`. Its mask function is SDPA's, for the plain forwards
+    that carry no layout."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, cascade_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    return NAME
+
+
+def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, attention_mask, dropout: float = 0.0,
+                              scaling: float | None = None, *,
+                              vrpo_cascade: CascadeLayout | None = None, **kwargs
+                              ) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (R, H, T, d), key / value
+    (R, H_kv, T, d) (grouped-query heads are broadcast by SDPA, never copied) -> ((R, T, H, d),
+    None). `attention_mask` is ignored when the layout is given (`packed_body` passes a
+    placeholder so that transformers builds no mask)."""
+    if vrpo_cascade is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"model: {type(module).__name__} softcaps its attention logits, which "
+                         f"the cascade attention does not support (attention='sdpa' does not "
+                         f"either; use the model's eager attention outside the packed path)")
+    window = vrpo_cascade.windows[module.layer_idx]
+    seen = vrpo_cascade.seen[window]
+    sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
+                             enable_gqa=query.shape[1] != key.shape[1])
+    out_rows = []
+    for r, segments in enumerate(vrpo_cascade.rows):
+        sizes = [s.length for s in segments]
+        # Views of (1, H, length, d): split's backward is one concatenation per tensor, where
+        # slicing each piece would allocate and add a full-row gradient per segment. Keeping 4-D
+        # inputs lets SDPA take its fused CPU kernel (3-D inputs fall back to the math path).
+        qs, ks, vs = (x[r:r + 1].split(sizes, dim=2) for x in (query, key, value))
+        outs = []
+        for i, seg in enumerate(segments):
+            if seg.pad:
+                outs.append(torch.zeros_like(qs[i]))
+            elif seg.prompt < 0:
+                P = seg.length
+                if window is None or window >= P:
+                    outs.append(sdpa(qs[i], ks[i], vs[i], is_causal=True))
+                else:
+                    outs.append(sdpa(qs[i], ks[i], vs[i], attn_mask=seen[:P, :P]))
+            else:
+                p = seg.prompt
+                P, L = sizes[p], seg.length
+                k = torch.cat([ks[p], ks[i]], dim=2)
+                v = torch.cat([vs[p], vs[i]], dim=2)
+                outs.append(sdpa(qs[i], k, v, attn_mask=seen[P:P + L, :P + L]))
+        out_rows.append(torch.cat(outs, dim=2))
+    return torch.cat(out_rows).transpose(1, 2).contiguous(), None
