@@ -230,7 +230,7 @@ def group_by_domain(domains: Sequence[str | None]) -> dict[str, list[int]]:
 def per_domain(domains: Sequence[str | None], estimate: Callable[..., object], *columns,
                higher_is_better: bool = True) -> dict:
     """`estimate(*columns restricted to a domain's items)` (an object with a `.mean`, e.g.
-    evaluate.Estimate) for each domain.
+    estimate.Estimate) for each domain.
 
     Returns {"domains": {name: estimate}, "worst": name of the domain with the lowest mean
     (highest when not higher_is_better), "domain_mean": the unweighted mean of the domains'

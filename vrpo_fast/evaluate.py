@@ -33,28 +33,8 @@ from pathlib import Path
 
 from vrpo_fast.dro import describe_domains, domains_of, per_domain
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.estimate import Estimate
 from vrpo_fast.samplers import draw
-
-
-@dataclass
-class Estimate:
-    mean: float
-    lo: float
-    hi: float
-    n: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> Estimate:
-        n = len(values)
-        if n == 0:
-            return cls(float("nan"), float("nan"), float("nan"), 0)
-        mean = sum(values) / n
-        var = sum((v - mean) ** 2 for v in values) / max(1, n - 1)
-        half = 1.96 * math.sqrt(var / n)
-        return cls(mean, mean - half, mean + half, n)
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
 
 
 class Judge:

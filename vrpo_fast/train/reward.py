@@ -101,7 +101,7 @@ def evaluate_reward_model(model, tokenizer, examples, *, true_preference=None,
     When every pair has a domain, report["by_domain"] holds each of these accuracies per domain
     (vrpo_fast.dro.per_domain: the worst domain and the mean over domains)."""
     from vrpo_fast.dro import domains_of, per_domain
-    from vrpo_fast.evaluate import Estimate
+    from vrpo_fast.estimate import Estimate
 
     labelled = [ex for ex in examples if ex.labelled]
     if not labelled:
