@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vrpo_fast import shards
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.stage import run_sharded_stage, shard_count
 
 
 def choose_backend(cfg) -> str:
@@ -68,19 +69,15 @@ def shard_seed(seed: int, index: int) -> int:
 
 
 def sample_stage(cfg, *, progress: bool = True) -> Path:
-    """Run (or resume) sampling; returns the output folder."""
+    """Run (or resume) sampling; returns the output folder. The resumable skeleton (provenance
+    check, pending shards, progress, atomic writes) is `stage.run_sharded_stage`; this supplies
+    the record and the draw of each shard."""
     import torch
 
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_prompt
     from vrpo_fast.models import model_from_config, tokenizer_from_config
-    from vrpo_fast.provenance import (
-        build_provenance,
-        identity_mismatch,
-        ids_fingerprint,
-        read_provenance,
-        write_provenance,
-    )
+    from vrpo_fast.provenance import build_provenance, ids_fingerprint
     from vrpo_fast.samplers import stop_token_ids
 
     s = cfg.sample
@@ -89,9 +86,6 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
     if not s.input:
         raise UserError("sample.input: no prompts given (sample reads sample.input; data.path "
                         "is what train reads)")
-    if s.batch_size < 1 or s.shard_size < 1:
-        raise UserError(f"sample.batch_size, sample.shard_size: must be >= 1, got "
-                        f"{s.batch_size}, {s.shard_size}")
     out = Path(s.output)
     tokenizer = tokenizer_from_config(cfg)
     try:
@@ -105,9 +99,9 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
         raise UserError(f"sample.input: {s.input} holds no prompts")
     prompt_ids = [tokenize_prompt(ex.prompt, tokenizer) for ex in examples]
     backend = choose_backend(cfg)
-    rank, world = shards.rank_and_world()
+    _, world = shards.rank_and_world()
     ref = model_from_config(cfg, "ref")   # its weights identify pi_ref in the provenance
-    num_shards = -(-len(examples) // s.shard_size)
+    num_shards = shard_count(len(examples), s.shard_size)
     sampling = {"num_samples": s.num_samples, "temperature": s.temperature, "top_p": s.top_p,
                 "max_new_tokens": s.max_new_tokens, "seed": s.seed, "backend": backend,
                 "stop_token_ids": stop_token_ids(tokenizer, ref.generation_config)}
@@ -122,54 +116,36 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
         prompts={"source": str(s.input), "count": len(examples),
                  "sha256": ids_fingerprint(prompt_ids)},
         shards={"count": num_shards, "size": s.shard_size}, runtime=runtime, backend=backend)
-    existing = read_provenance(out)
-    if existing is not None:
-        differs = identity_mismatch(existing, record)
-        if differs:
-            raise UserError(f"sample.output: {out} already holds samples with another {differs} "
-                            f"(other model, prompts or sampling settings); choose a new "
-                            f"sample.output, or delete the folder to start over")
-    # Every rank creates the folder and the record (atomically), whichever starts first.
-    out.mkdir(parents=True, exist_ok=True)
-    if existing is None:
-        write_provenance(out, record)
-    todo = shards.pending_shards(out, num_shards, rank, world)
-    mine = len(range(rank, num_shards, world))
-    print(f"sample: {len(examples)} prompts x {s.num_samples} responses, {num_shards} shards of "
-          f"{s.shard_size} ({mine - len(todo)} of this rank's {mine} done), backend {backend}, "
-          f"temperature {s.temperature}, top_p {s.top_p}, max_new_tokens {s.max_new_tokens}")
-    if s.temperature != 1.0 or s.top_p != 1.0:
-        print("sample: warning: temperature != 1 or top_p < 1 samples from a reshaped pi_ref, "
-              "not pi_ref itself; VRPO's correction term assumes samples from pi_ref")
-    if not todo:
-        return out
-    if backend == "vllm":
-        del ref                     # vLLM loads its own copy
-        ref = None
-    sampler = make_sampler(cfg, tokenizer, backend, ref)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        def size(i):
-            return min(s.shard_size, len(examples) - i * s.shard_size)
+    def announce(done: int, mine: int) -> None:
+        print(f"sample: {len(examples)} prompts x {s.num_samples} responses, {num_shards} "
+              f"shards of {s.shard_size} ({done} of this rank's {mine} done), backend "
+              f"{backend}, temperature {s.temperature}, top_p {s.top_p}, max_new_tokens "
+              f"{s.max_new_tokens}")
+        if s.temperature != 1.0 or s.top_p != 1.0:
+            print("sample: warning: temperature != 1 or top_p < 1 samples from a reshaped "
+                  "pi_ref, not pi_ref itself; VRPO's correction term assumes samples from pi_ref")
 
-        total = sum(size(i) for i in range(rank, num_shards, world))
-        bar = tqdm(total=total, initial=total - sum(size(i) for i in todo),
-                   desc=f"sample ({backend})" + (f" rank {rank}" if world > 1 else ""),
-                   unit="prompt", dynamic_ncols=True)
-    eos_text = tokenizer.eos_token or ""
-    for index in todo:
-        lo, hi = index * s.shard_size, min((index + 1) * s.shard_size, len(examples))
-        drawn = sampler.sample(prompt_ids[lo:hi], s.num_samples, seed=shard_seed(s.seed, index))
-        rows = [sample_row(ex, ids, tokenizer, sampler.stop_ids, eos_text)
-                for ex, ids in zip(examples[lo:hi], drawn)]
-        shards.write_shard(out, index, rows)
-        if bar is not None:
-            bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
-    return out
+    def setup():
+        nonlocal ref
+        if backend == "vllm":
+            ref = None                  # vLLM loads its own copy
+        sampler = make_sampler(cfg, tokenizer, backend, ref)
+        eos_text = tokenizer.eos_token or ""
+
+        def draw_shard(index: int, lo: int, hi: int) -> list[dict]:
+            drawn = sampler.sample(prompt_ids[lo:hi], s.num_samples,
+                                   seed=shard_seed(s.seed, index))
+            return [sample_row(ex, ids, tokenizer, sampler.stop_ids, eos_text)
+                    for ex, ids in zip(examples[lo:hi], drawn)]
+
+        return draw_shard
+
+    return run_sharded_stage(
+        out, record, num_items=len(examples), shard_size=s.shard_size, key="sample.output",
+        holds="samples", differs_hint="other model, prompts or sampling settings",
+        announce=announce, setup=setup, progress=progress, desc=f"sample ({backend})",
+        unit="prompt")
 
 
 def sample_row(ex, sample_ids: list[list[int]], tokenizer, stop_ids, eos_text: str) -> dict:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from vrpo_fast import shards
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.stage import run_sharded_stage, shard_count
 
 
 def stored_g(g_row: list[float], labelled: bool) -> list[float]:
@@ -50,7 +50,9 @@ def _example_key(ex) -> list:
 
 
 def score_stage(cfg, *, progress: bool = True) -> Path:
-    """Run (or resume) scoring; returns the output folder."""
+    """Run (or resume) scoring; returns the output folder. The resumable skeleton (provenance
+    check, pending shards, progress, atomic writes) is `stage.run_sharded_stage`; this supplies
+    the record and the scores of each shard."""
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_example
     from vrpo_fast.logprobs import sequence_logps
@@ -65,12 +67,9 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     from vrpo_fast.provenance import (
         build_provenance,
         check_provenance,
-        identity_mismatch,
         ids_fingerprint,
         library_versions,
-        read_provenance,
         weights_fingerprint,
-        write_provenance,
     )
 
     sc, d, aux_cfg = cfg.score, cfg.data, cfg.aux
@@ -80,9 +79,6 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
                         "score to read what sample writes)")
     if not sc.output:
         raise UserError("score.output: no output folder given")
-    if sc.max_tokens < 2 or sc.shard_size < 1:
-        raise UserError(f"score.max_tokens, score.shard_size: must be >= 2 and >= 1, got "
-                        f"{sc.max_tokens}, {sc.shard_size}")
     out = Path(sc.output)
     src_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     if out.resolve() == src_dir.resolve():
@@ -106,7 +102,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         aux = load_causal_lm(aux_cfg.path, what="aux.path")
     elif mode == "reward_model":
         aux = load_reward_model(aux_cfg.path, what="aux.path")
-    num_shards = -(-len(examples) // sc.shard_size)
+    num_shards = shard_count(len(examples), sc.shard_size)
     scoring = {
         "aux_mode": mode,
         "aux_path": aux_cfg.path if aux is not None else None,
@@ -127,40 +123,11 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     record["scoring_run"] = {"input": str(source), "rows": len(examples),
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": library_versions(), "max_tokens": sc.max_tokens}
-    existing = read_provenance(out)
-    if existing is not None:
-        differs = identity_mismatch(existing, record)
-        if differs:
-            raise UserError(f"score.output: {out} already holds scores with another {differs} "
-                            f"(other input, model or settings); choose a new score.output, or "
-                            f"delete the folder to start over")
-    rank, world = shards.rank_and_world()
-    out.mkdir(parents=True, exist_ok=True)
-    if existing is None:
-        write_provenance(out, record)
-    todo = shards.pending_shards(out, num_shards, rank, world)
-    mine = len(range(rank, num_shards, world))
-    print(f"score: {len(examples)} groups, {num_shards} shards of {sc.shard_size} "
-          f"({mine - len(todo)} of this rank's {mine} done), aux.mode {mode}, token budget "
-          f"{sc.max_tokens}")
-    if not todo:
-        return out
 
-    device = _device()
-    ref = ref.to(device).eval()
-    if aux is not None:
-        aux = aux.to(device).eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        def size(i):
-            return min(sc.shard_size, len(examples) - i * sc.shard_size)
-
-        total = sum(size(i) for i in range(rank, num_shards, world))
-        bar = tqdm(total=total, initial=total - sum(size(i) for i in todo),
-                   desc="score" + (f" rank {rank}" if world > 1 else ""), unit="group",
-                   dynamic_ncols=True)
+    def announce(done: int, mine: int) -> None:
+        print(f"score: {len(examples)} groups, {num_shards} shards of {sc.shard_size} "
+              f"({done} of this rank's {mine} done), aux.mode {mode}, token budget "
+              f"{sc.max_tokens}")
 
     def logps_of(model):
         return lambda p, r, budget: sequence_logps(model, p, r, max_tokens=budget)
@@ -172,8 +139,8 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
             raise UserError(f"aux.path: cannot score the data with {aux_cfg.path}: {err}") \
                 from None
 
-    for index in todo:
-        chunk = examples[index * sc.shard_size:(index + 1) * sc.shard_size]
+    def score_shard(index: int, lo: int, hi: int) -> list[dict]:
+        chunk = examples[lo:hi]
         tok = [tokenize_example(ex, tokenizer, max_prompt_length=d.max_prompt_length,
                                 max_response_length=d.max_response_length) for ex in chunk]
         groups = [(t.prompt_ids, t.response_ids) for t in tok]
@@ -202,12 +169,20 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
             if ex.domain is not None:
                 row["domain"] = ex.domain
             rows.append(row)
-        shards.write_shard(out, index, rows)
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    return out
+        return rows
+
+    def setup():
+        nonlocal ref, aux
+        device = _device()
+        ref = ref.to(device).eval()
+        if aux is not None:
+            aux = aux.to(device).eval()
+        return score_shard
+
+    return run_sharded_stage(
+        out, record, num_items=len(examples), shard_size=sc.shard_size, key="score.output",
+        holds="scores", differs_hint="other input, model or settings", announce=announce,
+        setup=setup, progress=progress, desc="score", unit="group")
 
 
 # `vrpo-fast <command> --config FILE [--section.key=value ...]` runs this (see cli.py).
