@@ -200,6 +200,43 @@ def test_fused_module_matches_full_logits_and_the_formula(impl, case):
         assert_close_verbose(stats[key], want_stats[key], 1e-4, 1e-4, key)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_dispatch_vrpo_loss_kernel_and_formula_agree_with_float64(reduction):
+    """The one loss dispatch (trainers and FusedLinearVRPOLoss): the kernel (interpreted) and
+    the reference give the float64 formula's loss and gradient and the reference's statistics;
+    a labelled mask always takes the reference formula."""
+    gen = torch.Generator().manual_seed(7)
+    B, K = 5, 6
+    pol = (-torch.rand(B, K, generator=gen) * 20).to(DEVICE)
+    ref = (-torch.rand(B, K, generator=gen) * 20).to(DEVICE)
+    g = torch.rand(B, K // 2, generator=gen).to(DEVICE)
+    want = vrpo_formula(pol.double(), ref.double(), g.double(), 0.3, "sigmoid", "vrpo")
+    want = {"none": want, "mean": want.mean(), "sum": want.sum()}[reduction]
+    kw = dict(beta=0.3, loss_type="sigmoid", estimator="vrpo", reduction=reduction)
+    _, want_stats = vrpo_fast.vrpo_loss(pol, ref, g, **kw)
+    grads = []
+    for impl in ("triton", "torch"):
+        x = pol.clone().requires_grad_(True)
+        loss, stats = ops.dispatch_vrpo_loss(x, ref, g, impl=impl, **kw)
+        assert_close_verbose(loss.double(), want, 1e-5, 1e-5, f"{impl} loss")
+        assert stats.keys() == want_stats.keys()
+        for key in stats:
+            assert_close_verbose(stats[key], want_stats[key], 1e-6, 1e-6, f"{impl} {key}")
+        loss.sum().backward()
+        grads.append(x.grad)
+    x64 = pol.double().requires_grad_(True)
+    vrpo_formula(x64, ref.double(), g.double(), 0.3, "sigmoid", "vrpo").sum().backward()
+    scale = {"none": 1.0, "mean": 1.0 / B, "sum": 1.0}[reduction]
+    for impl, grad in zip(("triton", "torch"), grads):
+        assert_close_verbose(grad.double(), x64.grad * scale, 1e-5, 1e-6, f"{impl} grad")
+    labelled = torch.tensor([True, False, True, True, False], device=DEVICE)
+    got, _ = ops.dispatch_vrpo_loss(pol, ref, g, labelled=labelled, label_scale=2.5, **kw)
+    expect, _ = vrpo_fast.vrpo_loss(pol, ref, g, labelled=labelled, label_scale=2.5, **kw)
+    assert torch.equal(got, expect)
+    with pytest.raises(ValueError, match="^labelled:"):
+        ops.dispatch_vrpo_loss(pol, ref, g, labelled=labelled, impl="triton", **kw)
+
+
 # --- compiled kernels (a CUDA device) --------------------------------------------------------
 
 @pytest.mark.gpu

@@ -294,7 +294,7 @@ def _capture_g(monkeypatch, *, weights=False):
     import vrpo_fast.train.loop as loop
 
     seen = []
-    real_loss, real_micro = loop.vrpo_loss, loop.Trainer._micro_step
+    real_loss, real_micro = loop.dispatch_vrpo_loss, loop.Trainer._micro_step
 
     def micro_step(self, groups):
         entry = {"step": self.step, "groups": groups}
@@ -304,12 +304,12 @@ def _capture_g(monkeypatch, *, weights=False):
         seen.append(entry)
         return real_micro(self, groups)
 
-    def vrpo_loss(policy_logps, ref_logps, g, **kw):
+    def dispatch_vrpo_loss(policy_logps, ref_logps, g, **kw):
         seen[-1]["g"] = g.detach().double().cpu().clone()
         return real_loss(policy_logps, ref_logps, g, **kw)
 
     monkeypatch.setattr(loop.Trainer, "_micro_step", micro_step)
-    monkeypatch.setattr(loop, "vrpo_loss", vrpo_loss)
+    monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
     return seen
 
 

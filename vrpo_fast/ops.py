@@ -169,6 +169,47 @@ def per_prompt_vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | N
                                   loss_type, estimator)
 
 
+def dispatch_vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                       aux_prefs: torch.Tensor, *, beta: float, loss_type: str, estimator: str,
+                       dro_tau: float | None = None, labelled: torch.Tensor | None = None,
+                       label_scale: float | None = None, reduction: str = "mean",
+                       check_inputs: bool = True, impl: str = "auto"):
+    """`objective.vrpo_loss` with device dispatch: the fused loss kernel for the loss and its
+    gradient on CUDA, the reference formula for everything else.
+
+    Same arguments and returns as `vrpo_fast.vrpo_loss` (policy_logps, ref_logps: (B, 2 + 2M);
+    aux_prefs: (B, 1 + M); reduction mean | sum | none), plus `impl` (auto | triton | torch).
+    On the kernel path the validation and the detached statistics still come from the
+    reference formula, run without gradient on the (B, K) detached log-probs: B x K numbers,
+    negligible beside the pass that produced them, and one definition of every statistic.
+    Labelled masks (`labelled`, `label_scale`) have no kernel: the reference formula computes
+    those batches (impl="triton" refuses them). The trainers and `FusedLinearVRPOLoss` both
+    call this, so the kernel and the formula cannot drift apart between them.
+    """
+    common = dict(beta=beta, loss_type=loss_type, estimator=estimator, dro_tau=dro_tau,
+                  labelled=labelled, label_scale=label_scale, reduction=reduction,
+                  check_inputs=check_inputs)
+    if labelled is not None:
+        if impl == "triton":
+            raise ValueError("labelled: the fused loss kernel has no labelled mask; use "
+                             "impl='auto' or 'torch'")
+        return vrpo_loss(policy_logps, ref_logps, aux_prefs, **common)
+    if not _use_triton(impl, policy_logps):
+        return vrpo_loss(policy_logps, ref_logps, aux_prefs, **common)
+    with torch.no_grad():
+        _, stats = vrpo_loss(policy_logps.detach(), ref_logps, aux_prefs, **common)
+    per = per_prompt_vrpo_loss(policy_logps, ref_logps, aux_prefs, beta=beta,
+                               loss_type=loss_type, estimator=estimator, impl=impl)
+    if dro_tau is not None:
+        weights = torch.softmax(per.detach() / dro_tau, dim=0)
+        return (weights * per).sum(), stats
+    if reduction == "mean":
+        return per.mean(), stats
+    if reduction == "sum":
+        return per.sum(), stats
+    return per, stats
+
+
 class FusedLinearVRPOLoss(nn.Module):
     """Response hidden states + LM-head weight -> the VRPO loss, for embedding in any trainer.
 
@@ -263,26 +304,10 @@ class FusedLinearVRPOLoss(nn.Module):
         """The loss from (B, K) sequence log-probs already summed (by `linear_logprobs` with
         segment_ids, inside a model's forward): for trainers whose LM head must run inside the
         forward of a sharding wrapper. Same returns as `forward`."""
-        common = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
-                      dro_tau=self.dro_tau, reduction=reduction,
-                      check_inputs=self.check_inputs)
-        if not _use_triton(self.impl, policy_logps):
-            return vrpo_loss(policy_logps, ref_logps, aux_prefs, **common)
-        # Validation and the detached statistics come from the reference formula (B x K
-        # numbers); the loss and its gradient from the kernel.
-        with torch.no_grad():
-            _, stats = vrpo_loss(policy_logps.detach(), ref_logps, aux_prefs, **common)
-        per = per_prompt_vrpo_loss(policy_logps, ref_logps, aux_prefs, beta=self.beta,
-                                   loss_type=self.loss_type, estimator=self.estimator,
-                                   impl=self.impl)
-        if self.dro_tau is not None:
-            weights = torch.softmax(per.detach() / self.dro_tau, dim=0)
-            return (weights * per).sum(), stats
-        if reduction == "mean":
-            return per.mean(), stats
-        if reduction == "sum":
-            return per.sum(), stats
-        return per, stats
+        return dispatch_vrpo_loss(policy_logps, ref_logps, aux_prefs, beta=self.beta,
+                                  loss_type=self.loss_type, estimator=self.estimator,
+                                  dro_tau=self.dro_tau, reduction=reduction,
+                                  check_inputs=self.check_inputs, impl=self.impl)
 
     def _one_sweep(self, hidden, weight, targets, segment_ids, offsets, group_size, ref_logps,
                    aux_prefs, common):

@@ -27,8 +27,8 @@ import torch
 from vrpo_fast.config import Config
 from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
 from vrpo_fast.errors import UserError
-from vrpo_fast.objective import implicit_preference, vrpo_loss
-from vrpo_fast.ops import per_prompt_vrpo_loss
+from vrpo_fast.objective import implicit_preference
+from vrpo_fast.ops import dispatch_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceLogps, SequenceRewards
 from vrpo_fast.train import checkpoint as ckpt
@@ -239,21 +239,13 @@ class Trainer:
     def _loss(self, policy_logps, ref_logps, g, labelled, groups):
         """This micro-batch's share of the global (robust) mean loss, and its statistics."""
         cfg = self.cfg
-        # Inputs were validated when the data was loaded; value checks here would add host syncs.
-        common = dict(beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
-                      estimator=cfg.loss.estimator, labelled=labelled,
-                      label_scale=self._label_scale, check_inputs=False)
-        if labelled is None and policy_logps.is_cuda:
-            # The fused loss kernel; the statistics come from the reference formula on
-            # detached values (B x K numbers).
-            per_prompt = per_prompt_vrpo_loss(policy_logps, ref_logps, g, beta=cfg.loss.beta,
-                                              loss_type=cfg.loss.loss_type,
-                                              estimator=cfg.loss.estimator)
-            _, stats = vrpo_loss(policy_logps.detach(), ref_logps, g, reduction="none",
-                                 **common)
-        else:
-            per_prompt, stats = vrpo_loss(policy_logps, ref_logps, g, reduction="none",
-                                          **common)
+        # Inputs were validated when the data was loaded; value checks here would add host
+        # syncs. The fused loss kernel on CUDA, the reference formula for the statistics (and
+        # for micro-batches with unlabelled prompts): `ops.dispatch_vrpo_loss`.
+        per_prompt, stats = dispatch_vrpo_loss(
+            policy_logps, ref_logps, g, beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
+            estimator=cfg.loss.estimator, labelled=labelled, label_scale=self._label_scale,
+            reduction="none", check_inputs=False)
         return self._prompt_share(per_prompt, groups, stats), stats
 
     def _prompt_share(self, per_prompt, groups, stats, values=None) -> torch.Tensor:
