@@ -300,8 +300,8 @@ def test_rl_trainer_takes_the_dro_settings(tmp_path):
         RLOOTrainer(cfg("bare.jsonl", "x", "--loss.group_dro_eta=1.0"), quiet=True)
     trainer = RLOOTrainer(cfg("p.jsonl", "rl", "--loss.group_dro_eta=5.0"), quiet=True)
     seen = []
-    share = trainer._prompt_share
-    trainer._prompt_share = lambda per, groups, stats, values=None: (
+    share = trainer.prompt_share
+    trainer.prompt_share = lambda per, groups, stats, values=None: (
         seen.append(values), share(per, groups, stats, values))[1]
     records = [trainer.train_step() for _ in range(2)]
     # Each prompt is weighed by its penalised reward (as a loss), not by the surrogate.

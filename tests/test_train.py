@@ -200,7 +200,7 @@ def test_micro_batches_do_not_change_the_maths(tmp_path, unlabelled):
 def test_exploding_margin_warns_once(tmp_path, monkeypatch):
     from vrpo_fast.train.loop import Trainer
 
-    original = Trainer._micro_step
+    original = Trainer.micro_step
 
     def inflated_from_step_2(self, groups):
         # The margin statistic as a diverging run would log it (the loss is left alone).
@@ -209,7 +209,7 @@ def test_exploding_margin_warns_once(tmp_path, monkeypatch):
             stats = {**stats, "margin": stats["margin"] + 60.0}
         return loss, stats, n
 
-    monkeypatch.setattr(Trainer, "_micro_step", inflated_from_step_2)
+    monkeypatch.setattr(Trainer, "micro_step", inflated_from_step_2)
     cfg = cfg_for(tmp_path, "--train.max_steps=3", "--train.save_every=0")
     with pytest.warns(UserWarning) as caught:
         run_train(cfg)
@@ -252,13 +252,13 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 
     cfg = cfg_for(tmp_path, "--train.max_steps=6", "--train.save_every=0",
                   "--train.max_bad_steps=3")
-    original = Trainer._micro_step
+    original = Trainer.micro_step
 
     def nan_from_step_2(self, groups):
         loss, stats, n = original(self, groups)
         return (loss * float("nan") if self.step >= 1 else loss), stats, n
 
-    monkeypatch.setattr(Trainer, "_micro_step", nan_from_step_2)
+    monkeypatch.setattr(Trainer, "micro_step", nan_from_step_2)
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     with pytest.warns(UserWarning, match="non-finite"), \
@@ -294,7 +294,7 @@ def _capture_g(monkeypatch, *, weights=False):
     import vrpo_fast.train.loop as loop
 
     seen = []
-    real_loss, real_micro = loop.dispatch_vrpo_loss, loop.Trainer._micro_step
+    real_loss, real_micro = loop.dispatch_vrpo_loss, loop.Trainer.micro_step
 
     def micro_step(self, groups):
         entry = {"step": self.step, "groups": groups}
@@ -308,7 +308,7 @@ def _capture_g(monkeypatch, *, weights=False):
         seen[-1]["g"] = g.detach().double().cpu().clone()
         return real_loss(policy_logps, ref_logps, g, **kw)
 
-    monkeypatch.setattr(loop.Trainer, "_micro_step", micro_step)
+    monkeypatch.setattr(loop.Trainer, "micro_step", micro_step)
     monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
     return seen
 

@@ -50,6 +50,35 @@ def cosine_lr(step: int, cfg) -> float:
 
 
 class Trainer:
+    """The policy trainer of `vrpo-fast train`, and the base of the two-stage trainers.
+
+    Built from a `Config` (and a `Dist`, default: from the environment, torchrun or one
+    process): it takes the output folder's lock, loads and checks the data, builds the policy
+    (FSDP2-sharded, mixed precision on a GPU), the online reference, the auxiliary model of
+    aux.mode and the DRO state, and an AdamW optimizer. `fit()` resumes from the newest usable
+    checkpoint, runs `train_step()` to train.max_steps with atomic checkpoints, and writes
+    <output_dir>/final/.
+
+    Extension points (the public methods below; `RewardTrainer` and `RLOOTrainer` override
+    them, everything else is shared):
+
+        load_data()                   set self.groups (the prompt groups) and self.M
+        build_model()                 the model to train (a fresh copy also serves aux lagged)
+        wrap(model)                   model -> module mapping a PackedBatch to (B, K) scores
+        export_class                  the transformers class <output_dir>/final is saved as
+        preferences(batch, groups, ref_logps)      g, (B, 1 + M) in [0, 1], no gradient
+        compute_loss(scores, ref_logps, g, labelled, groups)
+                                      this micro-batch's share of the step's loss, and stats
+        micro_step(groups)            one micro-batch: pack, forward, g, loss
+        prompt_share(per_prompt, groups, stats, values=None)
+                                      per-prompt losses -> the micro-batch's share of the
+                                      global (DRO-weighted) mean; for overrides to call
+
+    A subclass that keeps micro_step and overrides preferences / compute_loss changes only
+    the objective; one that overrides micro_step (on-policy sampling) owns the whole
+    micro-batch and returns (loss, stats, tokens) the same way.
+    """
+
     def __init__(self, cfg: Config, dist: Dist | None = None, *, quiet: bool = False):
         self.cfg = cfg
         self.dist = dist or init_distributed()
@@ -98,21 +127,29 @@ class Trainer:
         self._n_params = sum(p.numel() for p in self.lm.parameters())
         self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
 
-    # -- set-up (the two-stage trainers override these four) ---------------------------------
+    # -- set-up (extension points: the two-stage trainers override these) ---------------------
 
     export_class = "AutoModelForCausalLM"    # the Hugging Face class of <output_dir>/final
 
     def load_data(self) -> None:
+        """Load the training data: sets `self.groups` (len(), select(indices) -> a micro-batch
+        of groups; see train.data.TrainingGroups), `self.data_report` and `self.M`, the Monte
+        Carlo pairs per prompt. Runs before the model is built."""
         self.groups, self.data_report = load_training_groups(self.cfg, self.tokenizer,
                                                              self.dist)
         self.M = self.groups.num_mc_pairs
 
     def build_model(self):
+        """The model to train, unwrapped and on the CPU (also the lagged copy of aux.mode
+        lagged); the policy trainer's is the causal LM of model.path / model.tiny."""
         from vrpo_fast.models import model_from_config
 
         return model_from_config(self.cfg, "policy")
 
     def wrap(self, model):
+        """The module the loop shards and calls: PackedBatch -> (B, K) per-response scores
+        (here sequence log-probs through the fused LM head; a reward model's rewards in
+        train-reward). Its first attribute names the weights in checkpoints."""
         return SequenceLogps(model)
 
     def _take_lock(self):
@@ -201,7 +238,10 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def _preferences(self, batch, groups, ref_logps):
+    def preferences(self, batch, groups, ref_logps):
+        """g of this micro-batch, (B, 1 + M) in [0, 1] without gradient: for (chosen,
+        rejected), then each Monte Carlo pair, by aux.mode (the data's column, the auxiliary
+        model's preference, or 1/2 where no g is needed). `ref_logps` is (B, K) or None."""
         mode = self.cfg.aux.mode
         if mode == "given" and groups.has_aux:
             return groups.aux_prefs(self.device)
@@ -214,7 +254,10 @@ class Trainer:
                 return reward_preference(self.aux(batch))
             return implicit_preference(self.aux(batch), ref_logps, self.cfg.aux.beta)
 
-    def _micro_step(self, groups) -> tuple[torch.Tensor, dict, int]:
+    def micro_step(self, groups) -> tuple[torch.Tensor, dict, int]:
+        """One micro-batch (`groups`, from self.groups.select): packs it, runs the policy (and
+        the reference and auxiliary passes), and returns (its share of the step's loss, to
+        backpropagate; detached statistics; tokens packed)."""
         cfg = self.cfg
         budget = trainer_budget(cfg.train.max_tokens, self.device, groups.prompt_ids,
                                 groups.response_ids)
@@ -228,16 +271,21 @@ class Trainer:
                 ref_logps = self.ref(batch)
         else:
             ref_logps = None
-        g = self._preferences(batch, groups, ref_logps)
+        g = self.preferences(batch, groups, ref_logps)
         labelled = groups.labelled_mask(self.device)
         if labelled is None and self._label_scale is not None:
             # A fully labelled micro-batch of a step that has unlabelled prompts elsewhere.
             labelled = torch.ones(len(groups), dtype=torch.bool, device=self.device)
-        loss, stats = self._loss(policy_logps, ref_logps, g, labelled, groups)
+        loss, stats = self.compute_loss(policy_logps, ref_logps, g, labelled, groups)
         return loss, stats, batch.num_tokens
 
-    def _loss(self, policy_logps, ref_logps, g, labelled, groups):
-        """This micro-batch's share of the global (robust) mean loss, and its statistics."""
+    def compute_loss(self, policy_logps, ref_logps, g, labelled, groups):
+        """This micro-batch's share of the global (robust) mean loss, and its statistics.
+
+        policy_logps: (B, K) what `wrap`'s module returned; ref_logps: (B, K) or None; g:
+        (B, 1 + M) from `preferences`; labelled: (B,) bool or None (every prompt labelled).
+        An override computes per-prompt losses (B,) and returns
+        (self.prompt_share(per_prompt, groups, stats), stats)."""
         cfg = self.cfg
         # Inputs were validated when the data was loaded; value checks here would add host
         # syncs. The fused loss kernel on CUDA, the reference formula for the statistics (and
@@ -246,9 +294,9 @@ class Trainer:
             policy_logps, ref_logps, g, beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
             estimator=cfg.loss.estimator, labelled=labelled, label_scale=self._label_scale,
             reduction="none", check_inputs=False)
-        return self._prompt_share(per_prompt, groups, stats), stats
+        return self.prompt_share(per_prompt, groups, stats), stats
 
-    def _prompt_share(self, per_prompt, groups, stats, values=None) -> torch.Tensor:
+    def prompt_share(self, per_prompt, groups, stats, values=None) -> torch.Tensor:
         """This micro-batch's share of the step's mean over prompts: (1 / N) sum_x w_x L_x
         over its prompts, with w_x = 1, or the DRO weight of the prompt's own value (its loss,
         or `values`) and the DRO state, so batching cannot change the step's objective."""
@@ -298,6 +346,16 @@ class Trainer:
                 stat_sums[f"dro_weight/{name}"] = q.float()
 
     def train_step(self) -> dict:
+        """One optimizer step: this rank's share of the step's `train.batch_groups` groups in
+        micro-batches of train.micro_batch_groups (gradients accumulated, reduced once), the
+        DRO state updated from the global batch, gradients clipped to train.grad_clip, and the
+        update applied unless the loss or gradient norm is not finite (then skipped and
+        counted). Advances self.step (and refreshes a lagged g's copy when due).
+
+        Returns the step's record for metrics.jsonl: step, loss (the global mean), lr,
+        grad_norm, tokens (over all ranks), tokens_per_s, skipped, skipped_total, the loss's
+        statistics averaged over micro-batches and ranks, and mfu on a GPU. One host sync for
+        the skip decision and one for the record."""
         cfg, t = self.cfg, self.cfg.train
         self.policy.train()
         lr = cosine_lr(self.step, cfg)
@@ -318,7 +376,7 @@ class Trainer:
             # in full precision runs unsharded, see train/modules.py).
             if hasattr(self.policy, "set_requires_gradient_sync"):
                 self.policy.set_requires_gradient_sync(i == len(micro) - 1)
-            loss, stats, ntok = self._micro_step(self.groups.select(idx))
+            loss, stats, ntok = self.micro_step(self.groups.select(idx))
             loss.backward()
             loss_sum += loss.detach()
             for k, v in stats.items():

@@ -62,20 +62,20 @@ class RewardTrainer(Trainer):
     def wrap(self, model):
         return SequenceRewards(model)
 
-    def _preferences(self, batch, groups, ref_logps):
+    def preferences(self, batch, groups, ref_logps):
         if self.cfg.aux.mode == "lagged":
             with torch.no_grad():
                 return reward_preference(self.aux(batch))
-        return super()._preferences(batch, groups, ref_logps)
+        return super().preferences(batch, groups, ref_logps)
 
-    def _loss(self, rewards, ref_logps, g, labelled, groups):
+    def compute_loss(self, rewards, ref_logps, g, labelled, groups):
         cfg = self.cfg
         per_prompt, stats = vrpo_reward_loss(rewards, g, loss_type=cfg.loss.loss_type,
                                              estimator=cfg.loss.estimator, labelled=labelled,
                                              label_scale=self._label_scale, reduction="none",
                                              check_inputs=False)
         # DRO (loss.dro_tau / loss.group_dro_eta) weighs prompts as in the policy trainer.
-        return self._prompt_share(per_prompt, groups, stats), stats
+        return self.prompt_share(per_prompt, groups, stats), stats
 
 
 def train_reward(cfg, *, quiet: bool = False):

@@ -120,7 +120,7 @@ class RLOOTrainer(Trainer):
         eos = self.tokenizer.eos_token_id
         return [[ids if ids else [eos] for ids in per] for per in draws]
 
-    def _micro_step(self, groups):
+    def micro_step(self, groups):
         rl = self.cfg.rl
         samples = self._draw(groups.prompt_ids)
         budget = trainer_budget(self.cfg.train.max_tokens, self.device, groups.prompt_ids,
@@ -139,7 +139,7 @@ class RLOOTrainer(Trainer):
         stats = {"reward": scores.mean(), "kl": kl.mean(), "penalised_reward": r.mean(),
                  "advantage_std": advantage.std(), "response_tokens": batch.targets.new_tensor(
                      batch.targets.numel(), dtype=torch.float32) / (len(groups) * k)}
-        loss = self._prompt_share(per_prompt, groups, stats, values=-r.mean(dim=1))
+        loss = self.prompt_share(per_prompt, groups, stats, values=-r.mean(dim=1))
         return loss, stats, batch.num_tokens
 
 
