@@ -3,7 +3,14 @@ kernels; on a GPU without the autotuner's search), and every test starts from a 
 
 import os
 
-import torch
+# OpenMP threads that wait for work sleep instead of spinning. Set before torch loads its
+# OpenMP runtime, so every subprocess a test starts (the CLI, torchrun's ranks) inherits it.
+# Tests run tiny operations back to back, often in several processes at once (2 ranks x 2
+# threads on 2 cores): spinning threads then hold the cores the working ones need, and a tiny
+# training step took seconds instead of a tenth of one. Numerics are unchanged.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
