@@ -45,6 +45,10 @@ def build_reward_model(cfg, tokenizer):
 
 
 class RewardTrainer(Trainer):
+    """Stage 1: the policy trainer with a reward model in the policy's place. Overrides
+    build_model and wrap (a sequence-classification model, (B, K) rewards), preferences (a
+    lagged g from the lagged reward model) and compute_loss (`vrpo_reward_loss`)."""
+
     export_class = "AutoModelForSequenceClassification"
 
     def __init__(self, cfg, *args, **kwargs):

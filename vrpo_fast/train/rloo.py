@@ -59,6 +59,10 @@ class PromptBatch:
 
 
 class RLOOTrainer(Trainer):
+    """Stage 2: RLOO on the policy trainer's loop. Overrides load_data (prompts only) and
+    micro_step (draw k samples on-policy, score them, the leave-one-out surrogate), which
+    calls prompt_share for the DRO weighting and the global mean."""
+
     def __init__(self, cfg, *args, **kwargs):
         if not cfg.rl.reward_model:
             raise UserError("rl.reward_model: train-rl needs a reward model folder")
