@@ -22,6 +22,10 @@ from vrpo_fast.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# The recipes whose stages include `score` (run.stages, or its default, which has it).
+SCORED = [c for c in CONFIGS
+          if "score" in ((yaml.safe_load(c.read_text()) or {}).get("run") or {}).get(
+              "stages", ["score"])]
 HH = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 TINY = dict(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, intermediate_size=64, max_position_embeddings=2048,
@@ -180,12 +184,12 @@ def test_rerun_finds_everything_done(recipe):
         recipe["stamps"]
 
 
+@pytest.mark.parametrize("recipe", SCORED, ids=[c.stem for c in SCORED], indirect=True)
 def test_scored_data_is_pi_refs_and_the_aux_lms_by_a_naive_forward(recipe):
     """The chain carried the right data: each scored row's ref_logps and g equal a naive
     (one unpacked sequence at a time) forward of the tiny pi_ref and aux model in float64."""
     cfg = recipe["cfg"]
-    if "score" not in cfg.run.stages:
-        pytest.skip("this recipe has no score stage")
+    assert "score" in cfg.run.stages
     from vrpo_fast.data.load import load_preference_data
     from vrpo_fast.data.tokenize import tokenize_example
     from vrpo_fast.logprobs import naive_sequence_logps
