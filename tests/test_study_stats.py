@@ -104,3 +104,18 @@ def test_compare_counts_drift_apart_from_reward():
     assert c.reward_no_drift.mean == pytest.approx(((0.1) + (-0.05) + 0.2) / 3)
     text = "\n".join(c.lines())
     assert "1/5" in text and "2/5" in text
+
+
+def test_run_comparisons_pairs_the_demo_rows_by_seed():
+    from vrpo_fast.stats import run_comparisons
+
+    def row(seed, name, reward, kl):
+        return {"seed": seed, "name": name, "true_reward": {"mean": reward}, "kl": {"mean": kl}}
+
+    runs = [row(0, "DPO", 0.3, 1.0), row(0, "VRPO", 0.5, 1.0), row(1, "DPO", 0.4, 9.0),
+            row(1, "VRPO", 0.45, 2.0), row(2, "VRPO", 0.9, 0.1)]
+    lines = run_comparisons(runs, "DPO", threshold=4.0)
+    # seeds 0 and 1 are paired (seed 2 has no DPO run): differences +0.2 and +0.05.
+    assert lines[0].startswith("VRPO - DPO, true reward, all seeds: +0.125 ")
+    assert "(n=2;" in lines[0] and "(n=1;" in lines[1]
+    assert "VRPO 0/2" in lines[3] and "DPO 1/2" in lines[3]

@@ -123,8 +123,8 @@ class Paired:
         if self.n == 0:
             return "no seeds"
         interval = "" if self.n < 2 else f" [{self.lo:+.3f}, {self.hi:+.3f}]"
-        return (f"{self.mean:+.3f}{interval} (n={self.n}; {self.wins} wins, {self.losses} "
-                f"losses, sign test p={self.p_sign:.3g})")
+        return (f"{self.mean:+.3f}{interval} (n={self.n}; {self.wins} above 0, {self.losses} "
+                f"below; sign test p={self.p_sign:.3g})")
 
 
 def paired(a: list[float], b: list[float], level: float = 0.95) -> Paired:
@@ -179,3 +179,21 @@ def compare(a: dict, b: dict, name_a: str, name_b: str, threshold: float) -> Com
         kl=paired([a[s][1] for s in seeds], [b[s][1] for s in seeds]),
         drift_a=sum(a[s][1] > threshold for s in seeds),
         drift_b=sum(b[s][1] > threshold for s in seeds), n=len(seeds))
+
+
+DRIFT_KL = 4.0      # nats: the studies' default threshold above which a run has drifted
+
+
+def run_comparisons(runs: list[dict], baseline: str = "DPO",
+                    threshold: float = DRIFT_KL) -> list[str]:
+    """Every run name against `baseline` on the seeds both have, from the demo's per-run rows
+    (keys seed, name, true_reward["mean"], kl["mean"]): the summary lines of `compare`."""
+    by_name: dict[str, dict] = {}
+    for r in runs:
+        by_name.setdefault(r["name"], {})[r["seed"]] = (r["true_reward"]["mean"],
+                                                       r["kl"]["mean"])
+    lines = []
+    for name, values in by_name.items():
+        if name != baseline and baseline in by_name:
+            lines += compare(values, by_name[baseline], name, baseline, threshold).lines()
+    return lines
