@@ -102,7 +102,7 @@ def prepare(root: Path, seed: int) -> None:
         (root / "ref.tmp").rename(root / "ref")
     prompts = [p for p in task.prompts() for _ in range(s["prompts_per_type"])]
     write_jsonl([{"prompt": p} for p in prompts], root / "prompts.jsonl")
-    sample_stage(_config(root, **{"data.path": root / "prompts.jsonl",
+    sample_stage(_config(root, **{"sample.input": root / "prompts.jsonl",
                                   "sample.output": root / "sampled",
                                   "sample.num_samples": 2 + 2 * s["M_max"],
                                   "sample.max_new_tokens": s["max_new_tokens"],
