@@ -9,7 +9,8 @@ pairs, and a g close to the true preference. Per seed (SEEDS), the demo's pipeli
 pi_ref (tiny model, SFT warm start) and ONE data set of few labelled prompts (4 per prompt
 type, 48 in all) with 2 + 2 * 4 responses each from pi_ref; then every run of RUNS trains on
 it with the same seed and settings, and is judged under the true preference (expected true
-reward and KL(pi || pi_ref) on all 12 prompt types). The gradient variance of each estimator at
+reward and KL(pi || pi_ref) on all 12 prompt types). The labels axis: a second labelled set of
+MORE_LABELS prompts per type (144), from the same pi_ref, for DPO and VRPO M = 4. The gradient variance of each estimator at
 pi_ref's parameters is measured on the same data (VARIANCE_BATCHES mini-batches).
 
 g's quality, for VRPO: `true` (the true preference), `noisy` (the truth plus N(0, 0.25) noise,
@@ -55,21 +56,28 @@ SETTINGS = {
     "max_new_tokens": 8,
 }
 LOW_LR, HIGH_LR = 1e-3, 3e-3
-# name -> (g variant, estimator, M, aux mode, lr)
+MORE_LABELS = 12                     # prompts per type of the larger labelled set (144)
+# name -> (g variant, estimator, M, aux mode, lr, labelled prompts per type)
+FEW = SETTINGS["prompts_per_type"]
 RUNS = {
-    "DPO": ("true", "dpo", 4, "given", LOW_LR),
-    "VRPO M=4": ("true", "vrpo", 4, "given", LOW_LR),
-    "VRPO M=4 noisy g": ("noisy", "vrpo", 4, "given", LOW_LR),
-    "VRPO M=4 judge g": ("judge", "vrpo", 4, "given", LOW_LR),
-    "VRPO M=1": ("true", "vrpo", 1, "given", LOW_LR),
-    "VRPO M=4 lagged g": ("true", "vrpo", 4, "lagged", LOW_LR),
-    "DPO high lr": ("true", "dpo", 4, "given", HIGH_LR),
-    "VRPO M=4 high lr": ("true", "vrpo", 4, "given", HIGH_LR),
+    "DPO": ("true", "dpo", 4, "given", LOW_LR, FEW),
+    "VRPO M=4": ("true", "vrpo", 4, "given", LOW_LR, FEW),
+    "VRPO M=4 noisy g": ("noisy", "vrpo", 4, "given", LOW_LR, FEW),
+    "VRPO M=4 judge g": ("judge", "vrpo", 4, "given", LOW_LR, FEW),
+    "VRPO M=1": ("true", "vrpo", 1, "given", LOW_LR, FEW),
+    "VRPO M=4 lagged g": ("true", "vrpo", 4, "lagged", LOW_LR, FEW),
+    "DPO high lr": ("true", "dpo", 4, "given", HIGH_LR, FEW),
+    "VRPO M=4 high lr": ("true", "vrpo", 4, "given", HIGH_LR, FEW),
+    "DPO 144 labels": ("true", "dpo", 4, "given", LOW_LR, MORE_LABELS),
+    "VRPO M=4 144 labels": ("true", "vrpo", 4, "given", LOW_LR, MORE_LABELS),
 }
 PHASES = [["DPO", "VRPO M=4"], ["VRPO M=4 noisy g", "VRPO M=4 judge g"],
-          ["DPO high lr", "VRPO M=4 high lr"], ["VRPO M=1", "VRPO M=4 lagged g"]]
-BASELINE = {name: "DPO high lr" if lr == HIGH_LR else "DPO"
-            for name, (_, _, _, _, lr) in RUNS.items()}
+          ["DPO high lr", "VRPO M=4 high lr"], ["VRPO M=1", "VRPO M=4 lagged g"],
+          ["DPO 144 labels", "VRPO M=4 144 labels"]]
+# Each VRPO run is compared with the DPO run of the same lr and labelled set.
+BASELINE = {name: next(d for d, spec in RUNS.items()
+                       if spec[1] == "dpo" and spec[4:] == RUNS[name][4:])
+            for name in RUNS}
 
 
 def judge_preference(task, prompt: str, y: str, y2: str) -> float:
@@ -79,8 +87,21 @@ def judge_preference(task, prompt: str, y: str, y2: str) -> float:
     return 1 / (1 + math.exp(-task.sharpness * (a - b)))
 
 
-def prepare(root: Path, seed: int) -> None:
-    """pi_ref and the scored data of every g variant, in `root` (kept: later phases reuse it)."""
+def data_root(root: Path, per_type: int) -> Path:
+    """The folder of one labelled set; a larger set shares the seed's pi_ref (a link)."""
+    if per_type == FEW:
+        return root
+    sub = root / f"labels{per_type}"
+    sub.mkdir(parents=True, exist_ok=True)
+    if not (sub / "ref").exists():
+        (sub / "ref").symlink_to((root / "ref").resolve())
+    return sub
+
+
+def prepare(root: Path, seed: int, per_type: int = FEW,
+            variants: tuple = ("true", "noisy", "judge")) -> None:
+    """pi_ref (in `root`) and the scored data of `variants` of g for a labelled set of
+    `per_type` prompts per type (kept: later phases reuse them)."""
     from vrpo_fast.demo import TINY_MODEL, _config, _label
     from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer
     from vrpo_fast.sample import sample_stage
@@ -89,7 +110,7 @@ def prepare(root: Path, seed: int) -> None:
     from vrpo_fast.synthetic import SyntheticTask, write_jsonl
 
     s = SETTINGS
-    if all((root / v / "scored" / "DONE").exists() for v in ("true", "noisy", "judge")):
+    if all((data_root(root, per_type) / v / "scored" / "DONE").exists() for v in variants):
         return
     task, tokenizer = SyntheticTask(), byte_tokenizer()
     root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +121,8 @@ def prepare(root: Path, seed: int) -> None:
         tokenizer.save_pretrained(root / "ref.tmp")
         shutil.rmtree(root / "ref", ignore_errors=True)
         (root / "ref.tmp").rename(root / "ref")
-    prompts = [p for p in task.prompts() for _ in range(s["prompts_per_type"])]
+    root = data_root(root, per_type)
+    prompts = [p for p in task.prompts() for _ in range(per_type)]
     write_jsonl([{"prompt": p} for p in prompts], root / "prompts.jsonl")
     sample_stage(_config(root, **{"sample.input": root / "prompts.jsonl",
                                   "sample.output": root / "sampled",
@@ -122,6 +144,8 @@ def prepare(root: Path, seed: int) -> None:
                                                 for a, b in pairs]})
     for variant, rows in (("true", labelled["true_g"]), ("noisy", labelled["noisy_g"]),
                           ("judge", judge_rows)):
+        if variant not in variants:
+            continue
         write_jsonl(rows, root / variant / "data.jsonl")
         shutil.copyfile(root / "sampled" / "provenance.json", root / variant / "provenance.json")
         score_stage(_config(root, **{"score.input": root / variant / "data.jsonl",
@@ -139,7 +163,8 @@ def one_run(root: Path, seed: int, name: str) -> dict:
     from vrpo_fast.train.loop import train
 
     s = SETTINGS
-    variant, estimator, M, aux, lr = RUNS[name]
+    variant, estimator, M, aux, lr, per_type = RUNS[name]
+    root = data_root(root, per_type)
     run_dir = root / "runs" / name.replace(" ", "_").replace("=", "")
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.time()
@@ -178,7 +203,8 @@ def variance(root: Path, seed: int, name: str) -> float:
     """Trace of the mini-batch gradient's covariance at pi_ref for run `name`'s estimator."""
     from vrpo_fast.demo import DemoSettings, _gradient_variance
 
-    variant, estimator, M, aux, _ = RUNS[name]
+    variant, estimator, M, aux, _, per_type = RUNS[name]
+    root = data_root(root, per_type)
     s = DemoSettings(batch_groups=SETTINGS["batch_groups"], beta=SETTINGS["beta"],
                      loss_type=SETTINGS["loss_type"], variance_batches=VARIANCE_BATCHES)
     return _gradient_variance(root / variant / "scored", root / "ref", estimator, M, s, seed,
@@ -201,11 +227,13 @@ def sweep(out: Path, seeds: list[int], phases: list[int]) -> None:
                 continue
             root = out / f"seed{seed}"
             prepare(root, seed)
+            for per_type in sorted({RUNS[n][5] for n in todo} - {FEW}):
+                prepare(root, seed, per_type, variants=("true",))
             if "ref_true_reward" not in result:
                 result["ref_true_reward"] = reference_reward(root, seed)
             for name in todo:
                 result["runs"][name] = {"spec": RUNS[name], **one_run(root, seed, name)}
-                if "high lr" not in name:
+                if RUNS[name][4] == LOW_LR:
                     result["grad_variance"][name] = variance(root, seed, name)
                 r = result["runs"][name]
                 print(f"[seed {seed}] {name}: reward {r['true_reward']:.3f}, KL {r['kl']:.2f} "
