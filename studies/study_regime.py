@@ -10,8 +10,9 @@ pi_ref (tiny model, SFT warm start) and ONE data set of few labelled prompts (4 
 type, 48 in all) with 2 + 2 * 4 responses each from pi_ref; then every run of RUNS trains on
 it with the same seed and settings, and is judged under the true preference (expected true
 reward and KL(pi || pi_ref) on all 12 prompt types). The labels axis: a second labelled set of
-MORE_LABELS prompts per type (144), from the same pi_ref, for DPO and VRPO M = 4. The gradient variance of each estimator at
-pi_ref's parameters is measured on the same data (VARIANCE_BATCHES mini-batches).
+MORE_LABELS prompts per type (144), from the same pi_ref, for DPO and VRPO M = 4. The gradient
+variance of each estimator at pi_ref's parameters is measured on the same data
+(VARIANCE_BATCHES mini-batches).
 
 g's quality, for VRPO: `true` (the true preference), `noisy` (the truth plus N(0, 0.25) noise,
 clipped), `judge` (a judge that models the majority annotators alone: the Bradley-Terry
@@ -244,7 +245,7 @@ def sweep(out: Path, seeds: list[int], phases: list[int]) -> None:
 
 
 def summarise() -> str:
-    from vrpo_fast.stats import compare, paired
+    from vrpo_fast.stats import compare, correlation, paired
 
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("regime_seed*.json"))]
     rows = [r for r in rows if r["seed"] in SEEDS]
@@ -277,10 +278,16 @@ def summarise() -> str:
         both = [r for r in rows if name in r["grad_variance"] and base in r["grad_variance"]]
         if both:
             ratios = [r["grad_variance"][name] / r["grad_variance"][base] for r in both]
+            logs = [math.log(x) for x in ratios]
             lines.append(f"  gradient variance at pi_ref / {base}'s: mean "
                          f"{sum(ratios) / len(ratios):.3f} (per seed {min(ratios):.2f}-"
-                         f"{max(ratios):.2f}); log ratio "
-                         f"{paired([math.log(x) for x in ratios], [0.0] * len(ratios))}")
+                         f"{max(ratios):.2f}); log ratio {paired(logs, [0.0] * len(logs))}")
+            if len(both) >= 4:
+                diffs = [r["runs"][name]["true_reward"] - r["runs"][base]["true_reward"]
+                         for r in both]
+                rho, lo, hi = correlation(logs, diffs)
+                lines.append(f"  correlation over seeds of the log variance ratio with the "
+                             f"reward difference: {rho:+.2f} [{lo:+.2f}, {hi:+.2f}]")
         lines.append("")
     return "\n".join(lines)
 

@@ -119,3 +119,16 @@ def test_run_comparisons_pairs_the_demo_rows_by_seed():
     assert lines[0].startswith("VRPO - DPO, true reward, all seeds: +0.125 ")
     assert "(n=2;" in lines[0] and "(n=1;" in lines[1]
     assert "VRPO 0/2" in lines[3] and "DPO 1/2" in lines[3]
+
+
+def test_correlation_matches_statistics_and_fisher_interval():
+    from vrpo_fast.stats import correlation
+
+    x = [0.1, 0.4, 0.35, 0.8, 0.6, 0.2, 0.9, 0.5]
+    y = [1.0, 1.3, 0.9, 2.1, 1.5, 1.1, 1.8, 1.6]
+    r, lo, hi = correlation(x, y)
+    assert r == pytest.approx(statistics.correlation(x, y), abs=1e-12)
+    half = 1.959963984540054 / math.sqrt(len(x) - 3)
+    assert lo == pytest.approx(math.tanh(math.atanh(r) - half), abs=1e-12)
+    assert hi == pytest.approx(math.tanh(math.atanh(r) + half), abs=1e-12)
+    assert lo < r < hi

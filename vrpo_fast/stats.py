@@ -197,3 +197,16 @@ def run_comparisons(runs: list[dict], baseline: str = "DPO",
         if name != baseline and baseline in by_name:
             lines += compare(values, by_name[baseline], name, baseline, threshold).lines()
     return lines
+
+
+def correlation(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Pearson correlation with its approximate 95% interval (Fisher's z, n >= 4)."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    r = sxy / math.sqrt(sxx * syy)
+    if n < 4 or abs(r) >= 1.0:
+        return r, math.nan, math.nan
+    z, half = math.atanh(r), Z975 / math.sqrt(n - 3)
+    return r, math.tanh(z - half), math.tanh(z + half)
