@@ -245,7 +245,7 @@ def sweep(out: Path, seeds: list[int], phases: list[int]) -> None:
 
 
 def summarise() -> str:
-    from vrpo_fast.stats import compare, correlation, paired
+    from vrpo_fast.stats import compare, correlation, paired, wilson
 
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("regime_seed*.json"))]
     rows = [r for r in rows if r["seed"] in SEEDS]
@@ -264,6 +264,9 @@ def summarise() -> str:
                          f"{sum(h['kl'] for h in have) / n:.2f} | "
                          f"{sum(h['kl'] > DRIFT_KL for h in have)} |")
     lines.append("")
+    table = ["| run - its DPO | seeds | true reward, paired difference [95%] | sign test p | "
+             "without drifted runs | drifted (Wilson 95%): VRPO / DPO | grad variance / DPO's |",
+             "|---|---|---|---|---|---|---|"]
     for name, base in BASELINE.items():
         if name == base:
             continue
@@ -276,6 +279,15 @@ def summarise() -> str:
         c = compare(a, b, name, base, DRIFT_KL)
         lines += c.lines()
         both = [r for r in rows if name in r["grad_variance"] and base in r["grad_variance"]]
+        ratio = (sum(r["grad_variance"][name] / r["grad_variance"][base] for r in both)
+                 / len(both) if both else math.nan)
+        wa, wb = wilson(c.drift_a, c.n), wilson(c.drift_b, c.n)
+        table.append(
+            f"| {name} - {base} | {c.n} | {c.reward.mean:+.3f} [{c.reward.lo:+.3f}, "
+            f"{c.reward.hi:+.3f}] | {c.reward.p_sign:.2g} | {c.reward_no_drift.mean:+.3f} "
+            f"[{c.reward_no_drift.lo:+.3f}, {c.reward_no_drift.hi:+.3f}] (n={c.reward_no_drift.n})"
+            f" | {c.drift_a} [{wa[0]:.2f}, {wa[1]:.2f}] / {c.drift_b} [{wb[0]:.2f}, {wb[1]:.2f}]"
+            f" | {ratio:.2f} |")
         if both:
             ratios = [r["grad_variance"][name] / r["grad_variance"][base] for r in both]
             logs = [math.log(x) for x in ratios]
@@ -289,7 +301,7 @@ def summarise() -> str:
                 lines.append(f"  correlation over seeds of the log variance ratio with the "
                              f"reward difference: {rho:+.2f} [{lo:+.2f}, {hi:+.2f}]")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + table)
 
 
 def main() -> None:
