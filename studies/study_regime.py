@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -212,6 +213,17 @@ def variance(root: Path, seed: int, name: str) -> float:
                               lagged=aux == "lagged")
 
 
+def write_merged(path: Path, result: dict) -> None:
+    """Write a seed's result, keeping runs another worker wrote to the file meanwhile."""
+    if path.exists():
+        disk = json.loads(path.read_text())
+        for key in ("runs", "grad_variance"):
+            result[key] = {**disk[key], **result[key]}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
 def sweep(out: Path, seeds: list[int], phases: list[int]) -> None:
     import torch
 
@@ -239,9 +251,7 @@ def sweep(out: Path, seeds: list[int], phases: list[int]) -> None:
                 r = result["runs"][name]
                 print(f"[seed {seed}] {name}: reward {r['true_reward']:.3f}, KL {r['kl']:.2f} "
                       f"({r['seconds']:.0f} s)", flush=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(result, indent=1))
-                tmp.replace(path)
+                write_merged(path, result)
 
 
 def summarise() -> str:
