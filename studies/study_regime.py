@@ -297,7 +297,7 @@ def summarise() -> str:
             f"{c.reward.hi:+.3f}] | {c.reward.p_sign:.2g} | {c.reward_no_drift.mean:+.3f} "
             f"[{c.reward_no_drift.lo:+.3f}, {c.reward_no_drift.hi:+.3f}] (n={c.reward_no_drift.n})"
             f" | {c.drift_a} [{wa[0]:.2f}, {wa[1]:.2f}] / {c.drift_b} [{wb[0]:.2f}, {wb[1]:.2f}]"
-            f" | {ratio:.2f} |")
+            f" | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} |")
         if both:
             ratios = [r["grad_variance"][name] / r["grad_variance"][base] for r in both]
             logs = [math.log(x) for x in ratios]
