@@ -132,3 +132,4 @@ def test_correlation_matches_statistics_and_fisher_interval():
     assert lo == pytest.approx(math.tanh(math.atanh(r) - half), abs=1e-12)
     assert hi == pytest.approx(math.tanh(math.atanh(r) + half), abs=1e-12)
     assert lo < r < hi
+    assert all(math.isnan(v) for v in correlation([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 0.0, 3.0]))

@@ -200,11 +200,14 @@ def run_comparisons(runs: list[dict], baseline: str = "DPO",
 
 
 def correlation(x: list[float], y: list[float]) -> tuple[float, float, float]:
-    """Pearson correlation with its approximate 95% interval (Fisher's z, n >= 4)."""
+    """Pearson correlation with its approximate 95% interval (Fisher's z, n >= 4); NaN when
+    either series is constant."""
     n = len(x)
     mx, my = sum(x) / n, sum(y) / n
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    if sxx == 0.0 or syy == 0.0:          # a constant series has no correlation
+        return math.nan, math.nan, math.nan
     r = sxy / math.sqrt(sxx * syy)
     if n < 4 or abs(r) >= 1.0:
         return r, math.nan, math.nan
