@@ -133,3 +133,25 @@ def test_correlation_matches_statistics_and_fisher_interval():
     assert hi == pytest.approx(math.tanh(math.atanh(r) + half), abs=1e-12)
     assert lo < r < hi
     assert all(math.isnan(v) for v in correlation([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 0.0, 3.0]))
+
+
+def test_regime_summary_recomputes_from_the_committed_per_seed_files():
+    """The documented headline of studies/study_regime.py, recomputed from its JSON with the
+    standard library and the printed t value for 31 degrees of freedom."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "studies"
+    spec = importlib.util.spec_from_file_location("study_regime", root / "study_regime.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = [json.loads((root / "results" / f"regime_seed{s}.json").read_text())
+            for s in study.SEEDS]
+    d = [r["runs"]["VRPO M=4"]["true_reward"] - r["runs"]["DPO"]["true_reward"] for r in rows]
+    half = T_TABLE[31] * statistics.stdev(d) / math.sqrt(len(d))
+    mean = statistics.fmean(d)
+    wins, losses = sum(x > 0 for x in d), sum(x < 0 for x in d)
+    text = study.summarise()
+    assert f"| VRPO M=4 - DPO | 32 | {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" in text
+    assert f"(n=32; {wins} above 0, {losses} below;" in text
