@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -86,7 +85,7 @@ def prepare(root: Path, seed: int) -> None:
     tokenizer.save_pretrained(root / "ref")
     for name, prompts in training_sets(task).items():
         write_jsonl([{"prompt": p} for p in prompts], root / f"{name}_prompts.jsonl")
-        sample_stage(_config(root, **{"data.path": root / f"{name}_prompts.jsonl",
+        sample_stage(_config(root, **{"sample.input": root / f"{name}_prompts.jsonl",
                                       "sample.output": root / f"{name}_sampled",
                                       "sample.num_samples": 2 + 2 * s["M"],
                                       "sample.max_new_tokens": s["max_new_tokens"],
@@ -190,18 +189,12 @@ def reward_models(root: Path, seed: int) -> dict:
     return out
 
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
-
-
 def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of paired differences (2 to 10 seeds)."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = T975[n - 1] * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    """Mean and 95% t-interval of paired differences (vrpo_fast.stats)."""
+    from vrpo_fast.stats import paired
+
+    p = paired(values, [0.0] * len(values))
+    return p.mean, p.lo, p.hi
 
 
 def summarise() -> str:

@@ -6,8 +6,10 @@ For each seed: pi_ref (SFT warm start), 2 + 2M samples per prompt from it, the f
 labelled by the true preference, then two reward models with the same seed and data: the
 variance-reduced objective (g = the truth, M Monte Carlo pairs) and plain Bradley-Terry. Each is
 scored on held-out pairs (fresh pi_ref samples): pairwise accuracy against the observed labels,
-accuracy against the true preference, and calibration (ECE). Writes results.json and prints a
-table.
+accuracy against the true preference, and calibration (ECE). Seeds are fixed in advance
+(SEEDS); one JSON per seed goes into studies/results/ (reward_seed<N>.json) and a seed already
+there is not run again. Prints a table and each metric's paired difference (VR - plain, same
+seed) with its 95% t-interval and sign test.
 """
 
 import argparse
@@ -15,6 +17,12 @@ import json
 import random
 import shutil
 from pathlib import Path
+
+from vrpo_fast.stats import paired
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SEEDS = list(range(32))          # fixed in advance; at least 32 for any headline
 
 
 def one_seed(root: Path, seed: int, M: int, steps: int) -> list[dict]:
@@ -71,22 +79,35 @@ def one_seed(root: Path, seed: int, M: int, steps: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/study-reward")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--M", type=int, default=4)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--summarise", action="store_true", help="print the tables only")
     args = parser.parse_args()
-    rows = []
-    for seed in range(args.seeds):
-        rows.extend(one_seed(Path(args.out) / f"seed{seed}", seed, args.M, args.steps))
-    Path(args.out, "results.json").write_text(json.dumps(rows, indent=2))
-    print("| objective | held-out accuracy | accuracy vs truth | ECE |\n|---|---|---|---|")
+    RESULTS.mkdir(exist_ok=True)
+    for seed in [] if args.summarise else args.seeds:
+        path = RESULTS / f"reward_seed{seed}.json"
+        if not path.exists():
+            rows = one_seed(Path(args.out) / f"seed{seed}", seed, args.M, args.steps)
+            path.write_text(json.dumps({"seed": seed, "M": args.M, "steps": args.steps,
+                                        "rows": rows}, indent=1))
+    rows = [r for seed in args.seeds if (RESULTS / f"reward_seed{seed}.json").exists()
+            for r in json.loads((RESULTS / f"reward_seed{seed}.json").read_text())["rows"]]
+    if not rows:
+        print("no results yet")
+        return
+    keys = ("accuracy", "accuracy_vs_truth", "ece")
+    print("| objective | seeds | held-out accuracy | accuracy vs truth | ECE |")
+    print("|---|---|---|---|---|")
     for name in dict.fromkeys(r["objective"] for r in rows):
         sel = [r for r in rows if r["objective"] == name]
-        mean = {k: sum(r[k] for r in sel) / len(sel) for k in ("accuracy",
-                                                               "accuracy_vs_truth", "ece")}
-        spread = {k: (min(r[k] for r in sel), max(r[k] for r in sel)) for k in mean}
-        print(f"| {name} | " + " | ".join(f"{mean[k]:.3f} ({spread[k][0]:.3f}-"
-                                           f"{spread[k][1]:.3f})" for k in mean) + " |")
+        print(f"| {name} | {len(sel)} | " + " | ".join(
+            f"{sum(r[k] for r in sel) / len(sel):.3f}" for k in keys) + " |")
+    vr = {r["seed"]: r for r in rows if r["objective"] != "plain BT"}
+    bt = {r["seed"]: r for r in rows if r["objective"] == "plain BT"}
+    seeds = sorted(set(vr) & set(bt))
+    for k in keys:
+        print(f"VR - plain BT, {k}: {paired([vr[s][k] for s in seeds], [bt[s][k] for s in seeds])}")
 
 
 if __name__ == "__main__":
