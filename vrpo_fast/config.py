@@ -45,8 +45,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = F(
         "float32", "Dtype the policy and pi_ref are built or loaded in. float32: float32 master "
                    "weights and optimizer states (bf16 compute on a GPU through "
-                   "train.mixed_precision); bfloat16 halves weight and optimizer memory but "
-                   "rounds away updates smaller than ~1/256 of a weight (small learning rates).")
+                   "train.mixed_precision); bfloat16 halves weight and optimizer memory: AdamW "
+                   "then keeps its moments in bf16 and writes each update rounded to bf16 (no "
+                   "float32 master copy, no stochastic rounding), so updates smaller than ~1/256 "
+                   "of a weight are lost (small learning rates). A GPU without bf16 is refused.")
     seed: int = F(0, "Initialisation seed of a tiny model.")
 
 
