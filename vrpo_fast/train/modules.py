@@ -26,13 +26,12 @@ def decoder_layers(model: nn.Module):
                      f"model.model.layers as in Llama/Qwen2/Mistral)")
 
 
-def needs_fsdp(mixed_precision: bool, cpu_offload: bool = False) -> bool:
-    """Whether `shard` wraps in FSDP2: several ranks, mixed precision or CPU offload (module
-    docstring)."""
+def needs_fsdp(mixed_precision: bool) -> bool:
+    """Whether `shard` wraps in FSDP2 without CPU offload (which always does): several ranks,
+    or mixed precision (module docstring)."""
     import torch.distributed as dist
 
-    return mixed_precision or cpu_offload or (dist.is_initialized() and
-                                              dist.get_world_size() > 1)
+    return mixed_precision or (dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshard: bool = True,
@@ -56,7 +55,7 @@ def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshar
         # transformers' own wrapper keeps parameter names, so checkpoints and the final
         # Hugging Face save are unchanged.
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fsdp = needs_fsdp(mixed_precision, cpu_offload)
+    fsdp = cpu_offload or needs_fsdp(mixed_precision)
     extra = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} \
         if cpu_offload else {}
     for layer in decoder_layers(inner):
