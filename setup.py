@@ -46,6 +46,8 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # vrpo_fast.integrations.trl subclasses DPOTrainer's 1.x internals.
         "trl": ["trl>=1.16,<2"],
+        # lora.enabled: adapters injected with peft's inject_adapter_in_model.
+        "lora": ["peft>=0.15"],
     },
     entry_points={"console_scripts": ["vrpo-fast=vrpo_fast.cli:main"]},
 )

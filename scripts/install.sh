@@ -11,5 +11,5 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   pip install --quiet "torch==2.13.0" || pip install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
-pip install --quiet -e ".[dev,trl]"
+pip install --quiet -e ".[dev,trl,lora]"
 echo "installed: $("$VENV/bin/python" -c 'import torch, vrpo_fast; print("vrpo_fast", vrpo_fast.__version__, "torch", torch.__version__)')"

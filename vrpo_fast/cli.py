@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                "reward model"),
     "train-rl": ("vrpo_fast.train.rloo", "two-stage VRPO, stage 2: RLOO against the reward "
                                          "model, KL to pi_ref"),
+    "plan": ("vrpo_fast.plan", "per-GPU memory of a training config by component, and the "
+                               "largest packing budget that fits"),
     "eval": ("vrpo_fast.evaluate", "win rates against pi_ref, a baseline and the data's chosen "
                                    "responses under a judge, per temperature; reward and KL"),
 }

@@ -45,9 +45,28 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = F(
         "float32", "Dtype the policy and pi_ref are built or loaded in. float32: float32 master "
                    "weights and optimizer states (bf16 compute on a GPU through "
-                   "train.mixed_precision); bfloat16 halves weight and optimizer memory but "
-                   "rounds away updates smaller than ~1/256 of a weight (small learning rates).")
+                   "train.mixed_precision); bfloat16 halves weight and optimizer memory: AdamW "
+                   "then keeps its moments in bf16 and writes each update rounded to bf16 (no "
+                   "float32 master copy, no stochastic rounding), so updates smaller than ~1/256 "
+                   "of a weight are lost (small learning rates). A GPU without bf16 is refused.")
     seed: int = F(0, "Initialisation seed of a tiny model.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = F(False, "Train low-rank adapters (peft LoRA) on the frozen policy weights "
+                             "instead of every weight. pi_ref is then the same weights with the "
+                             "adapters switched off (no second copy; ref.path must be unset).")
+    r: int = F(8, "Adapter rank.")
+    alpha: float = F(16.0, "Adapter scale numerator: the update is (alpha / r) B A.")
+    dropout: float = F(0.0, "Dropout on the adapters' input.")
+    target_modules: list = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                              "down_proj"],
+                             "Names (suffixes) of the linear layers that get adapters; the LM "
+                             "head cannot (the fused log-prob kernel reads its weight).")
+    merge_final: bool = F(False, "Also write the merged model (base + adapters, a plain "
+                                 "Hugging Face model) to <output_dir>/final/merged; final/ "
+                                 "itself holds the adapter (peft format).")
 
 
 @dataclass
@@ -135,6 +154,10 @@ class TrainConfig:
     grad_clip: float = F(1.0, "Clip the global gradient norm to this (0: off).")
     activation_checkpointing: bool = F(False, "Recompute decoder layers in backward.")
     compile: bool = F(False, "torch.compile each decoder layer.")
+    cpu_offload: bool = F(False, "FSDP2 CPU offload: parameters, gradients and optimizer "
+                                 "states live in host memory, each layer is copied to the "
+                                 "device for its compute (slower; for a model that does not "
+                                 "fit otherwise). Runs FSDP even on one process.")
     mixed_precision: Literal["auto", "bf16", "fp32"] = F(
         "auto", "auto: bf16 params/compute with fp32 reduction on GPU, fp32 on CPU.")
     max_bad_steps: int = F(5, "Stop after this many non-finite steps in a row.")
@@ -220,6 +243,7 @@ class RunConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -501,6 +525,28 @@ def validate(cfg: Config) -> None:
                         f"{rl.num_samples}")
     if rl.max_new_tokens < 1:
         raise UserError(f"rl.max_new_tokens: must be >= 1, got {rl.max_new_tokens}")
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    if not lo.enabled:
+        return
+    if lo.r < 1:
+        raise UserError(f"lora.r: must be >= 1, got {lo.r}")
+    if lo.alpha <= 0:
+        raise UserError(f"lora.alpha: must be > 0, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        raise UserError(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules or not all(isinstance(m, str) and m for m in lo.target_modules):
+        raise UserError(f"lora.target_modules: expected a list of module names, got "
+                        f"{lo.target_modules!r}")
+    if "lm_head" in lo.target_modules:
+        raise UserError("lora.target_modules: lm_head cannot take an adapter (the fused "
+                        "log-prob kernel reads the head's weight directly)")
+    if cfg.ref.path:
+        raise UserError("ref.path: with lora.enabled pi_ref is the policy's own base weights "
+                        "(adapters off); unset ref.path or lora.enabled")
 
 
 def model_missing(cfg: Config) -> bool:

@@ -205,3 +205,91 @@ def model_from_config(cfg, which: str = "policy", dtype: torch.dtype | None = No
 
 def tokenizer_from_config(cfg):
     return load_tokenizer(cfg.model.tokenizer or cfg.model.path, "model.tokenizer")
+
+
+# -- LoRA ------------------------------------------------------------------------------------
+
+def lora_config(lora, base_path: str | None = None):
+    """peft's LoraConfig of a `lora:` config section (vrpo_fast.config.LoraConfig)."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("lora.enabled: LoRA needs peft (pip install 'vrpo-fast[lora]')") from None
+    return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                           target_modules=list(lora.target_modules), bias="none",
+                           task_type="CAUSAL_LM", base_model_name_or_path=base_path)
+
+
+def add_lora(model: torch.nn.Module, lora, base_path: str | None = None) -> torch.nn.Module:
+    """Inject peft LoRA adapters into `model` in place and freeze everything else.
+
+    The model stays the transformers model it was (no PeftModel wrapper), so the packed passes,
+    FSDP's per-layer sharding and the fused LM head see the same module tree; parameter names
+    are peft's (`...q_proj.base_layer.weight`, `...q_proj.lora_A.default.weight`), those of a
+    PeftModel's `base_model.model`, so `save_lora` can hand them to peft unchanged. Every entry
+    of lora.target_modules must name at least one module (peft only refuses a list that matches
+    nothing at all).
+    """
+    config = lora_config(lora, base_path)
+    names = [name for name, _ in model.named_modules()]
+    for target in lora.target_modules:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise UserError(f"lora.target_modules: {target!r} matches no module of the model "
+                            f"(its linear layers are named e.g. "
+                            f"{', '.join(_linear_names(model)[:8])})")
+    import peft
+
+    return peft.inject_adapter_in_model(config, model)
+
+
+def _linear_names(model) -> list[str]:
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
+class adapters_off:
+    """Context: `model`'s LoRA adapters switched off, the base weights alone (pi_ref of a LoRA
+    run); on exit they are back on and trainable. The same switch as peft's
+    `PeftModel.disable_adapter()`, on a model without the PeftModel wrapper."""
+
+    def __init__(self, model: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.enable_adapters(True)
+
+
+def save_lora(state: dict, hf_config, lora, folder, *, base_path: str | None = None,
+              merged: bool = False) -> None:
+    """Write a LoRA run's final weights: the adapter in peft's format to `folder` (loadable with
+    `PeftModel.from_pretrained(base, folder)`), and with `merged` the base + adapter model as a
+    plain Hugging Face model to `folder`/merged.
+
+    state: the full state dict of the model `add_lora` returned (peft's parameter names).
+    """
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_config(hf_config)
+    model = peft.get_peft_model(base, lora_config(lora, base_path))
+    model.base_model.model.load_state_dict(state)
+    model.save_pretrained(folder)
+    if merged:
+        model.merge_and_unload().save_pretrained(f"{folder}/merged")
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device, key: str = "model.dtype") -> None:
+    """A weight dtype the device cannot compute in is one line naming `key`."""
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{key}: bfloat16 is not supported by this GPU ({device}); use "
+                        f"float32")

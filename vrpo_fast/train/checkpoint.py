@@ -300,12 +300,14 @@ def _prune(output_dir, keep_last: int) -> None:
 
 # Settings a resumed run must keep: the data order of the steps still to come is a function of
 # them (a change would skip or repeat prompts), or the saved weights would not fit the model.
-RESUME_FIXED = ("train.seed", "train.batch_groups", "train.shuffle", "model.tiny")
+RESUME_FIXED = ("train.seed", "train.batch_groups", "train.shuffle", "model.tiny",
+                "lora.enabled", "lora.r", "lora.target_modules")
 # Settings that change how a run is carried out, never what it computes.
 RESUME_FREE = ("train.output_dir", "train.save_every", "train.keep_last", "train.log_every",
                "train.tensorboard", "train.wandb_project", "train.max_bad_steps",
                "train.micro_batch_groups", "train.max_tokens", "train.activation_checkpointing",
-               "train.compile", "train.allow_data_change", "data.cache_dir", "sample.", "score.",
+               "train.compile", "train.cpu_offload", "train.allow_data_change", "data.cache_dir",
+               "sample.", "score.",
                "eval.", "run.")
 
 

@@ -108,9 +108,11 @@ class Trainer:
         self.lm.config.use_cache = False
         self.policy = shard(self.wrap(self.lm), self.lm, mixed_precision=mixed,
                             activation_checkpointing=t.activation_checkpointing,
-                            compile_layers=t.compile)
+                            compile_layers=t.compile, cpu_offload=t.cpu_offload)
         self.ref = None
-        if cfg.ref.source == "online":
+        if cfg.ref.source == "online" and cfg.lora.enabled:
+            self.ref = AdaptersOff(self.policy, self.lm)    # no second copy of the weights
+        elif cfg.ref.source == "online":
             self.ref = self._frozen(SequenceLogps(model_from_config(cfg, "ref")), mixed)
         self.aux = self._build_aux(mixed)
         self.dro = self._build_dro()
@@ -141,10 +143,19 @@ class Trainer:
 
     def build_model(self):
         """The model to train, unwrapped and on the CPU (also the lagged copy of aux.mode
-        lagged); the policy trainer's is the causal LM of model.path / model.tiny."""
-        from vrpo_fast.models import model_from_config
+        lagged): the policy's starting point (model.path / model.tiny) in model.dtype; with
+        lora.enabled, its weights frozen and LoRA adapters injected (vrpo_fast.models.add_lora).
+        The two-stage trainers build their own."""
+        from vrpo_fast.models import add_lora, check_dtype, model_from_config
 
-        return model_from_config(self.cfg, "policy")
+        check_dtype(getattr(torch, self.cfg.model.dtype), self.device)
+        model = model_from_config(self.cfg, "policy")
+        if self.cfg.lora.enabled:
+            if self.export_class != "AutoModelForCausalLM":
+                raise UserError(f"lora.enabled: LoRA trains causal LMs; this stage trains a "
+                                f"{self.export_class} (set lora.enabled=false)")
+            model = add_lora(model, self.cfg.lora, self.cfg.model.path)
+        return model
 
     def wrap(self, model):
         """The module the loop shards and calls: PackedBatch -> (B, K) per-response scores
@@ -194,6 +205,7 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _frozen(self, wrapper, mixed):
+        # Frozen models are never offloaded: they hold no gradients or optimizer states.
         wrapper.to(self.device).eval().requires_grad_(False)
         inner = getattr(wrapper, "lm", None) or wrapper.classifier
         return shard(wrapper, inner, mixed_precision=mixed)
@@ -538,7 +550,9 @@ class Trainer:
         return all_reduce_(bad).item() == 0  # host sync: once per save
 
     def save_final(self) -> Path:
-        """<output_dir>/final/: a Hugging Face model + tokenizer, written atomically."""
+        """<output_dir>/final/: a Hugging Face model + tokenizer, written atomically; with
+        lora.enabled the adapter in peft's format (and with lora.merge_final the merged model
+        in final/merged)."""
         full = ckpt.full_model_state_dict(self.policy)
         final = self.out / "final"
         if self.dist.is_main:
@@ -546,11 +560,20 @@ class Trainer:
 
             tmp = self.out / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            plain = getattr(transformers, self.export_class).from_config(self.lm.config)
             prefix = next(iter(full)).split(".")[0] + "."    # the wrapper's attribute name
-            plain.load_state_dict({k.removeprefix(prefix): v for k, v in full.items()})
-            plain.save_pretrained(tmp)
+            state = {k.removeprefix(prefix): v for k, v in full.items()}
+            if self.cfg.lora.enabled:
+                from vrpo_fast.models import save_lora
+
+                save_lora(state, self.lm.config, self.cfg.lora, tmp,
+                          base_path=self.cfg.model.path, merged=self.cfg.lora.merge_final)
+            else:
+                plain = getattr(transformers, self.export_class).from_config(self.lm.config)
+                plain.load_state_dict(state)
+                plain.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            if self.cfg.lora.enabled and self.cfg.lora.merge_final:
+                self.tokenizer.save_pretrained(tmp / "merged")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         from vrpo_fast.train.distributed import barrier
@@ -586,6 +609,20 @@ class Trainer:
                 f"/{self.cfg.loss.estimator}, g: {self.cfg.aux.mode}, "
                 f"reference: {self.cfg.ref.source}"
                 + (f"; DRO: {self.dro.kind}" if self.dro is not None else ""))
+
+
+class AdaptersOff:
+    """pi_ref of a LoRA run: the policy module itself, called with its adapters switched off
+    (the frozen base weights), so the reference costs one no-grad pass and no memory."""
+
+    def __init__(self, policy, lm):
+        self.policy, self.lm = policy, lm
+
+    def __call__(self, batch) -> torch.Tensor:
+        from vrpo_fast.models import adapters_off
+
+        with adapters_off(self.lm):
+            return self.policy(batch)
 
 
 def train(cfg: Config, *, quiet: bool = False) -> Path:

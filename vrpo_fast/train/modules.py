@@ -6,7 +6,8 @@ runs outside the transformers model's forward.
 One process computing in the parameters' own dtype gets no FSDP at all: its unshard, reshard
 and gradient reduce would be copies of whole tensors with nothing to gather or reduce. With
 mixed precision FSDP stays, because its unshard is the bf16 cast the step computes in (the maths
-of one rank and of many must not differ). Checkpoints are the same either way: DCP saves plain
+of one rank and of many must not differ); with CPU offload it stays too, because its unshard is
+the host-to-device copy. Checkpoints are the same either way: DCP saves plain
 tensors and DTensors under the same names, and reshards between them on load.
 """
 
@@ -26,17 +27,23 @@ def decoder_layers(model: nn.Module):
 
 
 def needs_fsdp(mixed_precision: bool) -> bool:
-    """Whether `shard` wraps in FSDP2: several ranks, or mixed precision (module docstring)."""
+    """Whether `shard` wraps in FSDP2 without CPU offload (which always does): several ranks,
+    or mixed precision (module docstring)."""
     import torch.distributed as dist
 
     return mixed_precision or (dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshard: bool = True,
-          activation_checkpointing: bool = False, compile_layers: bool = False) -> nn.Module:
+          activation_checkpointing: bool = False, compile_layers: bool = False,
+          cpu_offload: bool = False) -> nn.Module:
     """FSDP2: fully_shard each decoder layer, then the wrapper as the root; the wrapper as it
-    is when `needs_fsdp` says no. Activation checkpointing and layer compilation either way."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    is when `needs_fsdp` says no. Activation checkpointing and layer compilation either way.
+
+    cpu_offload: FSDP2's CPUOffloadPolicy: the sharded parameters, their gradients and hence
+    the optimizer states stay in pinned host memory (on a GPU); each layer is copied to the
+    device for its forward and backward, and the optimizer steps on the host."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     # The inputs are a PackedBatch of token ids and positions: nothing to cast (and FSDP's cast
     # rebuilds dataclass inputs with dataclasses.replace, which a PackedBatch's mask cache, an
@@ -48,12 +55,14 @@ def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshar
         # transformers' own wrapper keeps parameter names, so checkpoints and the final
         # Hugging Face save are unchanged.
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fsdp = needs_fsdp(mixed_precision)
+    fsdp = cpu_offload or needs_fsdp(mixed_precision)
+    extra = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} \
+        if cpu_offload else {}
     for layer in decoder_layers(inner):
         if compile_layers:
             layer.compile()
         if fsdp:
-            fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard, **extra)
     if fsdp:
-        fully_shard(wrapper, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(wrapper, mp_policy=mp, reshard_after_forward=reshard, **extra)
     return wrapper
