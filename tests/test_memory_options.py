@@ -29,7 +29,7 @@ def _gradients(tmp_path, name, *overrides) -> dict[str, torch.Tensor]:
     try:
         trainer.policy.train()
         trainer._label_scale = None
-        loss, _, _ = trainer._micro_step(trainer.groups.select([0, 1]))
+        loss, _, _ = trainer.micro_step(trainer.groups.select([0, 1]))
         loss.backward()
         return {n: p.grad.detach().clone() for n, p in trainer.policy.named_parameters()
                 if p.grad is not None}
