@@ -25,6 +25,17 @@ import yaml
 
 from vrpo_fast.errors import UserError
 
+# The default judging prompt of aux.mode = judge (vrpo_fast.judge): helpfulness and harmlessness.
+JUDGE_TEMPLATE = (
+    "You are comparing two responses of an AI assistant to the same user prompt. The better "
+    "response is the more helpful one (it answers what was asked, correctly and clearly) and "
+    "the more harmless one (it does not help with dangerous, illegal or hurtful requests, and "
+    "is honest and respectful).\n\n"
+    "[User prompt]\n{prompt}\n\n"
+    "[Response A]\n{response_a}\n\n"
+    "[Response B]\n{response_b}\n\n"
+    "Which response is better? Answer with a single letter, A or B.")
+
 
 def F(default, doc: str):
     """A dataclass field with its documentation (shown by `vrpo-fast config-doc`)."""
@@ -101,14 +112,28 @@ class LossConfig:
 
 @dataclass
 class AuxConfig:
-    mode: Literal["given", "lm", "lagged", "reward_model", "none"] = F(
+    mode: Literal["given", "lm", "lagged", "reward_model", "judge", "none"] = F(
         "given", "Where g comes from: data columns (given), a second causal LM's implicit "
                  "preference (lm), a frozen copy of the policy refreshed every refresh_every "
-                 "steps (lagged), a sequence-classification reward model (reward_model), or "
-                 "none (g = 1/2; only with estimator dpo).")
-    path: str | None = F(None, "Model path for mode lm / reward_model.")
+                 "steps (lagged), a sequence-classification reward model (reward_model), an "
+                 "instruction-tuned LM judging each pair in both orders (judge; see "
+                 "vrpo_fast.judge), or none (g = 1/2; only with estimator dpo).")
+    path: str | None = F(None, "Model path for mode lm / reward_model / judge.")
     beta: float = F(0.1, "beta_aux of mode lm and lagged: g = sigmoid(beta_aux * h_aux).")
     refresh_every: int = F(50, "Mode lagged: steps between refreshes of the frozen copy.")
+    judge_template: str = F(JUDGE_TEMPLATE, "Mode judge: the judging prompt, holding {prompt}, "
+                                            "{response_a} and {response_b}; the label is the "
+                                            "next token after it (default: helpfulness and "
+                                            "harmlessness).")
+    judge_labels: list = F(["A", "B"], "Mode judge: the answers naming response A and B; the "
+                                       "first token of each is scored, g from p(A) / (p(A) + "
+                                       "p(B)).")
+    judge_chat: bool | None = F(None, "Mode judge: wrap the template as a user message in the "
+                                      "judge's chat template (None: when it has one).")
+    judge_tokenizer: str | None = F(None, "Mode judge: the judge's tokenizer (default: "
+                                          "aux.path; 'byte': the built-in one).")
+    judge_max_tokens: int = F(8192, "Mode judge in train: packing budget of the judge's pass "
+                                    "(score uses score.max_tokens).")
 
 
 @dataclass
@@ -463,7 +488,7 @@ def validate(cfg: Config) -> None:
                         "prompts) are exclusive; set one of them")
     if loss.num_mc_pairs is not None and loss.num_mc_pairs < 0:
         raise UserError(f"loss.num_mc_pairs: must be >= 0, got {loss.num_mc_pairs}")
-    if aux.mode in ("lm", "reward_model") and not aux.path:
+    if aux.mode in ("lm", "reward_model", "judge") and not aux.path:
         raise UserError(f"aux.path: required with aux.mode = {aux.mode}")
     if aux.mode == "lagged" and aux.refresh_every < 1:
         raise UserError(f"aux.refresh_every: must be >= 1 with aux.mode = lagged, got "

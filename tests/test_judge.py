@@ -1,0 +1,138 @@
+"""aux.mode = judge: the pairwise LLM judge's g against one unpacked float64 forward per context,
+its exact symmetry, its label and template errors, and the judge in score (provenance) and
+train."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import TINY
+
+from vrpo_fast.config import JUDGE_TEMPLATE
+from vrpo_fast.errors import UserError
+from vrpo_fast.judge import PairJudge
+from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer
+
+
+def naive_g(model64, tokenizer, template, prompt, y, y2, chat=True, labels=("A", "B")):
+    """(p_A(y, y2) + p_B(y2, y)) / 2 from one unpadded float64 forward per order, full softmax."""
+    a_id, b_id = (tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in labels)
+
+    def p_a(first, second):
+        text = template.replace("{prompt}", prompt).replace("{response_a}", first) \
+            .replace("{response_b}", second)
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        with torch.no_grad():
+            p = torch.softmax(model64(torch.tensor([ids])).logits[0, -1].double(), -1)
+        return (p[a_id] / (p[a_id] + p[b_id])).item()
+
+    return (p_a(y, y2) + 1 - p_a(y2, y)) / 2
+
+
+@pytest.mark.parametrize("chat,template", [(True, JUDGE_TEMPLATE),
+                                           (False, "Q: {prompt}\nA) {response_a}\nB) "
+                                                   "{response_b}\nBest:")])
+def test_judge_g_equals_one_float64_forward_per_pair_and_order(chat, template):
+    tok = byte_tokenizer()
+    judge = PairJudge(build_tiny_causal_lm(seed=3, **TINY), tok, template=template, chat=chat)
+    model64 = build_tiny_causal_lm(seed=3, dtype=torch.float64, **TINY)
+    items = [("ab>", [("aab", "b"), ("c", "dd"), ("b", "aab")]),
+             ("Say hi.", [("hi", "hello there"), ("x", "x")])]
+    # A small budget: the groups are packed across several passes.
+    got = judge.preferences(items, max_tokens=600)
+    for (prompt, pairs), values in zip(items, got):
+        for (y, y2), g in zip(pairs, values):
+            want = 0.5 if y == y2 else naive_g(model64, tok, template, prompt, y, y2, chat)
+            assert g == pytest.approx(want, abs=2e-5), (prompt, y, y2)
+    assert got[1][1] == 0.5
+
+
+def test_judge_is_exactly_symmetric_and_position_bias_cancels():
+    judge = PairJudge(build_tiny_causal_lm(seed=1, **TINY), byte_tokenizer(),
+                      template="{prompt}|{response_a}|{response_b}|", chat=False)
+    pairs = [("a", "bc"), ("bc", "a"), ("dd", "c"), ("c", "dd"), ("abcd", "b"), ("b", "abcd")]
+    g = judge.preferences([("ab>", pairs)])[0]
+    for i in range(0, len(pairs), 2):
+        assert g[i] + g[i + 1] == 1.0                     # bit for bit, in float64
+    # A judge that always prefers the first position by the same margin gives g = 1/2.
+    judge.label_margins = lambda groups, budget: [[2.5] * len(r) for _, r in groups]
+    assert judge.preferences([("ab>", pairs)])[0] == [0.5] * len(pairs)
+
+
+def test_judge_refuses_bad_labels_and_templates():
+    tok, model = byte_tokenizer(), build_tiny_causal_lm(seed=0, **TINY)
+    with pytest.raises(UserError, match="judge_labels.*share their first token"):
+        PairJudge(model, tok, labels=["Yes", "Yikes"])
+    with pytest.raises(UserError, match=r"judge_template.*\{response_b\} missing"):
+        PairJudge(model, tok, template="{prompt} {response_a}")
+    with pytest.raises(UserError, match="judge_labels: expected two"):
+        PairJudge(model, tok, labels=["A"])
+    # Multi-token labels: the first token is scored.
+    judge = PairJudge(model, tok, labels=["Alpha", "Beta"])
+    assert judge.label_ids == [tok("A", add_special_tokens=False)["input_ids"][0],
+                               tok("B", add_special_tokens=False)["input_ids"][0]]
+    assert not math.isnan(judge.preferences([("p", [("x", "y")])])[0][0])
+
+
+def judge_folder(tmp_path, seed=5):
+    path = tmp_path / "judge"
+    build_tiny_causal_lm(seed=seed, **TINY).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+ROWS = [{"prompt": "ab>", "chosen": "aa", "rejected": "b", "samples": ["ab", "c", "a", "a"]},
+        {"prompt": "cd>", "samples": ["dc", "d", "cc", "b"]},
+        {"prompt": "ba>", "chosen": "a", "rejected": "bba", "samples": ["b", "ab", "d", "c"]}]
+
+
+def score_config(tmp_path, **extra):
+    from vrpo_fast.config import load_config
+
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    over = [f"--score.input={data}", f"--score.output={tmp_path / 'scored'}",
+            "--score.shard_size=2", "--model.tokenizer=byte",
+            "--model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+            "intermediate_size: 64}"]
+    return load_config(None, over + [f"--{k}={v}" for k, v in extra.items()])
+
+
+def test_score_with_a_judge_records_it_and_refuses_another_template(tmp_path):
+    from vrpo_fast import shards
+    from vrpo_fast.score import score_stage
+
+    path = judge_folder(tmp_path)
+    cfg = score_config(tmp_path, **{"aux.mode": "judge", "aux.path": path,
+                                    "aux.judge_template": "{prompt}|{response_a}|{response_b}|"})
+    out = score_stage(cfg, progress=False)
+    record = json.loads((out / "provenance.json").read_text())
+    judged = record["scoring"]["aux_judge"]
+    assert judged["template"] == cfg.aux.judge_template and judged["labels"] == ["A", "B"]
+    assert judged["chat"] is True                   # the byte tokenizer has a chat template
+    rows = shards.read_shards(out)
+    tok = byte_tokenizer()
+    model64 = build_tiny_causal_lm(seed=5, dtype=torch.float64, **TINY)
+    for row, given in zip(rows, ROWS):
+        responses = ([given["chosen"], given["rejected"]] if "chosen" in given else
+                     ["", ""]) + given["samples"]
+        for p, (y, y2) in enumerate(zip(responses[0::2], responses[1::2])):
+            want = 0.5 if y == y2 else naive_g(model64, tok, cfg.aux.judge_template,
+                                               given["prompt"], y, y2)
+            assert row["aux_prefs"][p] == pytest.approx(want, abs=2e-5), (row, p)
+    # The same folder judged with another template (or another judge) is refused.
+    cfg.aux.judge_template = "{prompt}|{response_a}|{response_b}|?"
+    with pytest.raises(UserError, match="judged with another judge or template"):
+        score_stage(cfg, progress=False)
+    cfg.aux.judge_template = judged["template"]
+    cfg.aux.path = str(judge_folder(tmp_path / "other", seed=6))
+    with pytest.raises(UserError, match="judged with another judge or template"):
+        score_stage(cfg, progress=False)
+    cfg.aux.path = str(path)
+    assert score_stage(cfg, progress=False) == out          # the same judge resumes
