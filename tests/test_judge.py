@@ -17,6 +17,21 @@ from vrpo_fast.judge import PairJudge
 from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer
 
 
+T1 = "Q: {prompt}\nA) {response_a}\nB) {response_b}\nBest:"
+
+
+def judge_model(seed, scale=1.0, dtype=torch.float32):
+    """A tiny random LM that judges with some conviction: larger initial weights (a random
+    model's last-token state barely depends on the content otherwise) and its label rows scaled
+    by `scale`."""
+    model = build_tiny_causal_lm(seed=seed, initializer_range=0.3, **TINY)
+    tok = byte_tokenizer()
+    ids = [tok(s, add_special_tokens=False)["input_ids"][0] for s in "AB"]
+    with torch.no_grad():
+        model.lm_head.weight[ids] *= scale
+    return model.to(dtype)
+
+
 def naive_g(model64, tokenizer, template, prompt, y, y2, chat=True, labels=("A", "B")):
     """(p_A(y, y2) + p_B(y2, y)) / 2 from one unpadded float64 forward per order, full softmax."""
     a_id, b_id = (tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in labels)
@@ -35,13 +50,11 @@ def naive_g(model64, tokenizer, template, prompt, y, y2, chat=True, labels=("A",
     return (p_a(y, y2) + 1 - p_a(y2, y)) / 2
 
 
-@pytest.mark.parametrize("chat,template", [(True, JUDGE_TEMPLATE),
-                                           (False, "Q: {prompt}\nA) {response_a}\nB) "
-                                                   "{response_b}\nBest:")])
-def test_judge_g_equals_one_float64_forward_per_pair_and_order(chat, template):
+@pytest.mark.parametrize("chat,template,scale", [(True, JUDGE_TEMPLATE, 1.0), (False, T1, 3.0)])
+def test_judge_g_equals_one_float64_forward_per_pair_and_order(chat, template, scale):
     tok = byte_tokenizer()
-    judge = PairJudge(build_tiny_causal_lm(seed=3, **TINY), tok, template=template, chat=chat)
-    model64 = build_tiny_causal_lm(seed=3, dtype=torch.float64, **TINY)
+    judge = PairJudge(judge_model(3, scale), tok, template=template, chat=chat)
+    model64 = judge_model(3, scale, torch.float64)
     items = [("ab>", [("aab", "b"), ("c", "dd"), ("b", "aab")]),
              ("Say hi.", [("hi", "hello there"), ("x", "x")])]
     # A small budget: the groups are packed across several passes.
@@ -51,6 +64,7 @@ def test_judge_g_equals_one_float64_forward_per_pair_and_order(chat, template):
             want = 0.5 if y == y2 else naive_g(model64, tok, template, prompt, y, y2, chat)
             assert g == pytest.approx(want, abs=2e-5), (prompt, y, y2)
     assert got[1][1] == 0.5
+    assert max(abs(g - 0.5) for g in got[0]) > 2e-3          # power: 100 x the tolerance
 
 
 def test_judge_is_exactly_symmetric_and_position_bias_cancels():
@@ -82,7 +96,7 @@ def test_judge_refuses_bad_labels_and_templates():
 
 def judge_folder(tmp_path, seed=5):
     path = tmp_path / "judge"
-    build_tiny_causal_lm(seed=seed, **TINY).save_pretrained(path)
+    judge_model(seed, 3.0).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
 
@@ -110,24 +124,27 @@ def test_score_with_a_judge_records_it_and_refuses_another_template(tmp_path):
 
     path = judge_folder(tmp_path)
     cfg = score_config(tmp_path, **{"aux.mode": "judge", "aux.path": path,
-                                    "aux.judge_template": "{prompt}|{response_a}|{response_b}|"})
+                                    "aux.judge_template": T1, "aux.judge_chat": "false"})
     out = score_stage(cfg, progress=False)
     record = json.loads((out / "provenance.json").read_text())
     judged = record["scoring"]["aux_judge"]
     assert judged["template"] == cfg.aux.judge_template and judged["labels"] == ["A", "B"]
-    assert judged["chat"] is True                   # the byte tokenizer has a chat template
+    assert judged["chat"] is False
     rows = shards.read_shards(out)
     tok = byte_tokenizer()
-    model64 = build_tiny_causal_lm(seed=5, dtype=torch.float64, **TINY)
+    model64 = judge_model(5, 3.0, torch.float64)
+    spread = 0.0
     for row, given in zip(rows, ROWS):
         responses = ([given["chosen"], given["rejected"]] if "chosen" in given else
                      ["", ""]) + given["samples"]
         for p, (y, y2) in enumerate(zip(responses[0::2], responses[1::2])):
-            want = 0.5 if y == y2 else naive_g(model64, tok, cfg.aux.judge_template,
-                                               given["prompt"], y, y2)
+            want = 0.5 if y == y2 else naive_g(model64, tok, T1, given["prompt"], y, y2,
+                                               chat=False)
             assert row["aux_prefs"][p] == pytest.approx(want, abs=2e-5), (row, p)
+            spread = max(spread, abs(want - 0.5))
+    assert spread > 2e-3
     # The same folder judged with another template (or another judge) is refused.
-    cfg.aux.judge_template = "{prompt}|{response_a}|{response_b}|?"
+    cfg.aux.judge_template = T1 + " "
     with pytest.raises(UserError, match="judged with another judge or template"):
         score_stage(cfg, progress=False)
     cfg.aux.judge_template = judged["template"]
@@ -136,3 +153,47 @@ def test_score_with_a_judge_records_it_and_refuses_another_template(tmp_path):
         score_stage(cfg, progress=False)
     cfg.aux.path = str(path)
     assert score_stage(cfg, progress=False) == out          # the same judge resumes
+
+
+def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
+    """Online g: for every micro-batch, the g the loss receives is the judge's g of the
+    micro-batch's decoded texts, from one float64 forward per pair and order."""
+    import vrpo_fast.train.loop as loop
+    from vrpo_fast.config import load_config
+
+    seen, real_loss, real_micro = [], loop.vrpo_loss, loop.Trainer._micro_step
+
+    def micro_step(self, groups):
+        seen.append({"groups": groups})
+        return real_micro(self, groups)
+
+    def vrpo_loss(policy_logps, ref_logps, g, **kw):
+        seen[-1]["g"] = g.detach().double().cpu().clone()
+        return real_loss(policy_logps, ref_logps, g, **kw)
+
+    monkeypatch.setattr(loop.Trainer, "_micro_step", micro_step)
+    monkeypatch.setattr(loop, "vrpo_loss", vrpo_loss)
+    path = judge_folder(tmp_path, seed=7)
+    template = T1
+    cfg = load_config(loop.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [
+        f"--train.output_dir={tmp_path / 'run'}", "--train.max_steps=1", "--train.save_every=0",
+        "--train.batch_groups=4", "--train.micro_batch_groups=2", "--aux.mode=judge",
+        f"--aux.path={path}", f"--aux.judge_template={template}", "--aux.judge_chat=false",
+        "--model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+        "intermediate_size: 64}"])
+    loop.Trainer(cfg, quiet=True).fit()
+    assert len(seen) == 2
+    tok = byte_tokenizer()
+    model64 = judge_model(7, 3.0, torch.float64)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)   # noqa: E731
+    for entry in seen:
+        groups = entry["groups"]
+        want = []
+        for p, rs in zip(groups.prompt_ids, groups.response_ids):
+            texts = [decode(r) for r in rs]
+            want.append([0.5 if a == b else naive_g(model64, tok, template, decode(p), a, b,
+                                                              chat=False)
+                         for a, b in zip(texts[0::2], texts[1::2])])
+        torch.testing.assert_close(entry["g"], torch.tensor(want, dtype=torch.float64),
+                                   atol=2e-5, rtol=0)
+        assert (entry["g"] - 0.5).abs().max() > 1e-3

@@ -173,6 +173,11 @@ class Trainer:
 
             rm = load_reward_model(self.cfg.aux.path, what="aux.path")
             return self._frozen(SequenceRewards(rm), mixed)
+        if mode == "judge":
+            # Unsharded and unwrapped: each rank judges its own micro-batches, no grad.
+            from vrpo_fast.judge import load_judge
+
+            return load_judge(self.cfg.aux, self.device)
         if mode == "lagged":
             frozen = self._frozen(self.wrap(self.build_model()), mixed)
             self._refresh_lagged(frozen)
@@ -207,12 +212,28 @@ class Trainer:
             return groups.aux_prefs(self.device)
         if mode in ("none", "given"):  # no g needed: estimator dpo or M = 0
             return torch.full((batch.num_groups, 1 + self.M), 0.5, device=self.device)
+        if mode == "judge":
+            return self._judge_preferences(groups)
         with torch.no_grad():
             if mode == "reward_model":
                 from vrpo_fast.objective import reward_preference
 
                 return reward_preference(self.aux(batch))
             return implicit_preference(self.aux(batch), ref_logps, self.cfg.aux.beta)
+
+    def _judge_preferences(self, groups) -> torch.Tensor:
+        """(G, 1 + M) g of the judge, which reads the micro-batch's texts (decoded from the
+        policy's token ids, special tokens dropped); an unlabelled group's placeholder pair is
+        two equal responses, g = 1/2."""
+        from vrpo_fast.judge import pairs_of
+
+        def text(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        items = [(text(p), pairs_of([text(r) for r in rs]))
+                 for p, rs in zip(groups.prompt_ids, groups.response_ids)]
+        g = self.aux.preferences(items, self.cfg.aux.judge_max_tokens)
+        return torch.tensor(g, dtype=torch.float32, device=self.device)
 
     def _micro_step(self, groups) -> tuple[torch.Tensor, dict, int]:
         cfg = self.cfg
