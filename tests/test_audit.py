@@ -95,9 +95,8 @@ def test_train_logs_cv_gap_from_its_terms(tmp_path):
 
 
 def test_cv_gap_warns_once_when_its_interval_excludes_zero():
-    from types import SimpleNamespace
-
     import warnings
+    from types import SimpleNamespace
 
     from vrpo_fast.train.loop import CV_GAP_MIN_STEPS, Trainer
 

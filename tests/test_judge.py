@@ -16,7 +16,6 @@ from vrpo_fast.errors import UserError
 from vrpo_fast.judge import PairJudge
 from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer
 
-
 T1 = "Q: {prompt}\nA) {response_a}\nB) {response_b}\nBest:"
 
 

@@ -39,7 +39,6 @@ from vrpo_fast.train.distributed import Dist, all_reduce_, broadcast_object, ini
 from vrpo_fast.train.metrics import MetricsLogger, peak_flops
 from vrpo_fast.train.modules import shard
 
-
 # cv_gap: steps in the window of its interval, and steps before its warning may fire.
 CV_GAP_WINDOW = 50
 CV_GAP_MIN_STEPS = 10
