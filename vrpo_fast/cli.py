@@ -34,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                "reward model"),
     "train-rl": ("vrpo_fast.train.rloo", "two-stage VRPO, stage 2: RLOO against the reward "
                                          "model, KL to pi_ref"),
+    "audit-g": ("vrpo_fast.audit", "before training: g's agreement and calibration on held-out "
+                                   "labelled pairs, and VRPO's gradient variance against DPO's "
+                                   "at pi_ref for M = 1, 2, 4, 8"),
     "eval": ("vrpo_fast.evaluate", "win rates against pi_ref, a baseline and the data's chosen "
                                    "responses under a judge, per temperature; reward and KL"),
 }

@@ -236,6 +236,19 @@ class EvalConfig:
 
 
 @dataclass
+class AuditConfig:
+    data: str | None = F(None, "`vrpo-fast audit-g`: held-out labelled pairs with Monte Carlo "
+                               "samples and g (aux_prefs; with aux.mode judge the judge scores "
+                               "them) (default: data.path).")
+    output: str | None = F(None, "Folder of audit.json, report.md and reliability.png "
+                                 "(default: <train.output_dir>/audit).")
+    max_pairs: int | None = F(None, "Audit only the first this many labelled rows (None: all).")
+    bootstrap: int = F(1000, "Bootstrap resamples (over prompts) of the variance ratio's "
+                             "interval.")
+    seed: int = F(0, "Seed of the bootstrap.")
+
+
+@dataclass
 class RunConfig:
     stages: list = F(["sample", "score", "train", "eval"],
                      "Stages `vrpo-fast run` runs, in this order: any of sample, score, "
@@ -254,6 +267,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -445,6 +459,9 @@ def validate(cfg: Config) -> None:
                        ("sample.batch_size", s.batch_size), ("sample.shard_size", s.shard_size),
                        ("sample.tensor_parallel_size", s.tensor_parallel_size),
                        ("score.shard_size", sc.shard_size),
+                       ("audit.bootstrap", cfg.audit.bootstrap),
+                       ("audit.max_pairs", cfg.audit.max_pairs),
+                       ("aux.judge_max_tokens", aux.judge_max_tokens),
                        ("data.max_prompt_length", d.max_prompt_length),
                        ("data.max_response_length", d.max_response_length)]:
         if value is not None and value < 1:
