@@ -196,3 +196,21 @@ def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
         torch.testing.assert_close(entry["g"], torch.tensor(want, dtype=torch.float64),
                                    atol=2e-5, rtol=0)
         assert (entry["g"] - 0.5).abs().max() > 1e-3
+
+
+def test_eval_lm_judge_is_the_pairwise_judge_in_both_orders(tmp_path):
+    from vrpo_fast.config import AuxConfig
+    from vrpo_fast.evaluate import make_judge
+
+    path = judge_folder(tmp_path, seed=4)
+    judge = make_judge(f"lm:{path}", aux=AuxConfig(judge_template=T1, judge_chat=False))
+    model64 = judge_model(4, 3.0, torch.float64)
+    tok = byte_tokenizer()
+    got = [judge.preference("ab>", y, y2) for y, y2 in [("aab", "b"), ("c", "dd")]]
+    want = [naive_g(model64, tok, T1, "ab>", y, y2, chat=False)
+            for y, y2 in [("aab", "b"), ("c", "dd")]]
+    assert got == pytest.approx(want, abs=2e-5)
+    assert max(abs(v - 0.5) for v in want) > 2e-3
+    assert judge.preference("ab>", "b", "aab") + got[0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(UserError, match="lm:PATH"):
+        make_judge(f"lm:{tmp_path / 'missing'}")

@@ -220,7 +220,9 @@ class EvalConfig:
                                   "response also give the win rate against it.")
     baseline: str | None = F(None, "Another policy to play against (e.g. a DPO run's final/); "
                                    "the win rate against pi_ref is always reported.")
-    judge: str | None = F(None, "synthetic | reward_model:PATH | python:module:function: "
+    judge: str | None = F(None, "synthetic | reward_model:PATH | lm:PATH (a pairwise LLM "
+                                "judge, both orders, aux.judge_* settings) | "
+                                "python:module:function: "
                                 "P(y beats y2) for a prompt.")
     num_samples: int = F(4, "Responses per prompt and temperature, per model.")
     temperatures: list = F([1.0], "Sampling temperatures of the policy and its opponents: one "

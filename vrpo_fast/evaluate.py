@@ -144,10 +144,35 @@ class RewardModelJudge(Judge):
         return 1 / (1 + math.exp(-d)) if d >= 0 else math.exp(d) / (1 + math.exp(d))
 
 
-def make_judge(spec: str, task=None) -> Judge:
-    """'synthetic' | 'reward_model:PATH' | 'python:module:function'."""
+class LMJudge(Judge):
+    """An instruction-tuned LM as a pairwise judge (vrpo_fast.judge, the g of aux.mode =
+    judge): P(y beats y2) = the mean over both orders of its p(label of y) / (p(A) + p(B)), so a
+    head-to-head is judged in both orders and position bias cancels. The template, labels and
+    chat setting are aux.judge_*."""
+
+    def __init__(self, path: str, aux=None):
+        from vrpo_fast.config import AuxConfig
+        from vrpo_fast.judge import load_judge
+
+        aux = AuxConfig() if aux is None else aux
+        settings = {k: getattr(aux, k) for k in ("judge_template", "judge_labels", "judge_chat",
+                                                 "judge_max_tokens")}
+        self.judge = load_judge(AuxConfig(path=path, **settings), eval_device()[0],
+                                what="--judge lm:PATH")
+        self.max_tokens = aux.judge_max_tokens
+        self.name = f"LM judge {path}"
+
+    def preference(self, prompt, y, y2):
+        return self.judge.preferences([(prompt, [(y, y2)])], self.max_tokens)[0][0]
+
+
+def make_judge(spec: str, task=None, aux=None) -> Judge:
+    """'synthetic' | 'reward_model:PATH' | 'lm:PATH' (a pairwise LLM judge with aux's judge
+    settings) | 'python:module:function'."""
     if spec == "synthetic":
         return SyntheticJudge(task)
+    if spec.startswith("lm:"):
+        return LMJudge(spec.split(":", 1)[1], aux)
     if spec.startswith("reward_model:"):
         return RewardModelJudge(spec.split(":", 1)[1])
     if spec.startswith("python:"):
@@ -157,8 +182,8 @@ def make_judge(spec: str, task=None) -> Judge:
             return CallableJudge(getattr(importlib.import_module(module), fn), name=spec)
         except (ImportError, AttributeError, ValueError) as err:
             raise UserError(f"--judge {spec}: cannot import {target!r}: {err}") from None
-    raise UserError(f"--judge: unknown judge {spec!r}; expected synthetic, reward_model:PATH "
-                    f"or python:module:function")
+    raise UserError(f"--judge: unknown judge {spec!r}; expected synthetic, reward_model:PATH, "
+                    f"lm:PATH or python:module:function")
 
 
 def win_rate(prompts: list, policy: list[list[str]], baseline: list[list[str]],
@@ -322,7 +347,7 @@ def eval_stage(cfg) -> Path | None:
     chosen = [_response_text(ex.chosen) if ex.labelled else None for ex in examples]
     tokenizer = load_tokenizer(cfg.model.tokenizer or e.policy,
                                "model.tokenizer" if cfg.model.tokenizer else "eval.policy")
-    judge = make_judge(e.judge)
+    judge = make_judge(e.judge, aux=cfg.aux)
     players = _players(cfg)
     backend = e.backend
     if backend == "auto":
