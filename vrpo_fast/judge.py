@@ -146,27 +146,10 @@ class PairJudge:
             return [(c[:1], [c[1:]]) for c in contexts], where
         return [(contexts[0][:common], [c[common:] for c in contexts])], where
 
-    @torch.no_grad()
     def label_margins(self, groups, max_tokens: int) -> list[list[float]]:
-        """z_A - z_B at the end of every context of `groups` [(prefix, [remainders])], in
-        order: packed no-grad passes of at most `max_tokens` tokens (a larger group alone)."""
-        from vrpo_fast.logprobs import lm_head_weight, packed_body
-        from vrpo_fast.packing import pack_groups, row_padding
-        from vrpo_fast.passes import packed_scores
-
-        model = self.model
-        device = next(model.parameters()).device
-        rows = lm_head_weight(model)[self.label_ids]                    # (2, D)
-
-        def margins(prompt_ids, response_ids, budget):
-            batch = pack_groups(prompt_ids, response_ids, max_tokens=budget,
-                                **row_padding(device)).to(device)
-            last = packed_body(model, batch).flatten(0, 1)[batch.last_index]   # (G * K, D)
-            z = (last @ rows.T).float()                                        # (G * K, 2)
-            return (z[:, 0] - z[:, 1]).reshape(batch.num_groups, batch.group_size)
-
+        """z_A - z_B at the end of every context of `groups` (see `label_margins`)."""
         try:
-            return packed_scores(margins, groups, max_tokens)
+            return label_margins(self.model, self.label_ids, groups, max_tokens)
         except ValueError as err:     # e.g. a token id outside the judge's vocabulary
             raise UserError(f"aux.path: the judge cannot read these contexts: {err}") from None
 
@@ -194,6 +177,29 @@ class PairJudge:
                 values.append(_symmetric(q, flip))
             out.append(values)
         return out
+
+
+@torch.no_grad()
+def label_margins(model, label_ids: list[int], groups, max_tokens: int) -> list[list[float]]:
+    """z_A - z_B (the two label tokens' logits) after every context of `groups` [(prefix ids,
+    [remainder ids, ...])], in order: packed no-grad passes of at most `max_tokens` tokens (a
+    larger group alone), each context's prefix once; the LM head meets only the two label rows
+    at each context's last token."""
+    from vrpo_fast.logprobs import lm_head_weight, packed_body
+    from vrpo_fast.packing import pack_groups, row_padding
+    from vrpo_fast.passes import packed_scores
+
+    device = next(model.parameters()).device
+    rows = lm_head_weight(model)[label_ids]                                    # (2, D)
+
+    def margins(prompt_ids, response_ids, budget):
+        batch = pack_groups(prompt_ids, response_ids, max_tokens=budget,
+                            **row_padding(device)).to(device)
+        last = packed_body(model, batch).flatten(0, 1)[batch.last_index]       # (G * K, D)
+        z = (last @ rows.T).float()                                            # (G * K, 2)
+        return (z[:, 0] - z[:, 1]).reshape(batch.num_groups, batch.group_size)
+
+    return packed_scores(margins, groups, max_tokens)
 
 
 def load_judge(aux, device=None, *, what: str = "aux.path") -> PairJudge:
