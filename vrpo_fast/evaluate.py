@@ -7,6 +7,7 @@ KL(pi || pi_ref) estimate; each with a 95% confidence interval.
         [--baseline runs/dpo/final] [--temperatures 0.25,0.5,0.75,1.0] [--output DIR] \
         --judge synthetic                       # the synthetic task's true preference
         --judge reward_model:PATH               # a Hugging Face sequence-classification model
+        --judge lm:PATH                         # a pairwise LLM judge, both orders (aux.judge_*)
         --judge python:my_module:my_judge       # judge(prompt, y, y2) -> P(y beats y2) in [0, 1]
 
 Models sit on the GPU in bf16 (float32 on the CPU) and generate in batches through the sampler
@@ -551,7 +552,8 @@ def add_arguments(parser) -> None:
                                       "baseline)")
     parser.add_argument("--prompts", help="held-out prompts, any data format with a prompt "
                                           "column (eval.prompts)")
-    parser.add_argument("--judge", help="synthetic | reward_model:PATH | python:module:function "
+    parser.add_argument("--judge", help="synthetic | reward_model:PATH | lm:PATH | "
+                                        "python:module:function "
                                         "(eval.judge; default without --config: synthetic)")
     parser.add_argument("--num-samples", type=int, help="responses per prompt, model and "
                                                         "temperature (eval.num_samples)")
