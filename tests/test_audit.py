@@ -71,18 +71,33 @@ def test_cv_gap_interval_covers_zero_on_policy_and_detects_off_policy_labels():
     assert detected >= 0.9, off
 
 
-def test_train_logs_cv_gap_from_its_terms(tmp_path):
+def test_train_logs_cv_gap_from_its_terms_and_resume_keeps_its_window(tmp_path, monkeypatch):
     from vrpo_fast.config import load_config
     from vrpo_fast.train import loop
     from vrpo_fast.train.metrics import read_metrics
 
-    cfg = load_config(loop.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [
-        f"--train.output_dir={tmp_path}", "--train.max_steps=4", "--train.save_every=0",
-        "--train.batch_groups=4", "--train.micro_batch_groups=4", "--train.lr=3e-2",
-        "--train.warmup_steps=0", "--model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, "
-        "num_kv_heads: 1, intermediate_size: 64}"])
-    loop.Trainer(cfg, quiet=True).fit()
-    records = read_metrics(tmp_path)
+    def cfg(name):
+        return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [
+            f"--train.output_dir={tmp_path / name}", "--train.max_steps=4",
+            "--train.save_every=2", "--train.batch_groups=4", "--train.micro_batch_groups=4",
+            "--train.lr=3e-2", "--train.warmup_steps=0", "--model.tiny={hidden_size: 32, "
+            "num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}"])
+
+    loop.Trainer(cfg("straight"), quiet=True).fit()
+    records = read_metrics(tmp_path / "straight")
+    # Killed after step 2's checkpoint, then resumed: the same cv_gap at steps 3 and 4.
+    original = loop.Trainer.train_step
+    monkeypatch.setattr(loop.Trainer, "train_step", lambda self: (_ for _ in ()).throw(
+        RuntimeError("simulated crash")) if self.step == 2 else original(self))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.Trainer(cfg("resumed"), quiet=True).fit()
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    loop.Trainer(cfg("resumed"), quiet=True).fit()
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(records, resumed):
+        for key in ("cv_gap", "cv_gap_lo", "cv_gap_hi"):
+            assert a[key] == pytest.approx(b[key], abs=1e-7), (a["step"], key)
     gaps = [r["term_label"] - r["term_mc"] for r in records]
     for n, r in enumerate(records, 1):
         window = gaps[:n]

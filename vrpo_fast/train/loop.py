@@ -417,11 +417,19 @@ class Trainer:
         centred?"): its mean is zero at any policy when the labelled pairs were drawn from pi_ref
         like the Monte Carlo pairs. Logged as the mean over the last CV_GAP_WINDOW steps with a
         95 % interval from the spread of the steps' values (each step an independent batch of
-        prompts); a warning, once, when the interval excludes zero."""
+        prompts); a warning, once, when the interval excludes zero. A resumed run takes up the
+        window from the steps already in metrics.jsonl, so resuming does not change it."""
         if self.cfg.loss.estimator != "vrpo" or self.M == 0 or "term_label" not in record:
             return
         if not hasattr(self, "_cv_gaps"):
-            self._cv_gaps, self._warned_cv_gap = collections.deque(maxlen=CV_GAP_WINDOW), False
+            from vrpo_fast.train.metrics import read_metrics
+
+            earlier = read_metrics(self.out) if hasattr(self, "out") else []
+            self._cv_gaps = collections.deque(
+                (r["term_label"] - r["term_mc"] for r in earlier
+                 if r.get("step", 0) < record["step"] and "term_label" in r),
+                maxlen=CV_GAP_WINDOW)
+            self._warned_cv_gap = False
         self._cv_gaps.append(record["term_label"] - record["term_mc"])
         mean, lo, hi = cv_gap_interval(self._cv_gaps)
         record.update(cv_gap=mean, cv_gap_lo=lo, cv_gap_hi=hi)
