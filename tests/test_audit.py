@@ -271,3 +271,37 @@ def test_audit_on_policy_gaps_detect_labels_from_another_policy():
     for examples, centred in ((on, True), (off, False)):
         gap = audit_pairs(examples, [ex.aux_prefs for ex in examples], bootstrap=20)["g_gap"]
         assert (gap["lo"] <= 0 <= gap["hi"]) == centred, gap
+
+
+def test_audit_g_with_a_judge_scores_the_pairs_with_it(tmp_path):
+    """aux.mode = judge: the audit's g is the judge's (tested against float64 forwards in
+    test_judge.py) of the labelled pair and the Monte Carlo pairs of every row."""
+    from vrpo_fast.audit import audit_pairs
+    from vrpo_fast.cli import main
+    from vrpo_fast.judge import PairJudge
+    from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer
+
+    model = build_tiny_causal_lm(seed=2, initializer_range=0.3, hidden_size=32, num_layers=1,
+                                 num_heads=2, num_kv_heads=1, intermediate_size=64)
+    model.save_pretrained(tmp_path / "judge")
+    byte_tokenizer().save_pretrained(tmp_path / "judge")
+    examples = synthetic_examples(2, M=1, seed=5)[:8]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"prompt": ex.prompt, "chosen": ex.chosen,
+                                        "rejected": ex.rejected, "samples": ex.samples}) + "\n"
+                            for ex in examples))
+    template = "Q: {prompt}\nA) {response_a}\nB) {response_b}\nBest:"
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert main(["audit-g", "--config", str(tiny), f"--audit.data={data}",
+                 f"--audit.output={tmp_path / 'audit'}", "--audit.bootstrap=20",
+                 "--aux.mode=judge", f"--aux.path={tmp_path / 'judge'}",
+                 f"--aux.judge_template={template}", "--aux.judge_chat=false"]) == 0
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    judge = PairJudge(model, byte_tokenizer(), template=template, chat=False)
+    g = judge.preferences([(ex.prompt, [(ex.chosen, ex.rejected),
+                                        (ex.samples[0], ex.samples[1])]) for ex in examples])
+    want = audit_pairs(examples, g, bootstrap=20)
+    assert report["ece"] == pytest.approx(want["ece"], abs=1e-5)
+    assert report["g_gap"]["mean"] == pytest.approx(want["g_gap"]["mean"], abs=1e-5)
+    assert report["variance_ratio"]["4"]["ratio"] == pytest.approx(
+        want["variance_ratio"]["4"]["ratio"], abs=1e-5)

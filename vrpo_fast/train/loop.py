@@ -248,6 +248,7 @@ class Trainer:
 
         items = [(text(p), pairs_of([text(r) for r in rs]))
                  for p, rs in zip(groups.prompt_ids, groups.response_ids)]
+        # Host syncs (one per packed pass): the judge's contexts are built from text on the host.
         g = self.aux.preferences(items, self.cfg.aux.judge_max_tokens)
         return torch.tensor(g, dtype=torch.float32, device=self.device)
 
