@@ -36,6 +36,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                          "model, KL to pi_ref"),
     "plan": ("vrpo_fast.plan", "per-GPU memory of a training config by component, and the "
                                "largest packing budget that fits"),
+    "audit-g": ("vrpo_fast.audit", "before training: g's agreement and calibration on held-out "
+                                   "labelled pairs, and VRPO's gradient variance against DPO's "
+                                   "at pi_ref for M = 1, 2, 4, 8"),
     "eval": ("vrpo_fast.evaluate", "win rates against pi_ref, a baseline and the data's chosen "
                                    "responses under a judge, per temperature; reward and KL"),
 }

@@ -25,6 +25,17 @@ import yaml
 
 from vrpo_fast.errors import UserError
 
+# The default judging prompt of aux.mode = judge (vrpo_fast.judge): helpfulness and harmlessness.
+JUDGE_TEMPLATE = (
+    "You are comparing two responses of an AI assistant to the same user prompt. The better "
+    "response is the more helpful one (it answers what was asked, correctly and clearly) and "
+    "the more harmless one (it does not help with dangerous, illegal or hurtful requests, and "
+    "is honest and respectful).\n\n"
+    "[User prompt]\n{prompt}\n\n"
+    "[Response A]\n{response_a}\n\n"
+    "[Response B]\n{response_b}\n\n"
+    "Which response is better? Answer with a single letter, A or B.")
+
 
 def F(default, doc: str):
     """A dataclass field with its documentation (shown by `vrpo-fast config-doc`)."""
@@ -120,14 +131,28 @@ class LossConfig:
 
 @dataclass
 class AuxConfig:
-    mode: Literal["given", "lm", "lagged", "reward_model", "none"] = F(
+    mode: Literal["given", "lm", "lagged", "reward_model", "judge", "none"] = F(
         "given", "Where g comes from: data columns (given), a second causal LM's implicit "
                  "preference (lm), a frozen copy of the policy refreshed every refresh_every "
-                 "steps (lagged), a sequence-classification reward model (reward_model), or "
-                 "none (g = 1/2; only with estimator dpo).")
-    path: str | None = F(None, "Model path for mode lm / reward_model.")
+                 "steps (lagged), a sequence-classification reward model (reward_model), an "
+                 "instruction-tuned LM judging each pair in both orders (judge; see "
+                 "vrpo_fast.judge), or none (g = 1/2; only with estimator dpo).")
+    path: str | None = F(None, "Model path for mode lm / reward_model / judge.")
     beta: float = F(0.1, "beta_aux of mode lm and lagged: g = sigmoid(beta_aux * h_aux).")
     refresh_every: int = F(50, "Mode lagged: steps between refreshes of the frozen copy.")
+    judge_template: str = F(JUDGE_TEMPLATE, "Mode judge: the judging prompt, holding {prompt}, "
+                                            "{response_a} and {response_b}; the label is the "
+                                            "next token after it (default: helpfulness and "
+                                            "harmlessness).")
+    judge_labels: list = F(["A", "B"], "Mode judge: the answers naming response A and B; the "
+                                       "first token of each is scored, g from p(A) / (p(A) + "
+                                       "p(B)).")
+    judge_chat: bool | None = F(None, "Mode judge: wrap the template as a user message in the "
+                                      "judge's chat template (None: when it has one).")
+    judge_tokenizer: str | None = F(None, "Mode judge: the judge's tokenizer (default: "
+                                          "aux.path; 'byte': the built-in one).")
+    judge_max_tokens: int = F(8192, "Mode judge in train: packing budget of the judge's pass "
+                                    "(score uses score.max_tokens).")
 
 
 @dataclass
@@ -218,7 +243,9 @@ class EvalConfig:
                                   "response also give the win rate against it.")
     baseline: str | None = F(None, "Another policy to play against (e.g. a DPO run's final/); "
                                    "the win rate against pi_ref is always reported.")
-    judge: str | None = F(None, "synthetic | reward_model:PATH | python:module:function: "
+    judge: str | None = F(None, "synthetic | reward_model:PATH | lm:PATH (a pairwise LLM "
+                                "judge, both orders, aux.judge_* settings) | "
+                                "python:module:function: "
                                 "P(y beats y2) for a prompt.")
     num_samples: int = F(4, "Responses per prompt and temperature, per model.")
     temperatures: list = F([1.0], "Sampling temperatures of the policy and its opponents: one "
@@ -231,6 +258,19 @@ class EvalConfig:
     batch_size: int = F(16, "Prompts per generate call (transformers backend).")
     output: str | None = F(None, "Folder of report.md, win_rates.png and results.json "
                                  "(default: <train.output_dir>/eval).")
+
+
+@dataclass
+class AuditConfig:
+    data: str | None = F(None, "`vrpo-fast audit-g`: held-out labelled pairs with Monte Carlo "
+                               "samples and g (aux_prefs; with aux.mode judge the judge scores "
+                               "them) (default: data.path).")
+    output: str | None = F(None, "Folder of audit.json, report.md and reliability.png "
+                                 "(default: <train.output_dir>/audit).")
+    max_pairs: int | None = F(None, "Audit only the first this many labelled rows (None: all).")
+    bootstrap: int = F(1000, "Bootstrap resamples (over prompts) of the variance ratio's "
+                             "interval.")
+    seed: int = F(0, "Seed of the bootstrap.")
 
 
 @dataclass
@@ -253,6 +293,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -444,6 +485,9 @@ def validate(cfg: Config) -> None:
                        ("sample.batch_size", s.batch_size), ("sample.shard_size", s.shard_size),
                        ("sample.tensor_parallel_size", s.tensor_parallel_size),
                        ("score.shard_size", sc.shard_size),
+                       ("audit.bootstrap", cfg.audit.bootstrap),
+                       ("audit.max_pairs", cfg.audit.max_pairs),
+                       ("aux.judge_max_tokens", aux.judge_max_tokens),
                        ("data.max_prompt_length", d.max_prompt_length),
                        ("data.max_response_length", d.max_response_length)]:
         if value is not None and value < 1:
@@ -487,7 +531,7 @@ def validate(cfg: Config) -> None:
                         "prompts) are exclusive; set one of them")
     if loss.num_mc_pairs is not None and loss.num_mc_pairs < 0:
         raise UserError(f"loss.num_mc_pairs: must be >= 0, got {loss.num_mc_pairs}")
-    if aux.mode in ("lm", "reward_model") and not aux.path:
+    if aux.mode in ("lm", "reward_model", "judge") and not aux.path:
         raise UserError(f"aux.path: required with aux.mode = {aux.mode}")
     if aux.mode == "lagged" and aux.refresh_every < 1:
         raise UserError(f"aux.refresh_every: must be >= 1 with aux.mode = lagged, got "

@@ -7,6 +7,7 @@ KL(pi || pi_ref) estimate; each with a 95% confidence interval.
         [--baseline runs/dpo/final] [--temperatures 0.25,0.5,0.75,1.0] [--output DIR] \
         --judge synthetic                       # the synthetic task's true preference
         --judge reward_model:PATH               # a Hugging Face sequence-classification model
+        --judge lm:PATH                         # a pairwise LLM judge, both orders (aux.judge_*)
         --judge python:my_module:my_judge       # judge(prompt, y, y2) -> P(y beats y2) in [0, 1]
 
 Models sit on the GPU in bf16 (float32 on the CPU) and generate in batches through the sampler
@@ -124,10 +125,35 @@ class RewardModelJudge(Judge):
         return 1 / (1 + math.exp(-d)) if d >= 0 else math.exp(d) / (1 + math.exp(d))
 
 
-def make_judge(spec: str, task=None) -> Judge:
-    """'synthetic' | 'reward_model:PATH' | 'python:module:function'."""
+class LMJudge(Judge):
+    """An instruction-tuned LM as a pairwise judge (vrpo_fast.judge, the g of aux.mode =
+    judge): P(y beats y2) = the mean over both orders of its p(label of y) / (p(A) + p(B)), so a
+    head-to-head is judged in both orders and position bias cancels. The template, labels and
+    chat setting are aux.judge_*."""
+
+    def __init__(self, path: str, aux=None):
+        from vrpo_fast.config import AuxConfig
+        from vrpo_fast.judge import load_judge
+
+        aux = AuxConfig() if aux is None else aux
+        settings = {k: getattr(aux, k) for k in ("judge_template", "judge_labels", "judge_chat",
+                                                 "judge_max_tokens")}
+        self.judge = load_judge(AuxConfig(path=path, **settings), eval_device()[0],
+                                what="--judge lm:PATH")
+        self.max_tokens = aux.judge_max_tokens
+        self.name = f"LM judge {path}"
+
+    def preference(self, prompt, y, y2):
+        return self.judge.preferences([(prompt, [(y, y2)])], self.max_tokens)[0][0]
+
+
+def make_judge(spec: str, task=None, aux=None) -> Judge:
+    """'synthetic' | 'reward_model:PATH' | 'lm:PATH' (a pairwise LLM judge with aux's judge
+    settings) | 'python:module:function'."""
     if spec == "synthetic":
         return SyntheticJudge(task)
+    if spec.startswith("lm:"):
+        return LMJudge(spec.split(":", 1)[1], aux)
     if spec.startswith("reward_model:"):
         return RewardModelJudge(spec.split(":", 1)[1])
     if spec.startswith("python:"):
@@ -137,8 +163,8 @@ def make_judge(spec: str, task=None) -> Judge:
             return CallableJudge(getattr(importlib.import_module(module), fn), name=spec)
         except (ImportError, AttributeError, ValueError) as err:
             raise UserError(f"--judge {spec}: cannot import {target!r}: {err}") from None
-    raise UserError(f"--judge: unknown judge {spec!r}; expected synthetic, reward_model:PATH "
-                    f"or python:module:function")
+    raise UserError(f"--judge: unknown judge {spec!r}; expected synthetic, reward_model:PATH, "
+                    f"lm:PATH or python:module:function")
 
 
 def win_rate(prompts: list, policy: list[list[str]], baseline: list[list[str]],
@@ -302,7 +328,7 @@ def eval_stage(cfg) -> Path | None:
     chosen = [_response_text(ex.chosen) if ex.labelled else None for ex in examples]
     tokenizer = load_tokenizer(cfg.model.tokenizer or e.policy,
                                "model.tokenizer" if cfg.model.tokenizer else "eval.policy")
-    judge = make_judge(e.judge)
+    judge = make_judge(e.judge, aux=cfg.aux)
     players = _players(cfg)
     backend = e.backend
     if backend == "auto":
@@ -506,7 +532,8 @@ def add_arguments(parser) -> None:
                                       "baseline)")
     parser.add_argument("--prompts", help="held-out prompts, any data format with a prompt "
                                           "column (eval.prompts)")
-    parser.add_argument("--judge", help="synthetic | reward_model:PATH | python:module:function "
+    parser.add_argument("--judge", help="synthetic | reward_model:PATH | lm:PATH | "
+                                        "python:module:function "
                                         "(eval.judge; default without --config: synthetic)")
     parser.add_argument("--num-samples", type=int, help="responses per prompt, model and "
                                                         "temperature (eval.num_samples)")

@@ -11,6 +11,9 @@ the Monte Carlo pairs (a_1, a_2), (a_3, a_4), ...) depends on aux.mode:
                   its log-ratio margin against pi_ref (`objective.implicit_preference`)
     reward_model  sigmoid(r(y) - r(y')) of a sequence-classification model scored at each
                   response's last token, in the same packed layout (`objective.reward_preference`)
+    judge         an instruction-tuned LM judging each pair in both orders, g = the mean of its
+                  p(A) / (p(A) + p(B)) over the two orders (`vrpo_fast.judge`); the judge reads
+                  the data's texts, untruncated, and its template is recorded in provenance
     lagged, none  nothing to compute offline (lagged g comes from the policy during training);
                   the data's aux_prefs, if any, pass through
 Unlabelled rows have no labelled pair: their stored g starts with a placeholder 0.5.
@@ -69,6 +72,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         check_provenance,
         ids_fingerprint,
         library_versions,
+        read_provenance,
         weights_fingerprint,
     )
 
@@ -97,8 +101,13 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     ref = model_from_config(cfg, "ref")
     input_record = check_provenance(src_dir, ref, tokenizer, what="score.input")
 
-    mode, aux = aux_cfg.mode, None
-    if mode == "lm":
+    mode, aux, judge = aux_cfg.mode, None, None
+    if mode == "judge":
+        from vrpo_fast.judge import load_judge
+
+        judge = load_judge(aux_cfg, _device())
+        aux = judge.model
+    elif mode == "lm":
         aux = load_causal_lm(aux_cfg.path, what="aux.path")
     elif mode == "reward_model":
         aux = load_reward_model(aux_cfg.path, what="aux.path")
@@ -108,6 +117,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         "aux_path": aux_cfg.path if aux is not None else None,
         "aux_weights_sha256": weights_fingerprint(aux) if aux is not None else None,
         "aux_beta": aux_cfg.beta if mode == "lm" else None,
+        "aux_judge": judge.identity() if judge is not None else None,
         "max_prompt_length": d.max_prompt_length,
         "max_response_length": d.max_response_length,
         "input_sha256": ids_fingerprint(_example_key(ex) for ex in examples),
@@ -123,6 +133,13 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     record["scoring_run"] = {"input": str(source), "rows": len(examples),
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": library_versions(), "max_tokens": sc.max_tokens}
+    existing = read_provenance(out)
+    if existing is not None and existing.get("scoring", {}).get("aux_judge") is not None and (
+            existing["scoring"]["aux_judge"] != scoring["aux_judge"]
+            or existing["scoring"]["aux_weights_sha256"] != scoring["aux_weights_sha256"]):
+        raise UserError(f"score.output: {out} was judged with another judge or template "
+                        f"({existing['scoring']['aux_path']}); choose a new score.output, "
+                        f"or delete the folder to start over")
 
     def announce(done: int, mine: int) -> None:
         print(f"score: {len(examples)} groups, {num_shards} shards of {sc.shard_size} "
@@ -155,6 +172,12 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
             rewards = aux_scores(lambda p, r, b: reward_scores(aux, p, r, b), groups)
             g = [stored_g(reward_preference(torch.tensor([w]))[0].tolist(), t.labelled)
                  for w, t in zip(rewards, tok)]
+        elif mode == "judge":
+            from vrpo_fast.judge import pairs_of
+
+            judged = judge.preferences([(ex.prompt, pairs_of(ex.responses)) for ex in chunk],
+                                       sc.max_tokens)
+            g = [stored_g(v, ex.labelled) for v, ex in zip(judged, chunk)]
         rows = []
         for ex, lp, gi in zip(chunk, ref_lp, g):
             row = {"prompt": ex.prompt}
@@ -175,7 +198,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
         nonlocal ref, aux
         device = _device()
         ref = ref.to(device).eval()
-        if aux is not None:
+        if aux is not None and judge is None:     # the judge placed its model itself
             aux = aux.to(device).eval()
         return score_shard
 

@@ -14,6 +14,7 @@ and ranks change neither the weights nor the objective, and the state is checkpo
 from __future__ import annotations
 
 import atexit
+import collections
 import math
 import random
 import shutil
@@ -37,6 +38,21 @@ from vrpo_fast.train.data import GroupStream, load_training_groups
 from vrpo_fast.train.distributed import Dist, all_reduce_, broadcast_object, init_distributed
 from vrpo_fast.train.metrics import MetricsLogger, peak_flops
 from vrpo_fast.train.modules import shard
+
+# cv_gap: steps in the window of its interval, and steps before its warning may fire.
+CV_GAP_WINDOW = 50
+CV_GAP_MIN_STEPS = 10
+
+
+def cv_gap_interval(values) -> tuple[float, float, float]:
+    """Mean and 95 % interval (normal, from the spread of the values) of per-step cv_gap values;
+    the interval is the mean itself for fewer than two values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, mean, mean
+    half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, mean - half, mean + half
 
 
 def cosine_lr(step: int, cfg) -> float:
@@ -222,6 +238,11 @@ class Trainer:
 
             rm = load_reward_model(self.cfg.aux.path, what="aux.path")
             return self._frozen(SequenceRewards(rm), mixed)
+        if mode == "judge":
+            # Unsharded and unwrapped: each rank judges its own micro-batches, no grad.
+            from vrpo_fast.judge import load_judge
+
+            return load_judge(self.cfg.aux, self.device)
         if mode == "lagged":
             frozen = self._frozen(self.wrap(self.build_model()), mixed)
             self._refresh_lagged(frozen)
@@ -259,12 +280,29 @@ class Trainer:
             return groups.aux_prefs(self.device)
         if mode in ("none", "given"):  # no g needed: estimator dpo or M = 0
             return torch.full((batch.num_groups, 1 + self.M), 0.5, device=self.device)
+        if mode == "judge":
+            return self._judge_preferences(groups)
         with torch.no_grad():
             if mode == "reward_model":
                 from vrpo_fast.objective import reward_preference
 
                 return reward_preference(self.aux(batch))
             return implicit_preference(self.aux(batch), ref_logps, self.cfg.aux.beta)
+
+    def _judge_preferences(self, groups) -> torch.Tensor:
+        """(G, 1 + M) g of the judge, which reads the micro-batch's texts (decoded from the
+        policy's token ids, special tokens dropped); an unlabelled group's placeholder pair is
+        two equal responses, g = 1/2."""
+        from vrpo_fast.judge import pairs_of
+
+        def text(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        items = [(text(p), pairs_of([text(r) for r in rs]))
+                 for p, rs in zip(groups.prompt_ids, groups.response_ids)]
+        # Host syncs (one per packed pass): the judge's contexts are built from text on the host.
+        g = self.aux.preferences(items, self.cfg.aux.judge_max_tokens)
+        return torch.tensor(g, dtype=torch.float32, device=self.device)
 
     def micro_step(self, groups) -> tuple[torch.Tensor, dict, int]:
         """One micro-batch (`groups`, from self.groups.select): packs it, runs the policy (and
@@ -434,7 +472,38 @@ class Trainer:
             record["mfu"] = 6 * self._n_params * record["tokens_per_s"] / (
                 self._peak_flops * self.dist.world_size)
         self._check_margins(record)
+        self._track_cv_gap(record)
         return record
+
+    def _track_cv_gap(self, record) -> None:
+        """cv_gap = term_label - term_mc of the step (OBJECTIVE.md, "Is the control variate
+        centred?"): its mean is zero at any policy when the labelled pairs were drawn from pi_ref
+        like the Monte Carlo pairs. Logged as the mean over the last CV_GAP_WINDOW steps with a
+        95 % interval from the spread of the steps' values (each step an independent batch of
+        prompts); a warning, once, when the interval excludes zero. A resumed run takes up the
+        window from the steps already in metrics.jsonl, so resuming does not change it."""
+        if self.cfg.loss.estimator != "vrpo" or self.M == 0 or "term_label" not in record:
+            return
+        if not hasattr(self, "_cv_gaps"):
+            from vrpo_fast.train.metrics import read_metrics
+
+            earlier = read_metrics(self.out) if hasattr(self, "out") else []
+            self._cv_gaps = collections.deque(
+                (r["term_label"] - r["term_mc"] for r in earlier
+                 if r.get("step", 0) < record["step"] and "term_label" in r),
+                maxlen=CV_GAP_WINDOW)
+            self._warned_cv_gap = False
+        self._cv_gaps.append(record["term_label"] - record["term_mc"])
+        mean, lo, hi = cv_gap_interval(self._cv_gaps)
+        record.update(cv_gap=mean, cv_gap_lo=lo, cv_gap_hi=hi)
+        if not self._warned_cv_gap and len(self._cv_gaps) >= CV_GAP_MIN_STEPS and (
+                lo > 0 or hi < 0):
+            self._warned_cv_gap = True
+            warnings.warn(f"step {record['step']}: cv_gap = {mean:.3g} [{lo:.3g}, {hi:.3g}] over "
+                          f"the last {len(self._cv_gaps)} steps excludes zero: the labelled "
+                          f"pairs do not look drawn from pi_ref, so VRPO's correction is not "
+                          f"mean-zero (it trades bias for variance); see docs/judge.md for the "
+                          f"on-policy recipe", stacklevel=1)
 
     def _check_margins(self, record) -> None:
         # With the sigmoid loss the VRPO objective is bounded below only through the Monte
