@@ -160,18 +160,18 @@ def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
     import vrpo_fast.train.loop as loop
     from vrpo_fast.config import load_config
 
-    seen, real_loss, real_micro = [], loop.vrpo_loss, loop.Trainer._micro_step
+    seen, real_loss, real_micro = [], loop.dispatch_vrpo_loss, loop.Trainer.micro_step
 
     def micro_step(self, groups):
         seen.append({"groups": groups})
         return real_micro(self, groups)
 
-    def vrpo_loss(policy_logps, ref_logps, g, **kw):
+    def dispatch_vrpo_loss(policy_logps, ref_logps, g, **kw):
         seen[-1]["g"] = g.detach().double().cpu().clone()
         return real_loss(policy_logps, ref_logps, g, **kw)
 
-    monkeypatch.setattr(loop.Trainer, "_micro_step", micro_step)
-    monkeypatch.setattr(loop, "vrpo_loss", vrpo_loss)
+    monkeypatch.setattr(loop.Trainer, "micro_step", micro_step)
+    monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
     path = judge_folder(tmp_path, seed=7)
     template = T1
     cfg = load_config(loop.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [
