@@ -1,13 +1,21 @@
 """What several test files share: the independent float64 references (full-logit log-probs,
 the per-pair VRPO formula, one unpadded forward per sequence), random prompt groups, a verbose
 elementwise assert and the tiny model shapes. Test files import this module and never each
-other. Nothing here calls the code under test, except to build tiny models."""
+other. The float64 full-logit oracle and the eager LM head are the package's benchmark
+references (vrpo_fast.bench.references), which every benchmark provider is checked against:
+tests and benchmarks share one definition. Nothing else here calls the code under test, except
+to build tiny models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from vrpo_fast.bench.references import eager_linear_logprobs as eager_logprobs
+from vrpo_fast.bench.references import oracle_linear_logprobs as oracle_logprobs
+
+__all__ = ["eager_logprobs", "oracle_logprobs"]   # re-exported for the test files
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,13 +71,6 @@ def make_inputs(N, D, V, dtype, hidden_scale=1.0, seed=0):
 
 
 # -- float64 references ----------------------------------------------------------------------
-
-def oracle_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=IGNORE):
-    """Per-token log p(target) from full float64 (N, V) logits (0 at ignored positions)."""
-    logits = hidden.double() @ weight.double().T / temperature
-    lp = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    return torch.where(targets != ignore_index, lp, torch.zeros_like(lp))
-
 
 def segment_sums(tok, seg, num_segments):
     return torch.zeros(num_segments, dtype=tok.dtype, device=tok.device).index_add(0, seg, tok)
@@ -133,10 +134,3 @@ def assert_within_eager_error(got, eager, want, name, factor=2.0):
     err_eager = (eager.double() - want).abs().max().item()
     assert err <= factor * err_eager, (
         f"{name}: kernel max error {err:.3g} > {factor} x eager max error {err_eager:.3g}")
-
-
-def eager_logprobs(hidden, weight, targets, temperature=1.0):
-    """What a user runs today: the LM head in the inputs' dtype, log-softmax in fp32."""
-    logits = (hidden @ weight.T).float() / temperature
-    lp = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    return torch.where(targets != IGNORE, lp, torch.zeros_like(lp))
