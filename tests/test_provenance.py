@@ -150,15 +150,15 @@ def test_training_on_cached_ref_logps_refuses_another_truncation(tmp_path):
 
 def test_training_recognises_pi_ref_by_its_files_and_loads_it_only_when_they_differ(
         tmp_path, monkeypatch):
-    import vrpo_fast.models
+    import vrpo_fast.train.data
     from vrpo_fast.train.data import _check_provenance
 
     ref_dir = tmp_path / "ref"
     build_tiny_causal_lm(seed=0, **TINY).save_pretrained(ref_dir)
     out = sample(tmp_path, f"--model.path={ref_dir}")
     loads = []
-    real = vrpo_fast.models.model_from_config
-    monkeypatch.setattr(vrpo_fast.models, "model_from_config",
+    real = vrpo_fast.train.data.model_from_config
+    monkeypatch.setattr(vrpo_fast.train.data, "model_from_config",
                         lambda cfg, which="policy": loads.append(which) or real(cfg, which))
     cfg = load_config(None, [f"--data.path={out}", f"--model.path={ref_dir}",
                              "--model.tokenizer=byte"])

@@ -419,15 +419,15 @@ def test_vllm_backend_rejects_a_wrong_number_of_completions(monkeypatch, tokeniz
 
 
 def test_backend_choice_and_vllm_guards(monkeypatch, tmp_path):
-    from vrpo_fast import samplers
+    from vrpo_fast import sample as sample_module
     from vrpo_fast.sample import choose_backend, make_sampler
 
     with_path = load_config(None, [f"--model.path={tmp_path}", "--model.tokenizer=byte"])
     tiny = load_config(None, [f"--model.tiny={TINY_YAML}"])
-    monkeypatch.setattr(samplers, "vllm_available", lambda: True)
+    monkeypatch.setattr(sample_module, "vllm_available", lambda: True)
     assert choose_backend(with_path) == "vllm"
     assert choose_backend(tiny) == "transformers"            # vLLM cannot load model.tiny
-    monkeypatch.setattr(samplers, "vllm_available", lambda: False)
+    monkeypatch.setattr(sample_module, "vllm_available", lambda: False)
     assert choose_backend(with_path) == "transformers"
     with pytest.raises(UserError, match="needs a model path"):
         make_sampler(load_config(None, [f"--model.tiny={TINY_YAML}", "--sample.backend=vllm"]),

@@ -46,7 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vrpo_fast.errors import UserError
+from vrpo_fast.data.load import load_preference_data
+from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.judge import load_judge, pairs_of
 
 MS = (1, 2, 4, 8)
 BINS = 10
@@ -220,8 +222,6 @@ def _markdown(report: dict) -> str:
 
 def audit_stage(cfg, *, progress: bool = True) -> Path:
     """Run the audit of `cfg` (see the module doc); returns its output folder."""
-    from vrpo_fast.data.load import load_preference_data
-
     source = cfg.audit.data or cfg.data.path
     if not source:
         raise UserError("audit.data: no held-out labelled pairs given (set audit.data or "
@@ -231,15 +231,11 @@ def audit_stage(cfg, *, progress: bool = True) -> Path:
         examples, _ = load_preference_data(str(source), on_bad_row=cfg.data.on_bad_row,
                                            split=cfg.data.split)
     except UserError as err:
-        from vrpo_fast.errors import renamed
-
         raise renamed(err, "audit.data") from None
     examples = [ex for ex in examples if ex.labelled][:cfg.audit.max_pairs]
     if not examples:
         raise UserError(f"audit.data: {source} holds no labelled pairs")
     if cfg.aux.mode == "judge":
-        from vrpo_fast.judge import load_judge, pairs_of
-
         device = "cuda" if _cuda() else "cpu"
         g_rows = load_judge(cfg.aux, device).preferences(
             [(ex.prompt, pairs_of(ex.responses)) for ex in examples], cfg.aux.judge_max_tokens)

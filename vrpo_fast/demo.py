@@ -25,7 +25,23 @@ from pathlib import Path
 
 import torch
 
-from vrpo_fast.stats import DRIFT_KL
+from vrpo_fast.config import load_config
+from vrpo_fast.data.load import load_preference_data
+from vrpo_fast.data.tokenize import tokenize_example
+from vrpo_fast.evaluate import SyntheticJudge, evaluate_policy, win_rate
+from vrpo_fast.logprobs import sequence_logps
+from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer, load_causal_lm
+from vrpo_fast.objective import vrpo_loss
+from vrpo_fast.sample import sample_stage
+from vrpo_fast.samplers import draw
+from vrpo_fast.score import score_stage
+from vrpo_fast.sft import sft_warm_start
+from vrpo_fast.shards import read_shards
+from vrpo_fast.stats import DRIFT_KL, run_comparisons
+from vrpo_fast.synthetic import SyntheticTask, write_jsonl
+from vrpo_fast.train.loop import train
+from vrpo_fast.train.metrics import read_metrics
+from vrpo_fast.train.reward import train_reward
 
 TINY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
               "intermediate_size": 128}
@@ -92,19 +108,11 @@ def run_demo(out: Path, s: DemoSettings) -> dict:
 # --- the pipeline of one seed -----------------------------------------------------------------
 
 def _config(root: Path, **overrides):
-    from vrpo_fast.config import load_config
-
     flat = [f"--{k}={v}" for k, v in overrides.items()]
     return load_config(None, [f"--model.path={root / 'ref'}", "--model.tokenizer=byte", *flat])
 
 
 def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
-    from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer
-    from vrpo_fast.sample import sample_stage
-    from vrpo_fast.score import score_stage
-    from vrpo_fast.sft import sft_warm_start
-    from vrpo_fast.synthetic import SyntheticTask, write_jsonl
-
     task = SyntheticTask()
     tokenizer = byte_tokenizer()
     root.mkdir(parents=True, exist_ok=True)
@@ -166,8 +174,6 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
             "train.max_steps": s.train_steps, "train.save_every": 0, "train.seed": seed,
             "train.batch_groups": s.batch_groups, "train.micro_batch_groups": s.batch_groups,
             "train.lr": s.lr, "train.warmup_steps": max(1, s.train_steps // 10)})
-        from vrpo_fast.train.loop import train
-
         finals[name] = train(train_cfg, quiet=True)
 
     print(f"[seed {seed}] 6/6 evaluating under the true preference")
@@ -178,9 +184,6 @@ def _reward_model_g(root: Path, seed: int, s: DemoSettings) -> None:
     """Train a reward model on the labelled pairs alone (plain Bradley-Terry, the body of pi_ref
     under a new score head), then score g = sigmoid(r(y) - r(y')) on every pair of the data:
     a g with no information beyond the labels and the model's inductive bias."""
-    from vrpo_fast.score import score_stage
-    from vrpo_fast.train.reward import train_reward
-
     rm = train_reward(_config(root, **{
         "data.path": root / "true_g" / "data.jsonl", "aux.mode": "given",
         "loss.estimator": "dpo", "train.output_dir": root / "rm",
@@ -198,8 +201,6 @@ def _reward_model_g(root: Path, seed: int, s: DemoSettings) -> None:
 
 def _label(task, sampled: Path, rng: random.Random, noise: float, eos_text: str) -> dict:
     """The first two samples form the labelled pair (drawn from pi_ref, as VRPO requires)."""
-    from vrpo_fast.shards import read_shards
-
     def as_text(t):
         # A response that is EOS alone decodes to ""; written as the EOS token it stays a
         # valid, non-empty row and tokenizes back to [EOS].
@@ -220,9 +221,6 @@ def _label(task, sampled: Path, rng: random.Random, noise: float, eos_text: str)
 
 
 def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
-    from vrpo_fast.evaluate import SyntheticJudge, evaluate_policy, win_rate
-    from vrpo_fast.models import load_causal_lm
-
     judge = SyntheticJudge(task)
     ref = load_causal_lm(str(root / "ref")).eval()
     prompts = task.prompts()
@@ -233,8 +231,6 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
         rep = evaluate_policy(policy, ref, tokenizer, prompts, judge, ref=ref,
                               n=s.eval_samples, seed=1000 + seed,
                               max_new_tokens=s.max_new_tokens, name=name)
-        from vrpo_fast.samplers import draw
-
         samples[name], _, _ = draw(policy, tokenizer, prompts, s.eval_samples,
                                    seed=2000 + seed, max_new_tokens=s.max_new_tokens)
         variance = _gradient_variance(root / variant / "scored", root / "ref", estimator, M, s,
@@ -258,8 +254,6 @@ def _evaluate(root, seed, s, task, tokenizer, finals, runs) -> list[dict]:
 
 def _g_error(root: Path, variant: str) -> float:
     """Mean |g - P*| over every pair (labelled and Monte Carlo) of a variant's scored data."""
-    from vrpo_fast.data.load import load_preference_data
-
     def prefs(v):
         examples, _ = load_preference_data(str(root / v / "scored"))
         return [p for ex in examples for p in ex.aux_prefs]
@@ -272,12 +266,6 @@ def _gradient_variance(data: Path, ref_path: Path, estimator: str, M: int, s: De
                        seed: int, lagged: bool = False) -> float:
     """Total variance (trace of the covariance) of the mini-batch gradient at pi_ref. A lagged
     g at pi_ref's parameters is the copy's implicit preference with zero margins: 1/2."""
-    from vrpo_fast.data.load import load_preference_data
-    from vrpo_fast.data.tokenize import tokenize_example
-    from vrpo_fast.logprobs import sequence_logps
-    from vrpo_fast.models import byte_tokenizer, load_causal_lm
-    from vrpo_fast.objective import vrpo_loss
-
     model = load_causal_lm(str(ref_path))
     tokenizer = byte_tokenizer()
     examples, _ = load_preference_data(str(data))
@@ -404,8 +392,6 @@ shape), `grad_variance.png`, `loss_curves.png`. Total time: {results['seconds']:
 def _uncertainty(results) -> str:
     """Each run against DPO: paired mean difference of the true reward with its 95% t-interval
     and sign test, the same without drifted runs, drift counts with Wilson intervals."""
-    from vrpo_fast.stats import run_comparisons
-
     lines = run_comparisons(results["runs"], "DPO", DRIFT_KL)
     if len(results["settings"]["seeds"]) < 2:
         lines.append("(one seed: no interval can be given)")
@@ -418,7 +404,6 @@ def _plots(out: Path, results) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vrpo_fast.train.metrics import read_metrics
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, rows in _by_name(results):

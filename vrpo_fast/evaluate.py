@@ -32,10 +32,24 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from vrpo_fast.config import AuxConfig, add_config_arguments, load_config
+from vrpo_fast.data.load import load_preference_data
+from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.dro import describe_domains, domains_of, per_domain
 from vrpo_fast.errors import UserError, renamed
 from vrpo_fast.estimate import Estimate
-from vrpo_fast.samplers import draw
+from vrpo_fast.judge import load_judge
+from vrpo_fast.logprobs import sequence_logps
+from vrpo_fast.models import load_causal_lm, load_tokenizer, model_from_config
+from vrpo_fast.samplers import (
+    TransformersSampler,
+    VLLMSampler,
+    device_of_rank,
+    draw,
+    response_texts,
+    vllm_available,
+)
+from vrpo_fast.synthetic import SyntheticTask
 
 
 class Judge:
@@ -54,8 +68,6 @@ class SyntheticJudge(Judge):
     name = "synthetic truth"
 
     def __init__(self, task=None):
-        from vrpo_fast.synthetic import SyntheticTask
-
         self.task = task or SyntheticTask()
 
     def preference(self, prompt, y, y2):
@@ -132,9 +144,6 @@ class LMJudge(Judge):
     chat setting are aux.judge_*."""
 
     def __init__(self, path: str, aux=None):
-        from vrpo_fast.config import AuxConfig
-        from vrpo_fast.judge import load_judge
-
         aux = AuxConfig() if aux is None else aux
         settings = {k: getattr(aux, k) for k in ("judge_template", "judge_labels", "judge_chat",
                                                  "judge_max_tokens")}
@@ -214,7 +223,6 @@ def evaluate_policy(model, baseline, tokenizer, prompts: list[str], judge: Judge
     rate and reward of each domain, and the worst."""
     import torch
 
-    from vrpo_fast.logprobs import sequence_logps
 
     ys, prompt_ids, y_ids = draw(model, tokenizer, prompts, n, seed=seed,
                                  max_new_tokens=max_new_tokens)
@@ -246,7 +254,6 @@ def eval_device():
     """(device, dtype) of the models: the GPU in bf16 when there is one, else float32 on the CPU."""
     import torch
 
-    from vrpo_fast.samplers import device_of_rank
 
     device = device_of_rank()
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -260,8 +267,6 @@ class Player:
 
 
 def _players(cfg) -> list[Player]:
-    from vrpo_fast.models import load_causal_lm, model_from_config
-
     e = cfg.eval
     ref_key = "ref.path" if cfg.ref.path else "model.path"
     players = [Player("policy", "eval.policy", e.policy,
@@ -308,11 +313,6 @@ def eval_stage(cfg) -> Path | None:
 
     import torch
 
-    from vrpo_fast.data.load import load_preference_data
-    from vrpo_fast.data.tokenize import tokenize_prompt
-    from vrpo_fast.logprobs import sequence_logps
-    from vrpo_fast.models import load_tokenizer
-
     e = cfg.eval
     _check(e)
     try:
@@ -332,8 +332,6 @@ def eval_stage(cfg) -> Path | None:
     players = _players(cfg)
     backend = e.backend
     if backend == "auto":
-        from vrpo_fast.samplers import vllm_available
-
         backend = "vllm" if vllm_available() and all(p.path for p in players) else "transformers"
     device, dtype = eval_device()
     prompt_ids = [tokenize_prompt(p, tokenizer) for p in prompts]
@@ -402,14 +400,10 @@ def _response_text(response) -> str:
 
 
 def _texts(tokenizer, ids, stop_ids):
-    from vrpo_fast.samplers import response_texts
-
     return response_texts(tokenizer, ids, stop_ids)
 
 
 def _sampler(player: Player, backend: str, tokenizer, e, device, dtype):
-    from vrpo_fast.samplers import TransformersSampler, VLLMSampler
-
     if backend == "vllm":
         if not player.path:
             raise UserError(f"eval.backend: vllm needs a model path for {player.key}, not "
@@ -521,8 +515,6 @@ def _plot(rows: list[dict], path: Path, judge: str) -> None:
 
 
 def add_arguments(parser) -> None:
-    from vrpo_fast.config import add_config_arguments
-
     add_config_arguments(parser)
     parser.description += (". Flags override the config's eval section (and --ref its "
                            "ref.path); without --config, pi_ref is --ref or the baseline.")
@@ -547,8 +539,6 @@ def add_arguments(parser) -> None:
 
 def config_from_eval_args(args):
     """The Config an `eval` command line describes: the file, its overrides, then the flags."""
-    from vrpo_fast.config import load_config
-
     flags = {"eval.policy": args.model, "eval.baseline": args.baseline, "ref.path": args.ref,
              "eval.prompts": args.prompts, "eval.judge": args.judge,
              "eval.num_samples": args.num_samples, "eval.max_new_tokens": args.max_new_tokens,

@@ -34,6 +34,10 @@ import torch
 
 from vrpo_fast.config import JUDGE_TEMPLATE as DEFAULT_TEMPLATE
 from vrpo_fast.errors import UserError
+from vrpo_fast.logprobs import lm_head_weight, packed_body
+from vrpo_fast.models import load_causal_lm, load_tokenizer
+from vrpo_fast.packing import pack_groups, row_padding
+from vrpo_fast.passes import packed_scores
 
 DEFAULT_LABELS = ("A", "B")
 FIELDS = ("{prompt}", "{response_a}", "{response_b}")
@@ -185,10 +189,6 @@ def label_margins(model, label_ids: list[int], groups, max_tokens: int) -> list[
     [remainder ids, ...])], in order: packed no-grad passes of at most `max_tokens` tokens (a
     larger group alone), each context's prefix once; the LM head meets only the two label rows
     at each context's last token."""
-    from vrpo_fast.logprobs import lm_head_weight, packed_body
-    from vrpo_fast.packing import pack_groups, row_padding
-    from vrpo_fast.passes import packed_scores
-
     device = next(model.parameters()).device
     rows = lm_head_weight(model)[label_ids]                                    # (2, D)
 
@@ -205,8 +205,6 @@ def label_margins(model, label_ids: list[int], groups, max_tokens: int) -> list[
 def load_judge(aux, device=None, *, what: str = "aux.path") -> PairJudge:
     """The judge of an AuxConfig (path, tokenizer, judge_template, judge_labels, judge_chat) on
     `device`, bf16 on a GPU, float32 elsewhere, in eval mode."""
-    from vrpo_fast.models import load_causal_lm, load_tokenizer
-
     device = torch.device(device or "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_causal_lm(aux.path, dtype=dtype, what=what).to(device).eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vrpo_fast.attention import cascade_layout, register
 from vrpo_fast.ops import linear_logprobs
 from vrpo_fast.packing import PackedBatch, pack_groups, row_padding, validate_groups
 
@@ -81,8 +82,6 @@ def _attention_inputs(model: nn.Module, batch: PackedBatch, attention: str) -> d
         # segment, instead of SDPA over a dense mask that is mostly False.
         attention = "flex" if batch.input_ids.is_cuda else "cascade"
     if attention == "cascade":
-        from vrpo_fast.attention import cascade_layout, register
-
         impl = register()
     else:
         impl = "flex_attention" if attention == "flex" else "sdpa"

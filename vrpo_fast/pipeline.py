@@ -31,8 +31,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vrpo_fast.config import Config
+from vrpo_fast.config import Config, add_config_arguments, config_from_args
 from vrpo_fast.errors import UserError
+from vrpo_fast.evaluate import eval_settings, eval_stage
+from vrpo_fast.sample import sample_stage
+from vrpo_fast.score import score_stage
+from vrpo_fast.train.checkpoint import config_changes, latest_checkpoint
+from vrpo_fast.train.loop import train
+from vrpo_fast.train.reward import train_reward
+from vrpo_fast.train.rloo import train_rl
 
 TRAINERS = ("train-reward", "train", "train-rl")
 
@@ -161,8 +168,6 @@ def _check_existing_output(cfg: Config, step: Step) -> None:
                                 f"config has {wanted!r} (another config wrote it); choose a new "
                                 f"{key}, or delete the folder to start over")
     elif step.name in TRAINERS:
-        from vrpo_fast.train.checkpoint import config_changes, latest_checkpoint
-
         latest = latest_checkpoint(out)
         if latest is not None:
             fixed, _ = config_changes(latest, cfg.to_dict())
@@ -192,8 +197,6 @@ def _recorded_settings(cfg: Config, stage: str, record: dict):
 
 def train_done(cfg: Config) -> bool:
     """<train.output_dir>/final exists and the latest checkpoint is at train.max_steps."""
-    from vrpo_fast.train.checkpoint import latest_checkpoint
-
     out = Path(cfg.train.output_dir)
     latest = latest_checkpoint(out)
     return (out / "final").is_dir() and latest is not None and \
@@ -202,8 +205,6 @@ def train_done(cfg: Config) -> bool:
 
 def eval_done(cfg: Config) -> bool:
     """eval.output holds results of an evaluation with this config's settings."""
-    from vrpo_fast.evaluate import eval_settings
-
     results = Path(cfg.eval.output) / "results.json"
     if not results.is_file():
         return False
@@ -217,27 +218,16 @@ def eval_done(cfg: Config) -> bool:
 def run_stage(cfg: Config, name: str, *, progress: bool = True):
     """Run (or resume) one stage; returns what it wrote, or None when it was done already."""
     if name == "sample":
-        from vrpo_fast.sample import sample_stage
-
         return sample_stage(cfg, progress=progress)
     if name == "score":
-        from vrpo_fast.score import score_stage
-
         return score_stage(cfg, progress=progress)
     if name in TRAINERS:
         if train_done(cfg):
             return None
-        if name == "train":
-            from vrpo_fast.train.loop import train as fn
-        elif name == "train-reward":
-            from vrpo_fast.train.reward import train_reward as fn
-        else:
-            from vrpo_fast.train.rloo import train_rl as fn
+        fn = {"train": train, "train-reward": train_reward, "train-rl": train_rl}[name]
         return fn(cfg, quiet=not progress)
     if eval_done(cfg):
         return None
-    from vrpo_fast.evaluate import eval_stage
-
     return eval_stage(cfg)
 
 
@@ -256,14 +246,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> list[tuple[str, Path 
 
 
 def add_arguments(parser) -> None:
-    from vrpo_fast.config import add_config_arguments
-
     add_config_arguments(parser)
 
 
 def run(args) -> int:
-    from vrpo_fast.config import config_from_args
-
     if args.config is None:
         raise UserError("--config: `vrpo-fast run` needs a config file")
     run_pipeline(config_from_args(args))

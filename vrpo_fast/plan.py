@@ -39,7 +39,10 @@ import math
 
 import torch
 
+from vrpo_fast.config import add_config_arguments, config_from_args
 from vrpo_fast.errors import UserError
+from vrpo_fast.models import add_lora, tiny_llama_config
+from vrpo_fast.train.modules import decoder_layers
 
 # Values per token and decoder layer that a Llama-style layer keeps for backward (autograd's
 # saved tensors, in the compute dtype): per RMSNorm its input, the normalised input and the
@@ -73,16 +76,12 @@ def _meta_model(config, lora=None):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     if lora is not None and lora.enabled:
-        from vrpo_fast.models import add_lora
-
         model = add_lora(model, lora)
     return model
 
 
 def model_shape(config, lora=None) -> Shape:
     """The Shape of a transformers config (a LlamaConfig, Qwen2Config, ...), LoRA optional."""
-    from vrpo_fast.train.modules import decoder_layers
-
     model = _meta_model(config, lora)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -100,8 +99,6 @@ def model_shape(config, lora=None) -> Shape:
 
 def config_shape(cfg, which: str = "policy"):
     """The transformers config of the policy (or of aux.path: `which="aux"`) of a Config."""
-    from vrpo_fast.models import tiny_llama_config
-
     if which == "policy" and cfg.model.tiny is not None and not cfg.model.path:
         return tiny_llama_config(**cfg.model.tiny)
     from transformers import AutoConfig
@@ -210,8 +207,6 @@ def fewest_gpus(cfg, *, budget: int, tokens: int, device: str = "cuda",
 # -- the command -----------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    from vrpo_fast.config import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--gpus", type=int, default=1, help="ranks (GPUs) the run shards over")
     parser.add_argument("--gpu-memory", type=float, default=80.0,
@@ -224,8 +219,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """Print the plan by component, whether it fits, and the largest packing budget that does;
     a plan that does not fit is one error line naming the component that breaks the budget."""
-    from vrpo_fast.config import config_from_args
-
     if args.gpus < 1:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
     if not args.gpu_memory > 0:

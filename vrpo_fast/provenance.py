@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+from vrpo_fast import __version__
 from vrpo_fast.data.tokenize import tokenizer_fingerprint
 from vrpo_fast.errors import UserError
+from vrpo_fast.shards import shard_path
 
 FILENAME = "provenance.json"
 FORMAT = 1
@@ -118,7 +120,6 @@ def library_versions(backend: str | None = None) -> dict:
 
     import transformers
 
-    from vrpo_fast import __version__
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "vrpo_fast": __version__}
@@ -195,8 +196,6 @@ def read_provenance(directory: str | Path) -> dict | None:
 def missing_shards(directory: str | Path, record: dict) -> list[int]:
     """Shards the record announces that are not (yet) in a folder of shards. A folder without
     shards (e.g. a JSONL file with a copy of the record beside it) has none missing."""
-    from vrpo_fast.shards import shard_path
-
     directory = Path(directory)
     count = (record.get("shards") or {}).get("count")
     if not count or not any(directory.glob("shard_*.parquet")):

@@ -19,15 +19,24 @@ import os
 from pathlib import Path
 
 from vrpo_fast import shards
+from vrpo_fast.data.load import load_preference_data
+from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.models import model_from_config, tokenizer_from_config
+from vrpo_fast.provenance import build_provenance, ids_fingerprint
+from vrpo_fast.samplers import (
+    TransformersSampler,
+    VLLMSampler,
+    device_of_rank,
+    stop_token_ids,
+    vllm_available,
+)
 from vrpo_fast.stage import run_sharded_stage, shard_count
 
 
 def choose_backend(cfg) -> str:
     """sample.backend, with auto = vllm when it imports, a GPU is present and the reference
     model is a path vLLM can load (a tiny test model is not)."""
-    from vrpo_fast.samplers import vllm_available
-
     backend = cfg.sample.backend
     if backend == "auto":
         return "vllm" if vllm_available() and (cfg.ref.path or cfg.model.path) else "transformers"
@@ -38,7 +47,6 @@ def make_sampler(cfg, tokenizer, backend: str, ref_model=None):
     """The sampler of `backend`; the transformers one runs `ref_model` (bf16 on a GPU)."""
     import torch
 
-    from vrpo_fast.samplers import TransformersSampler, VLLMSampler, device_of_rank
 
     s = cfg.sample
     if backend == "vllm":
@@ -73,12 +81,6 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
     check, pending shards, progress, atomic writes) is `stage.run_sharded_stage`; this supplies
     the record and the draw of each shard."""
     import torch
-
-    from vrpo_fast.data.load import load_preference_data
-    from vrpo_fast.data.tokenize import tokenize_prompt
-    from vrpo_fast.models import model_from_config, tokenizer_from_config
-    from vrpo_fast.provenance import build_provenance, ids_fingerprint
-    from vrpo_fast.samplers import stop_token_ids
 
     s = cfg.sample
     if not s.output:

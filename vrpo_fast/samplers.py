@@ -19,6 +19,7 @@ import hashlib
 
 import torch
 
+from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.errors import UserError
 
 
@@ -223,8 +224,6 @@ def draw(model, tokenizer, prompts: list, n: int, *, seed: int, max_new_tokens: 
          temperature: float = 1.0, batch_size: int = 8):
     """n samples per prompt (strings or messages) from `model` -> (texts (P, n), prompt ids (P,),
     response ids (P, n)): the sampling helper of evaluation, best-of-n and the demo."""
-    from vrpo_fast.data.tokenize import tokenize_prompt
-
     prompt_ids = [tokenize_prompt(p, tokenizer) for p in prompts]
     sampler = TransformersSampler(model, tokenizer, temperature=temperature,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -32,7 +32,27 @@ from pathlib import Path
 
 import torch
 
+from vrpo_fast.data.load import load_preference_data
+from vrpo_fast.data.tokenize import tokenize_example
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.judge import load_judge, pairs_of
+from vrpo_fast.logprobs import sequence_logps
+from vrpo_fast.models import (
+    load_causal_lm,
+    load_reward_model,
+    model_from_config,
+    tokenizer_from_config,
+)
+from vrpo_fast.objective import implicit_preference, reward_preference
+from vrpo_fast.passes import packed_scores, reward_scores
+from vrpo_fast.provenance import (
+    build_provenance,
+    check_provenance,
+    ids_fingerprint,
+    library_versions,
+    read_provenance,
+    weights_fingerprint,
+)
 from vrpo_fast.stage import run_sharded_stage, shard_count
 
 
@@ -56,26 +76,6 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     """Run (or resume) scoring; returns the output folder. The resumable skeleton (provenance
     check, pending shards, progress, atomic writes) is `stage.run_sharded_stage`; this supplies
     the record and the scores of each shard."""
-    from vrpo_fast.data.load import load_preference_data
-    from vrpo_fast.data.tokenize import tokenize_example
-    from vrpo_fast.logprobs import sequence_logps
-    from vrpo_fast.models import (
-        load_causal_lm,
-        load_reward_model,
-        model_from_config,
-        tokenizer_from_config,
-    )
-    from vrpo_fast.objective import implicit_preference, reward_preference
-    from vrpo_fast.passes import packed_scores, reward_scores
-    from vrpo_fast.provenance import (
-        build_provenance,
-        check_provenance,
-        ids_fingerprint,
-        library_versions,
-        read_provenance,
-        weights_fingerprint,
-    )
-
     sc, d, aux_cfg = cfg.score, cfg.data, cfg.aux
     source = sc.input or cfg.sample.output
     if not source:
@@ -103,8 +103,6 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
 
     mode, aux, judge = aux_cfg.mode, None, None
     if mode == "judge":
-        from vrpo_fast.judge import load_judge
-
         judge = load_judge(aux_cfg, _device())
         aux = judge.model
     elif mode == "lm":
@@ -173,8 +171,6 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
             g = [stored_g(reward_preference(torch.tensor([w]))[0].tolist(), t.labelled)
                  for w, t in zip(rewards, tok)]
         elif mode == "judge":
-            from vrpo_fast.judge import pairs_of
-
             judged = judge.preferences([(ex.prompt, pairs_of(ex.responses)) for ex in chunk],
                                        sc.max_tokens)
             g = [stored_g(v, ex.labelled) for v, ex in zip(judged, chunk)]

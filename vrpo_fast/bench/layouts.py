@@ -23,6 +23,7 @@ import torch
 
 from vrpo_fast.bench.env import device
 from vrpo_fast.errors import UserError
+from vrpo_fast.models import build_tiny_causal_lm
 
 LENGTHS_TABLE = "hh_lengths.json"
 ASSISTANT = "\n\nAssistant:"
@@ -98,8 +99,6 @@ def build_model(hidden: int, layers: int, vocab: int, seed: int = 0, *, heads: i
                 arch: str = "llama", tie: bool = False, max_positions: int = 4096):
     """A randomly initialised causal LM on the benchmark device, bf16 on a GPU. Without the
     head counts: GQA with heads of 64, 2 query heads per KV head, SwiGLU width 3 x hidden."""
-    from vrpo_fast.models import build_tiny_causal_lm
-
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
     return build_tiny_causal_lm(seed=seed, dtype=dtype, vocab_size=vocab, hidden_size=hidden,
                                 num_layers=layers, num_heads=heads or max(2, hidden // 64),

@@ -22,6 +22,7 @@ import torch
 from vrpo_fast.bench.env import Unavailable, device
 from vrpo_fast.bench.memory import measure, tensor_bytes
 from vrpo_fast.bench.references import eager_linear_logprobs, oracle_linear_logprobs, rel_err
+from vrpo_fast.ops import linear_logprobs
 
 PROVIDERS = ("eager", "compile", "liger", "cce", "ours")
 DIRECTIONS = ("fwd", "bwd", "full")
@@ -74,8 +75,6 @@ def provider_fn(name: str, temperature: float = 1.0):
         scale = 1.0 / temperature
         return lambda h, w, t: -fused(h * scale if scale != 1.0 else h, w, t, reduction="none")
     if name == "ours":
-        from vrpo_fast.ops import linear_logprobs
-
         impl = "triton" if device() == "cuda" else "torch"
         return lambda h, w, t: linear_logprobs(h, w, t, temperature=temperature, impl=impl)
     raise ValueError(f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})")

@@ -48,6 +48,7 @@ from vrpo_fast.bench.layouts import (
 from vrpo_fast.bench.memory import measure, tensor_bytes
 from vrpo_fast.bench.presets import preset
 from vrpo_fast.logprobs import packed_hidden_states, packed_logps, sequence_logps
+from vrpo_fast.models import byte_tokenizer, load_causal_lm
 from vrpo_fast.objective import vrpo_loss
 from vrpo_fast.ops import linear_logprobs, per_prompt_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
@@ -62,8 +63,6 @@ def build_lm(shape: dict, seed: int):
     """The shape's model on the benchmark device (bf16 on a GPU); `seed` picks the random
     initialisation (a loaded model ignores it: policy and reference start from its weights)."""
     if shape.get("path"):
-        from vrpo_fast.models import load_causal_lm
-
         dtype = torch.bfloat16 if device() == "cuda" else torch.float32
         return load_causal_lm(shape["path"], dtype=dtype, what="--model").to(device())
     if shape.get("preset"):
@@ -151,7 +150,6 @@ def trl_dpo_step(policy, ref, prompts, responses, beta: float):
     except ImportError:
         raise Unavailable("trl is not installed (pip install vrpo-fast[trl])") from None
 
-    from vrpo_fast.models import byte_tokenizer
 
     scratch = tempfile.TemporaryDirectory(prefix="vrpo-bench-trl-")
     args = DPOConfig(output_dir=scratch.name, per_device_train_batch_size=len(prompts),

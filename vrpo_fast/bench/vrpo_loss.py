@@ -19,6 +19,7 @@ from vrpo_fast.bench.env import Unavailable, device
 from vrpo_fast.bench.memory import measure, tensor_bytes
 from vrpo_fast.bench.references import rel_err
 from vrpo_fast.objective import vrpo_loss
+from vrpo_fast.ops import per_prompt_vrpo_loss
 
 PROVIDERS = ("eager", "compile", "ours")
 DIRECTIONS = ("fwd", "bwd", "full")
@@ -55,8 +56,6 @@ def provider_fn(name: str):
         if device() != "cuda":
             raise Unavailable("ours: on the CPU the fused loss is the eager formula (the eager "
                               "row)")
-        from vrpo_fast.ops import per_prompt_vrpo_loss
-
         return lambda p, r, g: per_prompt_vrpo_loss(p, r, g, beta=BETA, loss_type="sigmoid",
                                                     estimator="vrpo", impl="triton")
     raise ValueError(f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})")

@@ -9,6 +9,10 @@ is bad (or there are none), 0 otherwise.
 
 from __future__ import annotations
 
+from vrpo_fast.data.load import validate_file
+from vrpo_fast.errors import UserError
+from vrpo_fast.models import load_tokenizer, model_context
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("path", help="JSONL (.jsonl, .jsonl.gz, .json), Parquet (a file or a "
@@ -33,9 +37,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from vrpo_fast.data.load import validate_file
-    from vrpo_fast.errors import UserError
-
     tokenizer_name = args.tokenizer or args.model
     for flag, value, least in (("--max-length", args.max_length, 2),
                                ("--max-prompt-length", args.max_prompt_length, 1),
@@ -47,13 +48,9 @@ def run(args) -> int:
     max_length = args.max_length
     tokenizer = None
     if args.model:
-        from vrpo_fast.models import model_context
-
         context = model_context(args.model, "--model")
         max_length = min((n for n in (max_length, context) if n is not None), default=None)
     if tokenizer_name:
-        from vrpo_fast.models import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if args.tokenizer else "--model")
     _, report = validate_file(args.path, tokenizer=tokenizer, max_length=max_length,
                               max_prompt_length=args.max_prompt_length,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vrpo_fast.data.schema import PreferenceExample, Problem, ValidationReport
+from vrpo_fast.data.tokenize import check_limits, preference_examples_to_rows
 from vrpo_fast.data.validate import check_row
 from vrpo_fast.errors import UserError
 
@@ -212,8 +213,6 @@ def validate_file(path: str, *, tokenizer=None, max_length: int | None = None,
     on a tie) is the norm and the rows that differ are bad. `prompts_only` (the sampling stage's
     input) accepts rows with a prompt alone and does not compare sample counts.
     """
-    from vrpo_fast.data.tokenize import check_limits
-
     check_limits(max_prompt_length=max_prompt_length, max_response_length=max_response_length,
                  max_length=max_length)
     rows = load_rows(path, split=split)
@@ -273,8 +272,6 @@ def write_preference_data(examples: list[PreferenceExample], path: str) -> Path:
     """Write examples in the list form to JSONL (.jsonl, .jsonl.gz) or Parquet (.parquet);
     load_preference_data reads them back. Parquet needs every row in the same text form
     (all strings or all messages)."""
-    from vrpo_fast.data.tokenize import preference_examples_to_rows
-
     out = Path(path)
     rows = preference_examples_to_rows(examples)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import math
 import re
 
 from vrpo_fast.data.schema import PreferenceExample, Problem
+from vrpo_fast.data.tokenize import tokenize_example
 from vrpo_fast.errors import UserError
 
 __all__ = ["Problem", "split_implicit_prompt", "validate_row"]
@@ -341,8 +342,6 @@ def _sample_ids(raw, n_samples: int, tokenizer, bad) -> list[list[int]] | None:
 
 def _check_tokenized(example, names, tokenizer, max_length, max_prompt_length,
                      max_response_length, bad) -> None:
-    from vrpo_fast.data.tokenize import tokenize_example
-
     if isinstance(example.prompt, list) and getattr(tokenizer, "chat_template", None) is None:
         bad("prompt", "a message list, but the tokenizer has no chat template to render it")
         return

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from vrpo_fast.data.load import load_preference_data
+from vrpo_fast.data.tokenize import tokenize_dataset
 from vrpo_fast.errors import UserError
+from vrpo_fast.models import context_length, model_from_config
+from vrpo_fast.provenance import check_provenance
+from vrpo_fast.train.checkpoint import data_fingerprint
+from vrpo_fast.train.distributed import broadcast_object
 
 
 @dataclass
@@ -124,11 +130,6 @@ class GroupStream:
 
 def load_training_groups(cfg, tokenizer, dist) -> tuple[TrainingGroups, object]:
     """Load, validate (data.on_bad_row), check provenance and tokenize the training data."""
-    from vrpo_fast.data.load import load_preference_data
-    from vrpo_fast.data.tokenize import tokenize_dataset
-    from vrpo_fast.models import context_length
-    from vrpo_fast.train.checkpoint import data_fingerprint
-
     d = cfg.data
     if not d.path:
         raise UserError("data.path: no training data given")
@@ -184,15 +185,11 @@ def _check_provenance(cfg, path, tokenizer, dist=None) -> None:
     loads the model, and one copy in host memory is enough."""
     from pathlib import Path
 
-    from vrpo_fast.train.distributed import broadcast_object
 
     root = Path(path)
     prov = (root if root.is_dir() else root.parent) / "provenance.json"
     if not prov.is_file():
         return
-    from vrpo_fast.models import model_from_config
-    from vrpo_fast.provenance import check_provenance
-
     # Cached ref_logps must cover the tokens this run trains on: same truncation as scoring.
     truncation = {"max_prompt_length": cfg.data.max_prompt_length,
                   "max_response_length": cfg.data.max_response_length} \

@@ -28,15 +28,32 @@ import torch
 from vrpo_fast.config import Config
 from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
 from vrpo_fast.errors import UserError
-from vrpo_fast.objective import implicit_preference
+from vrpo_fast.judge import load_judge, pairs_of
+from vrpo_fast.models import (
+    adapters_off,
+    add_lora,
+    check_dtype,
+    load_causal_lm,
+    load_reward_model,
+    model_from_config,
+    save_lora,
+    tokenizer_from_config,
+)
+from vrpo_fast.objective import implicit_preference, reward_preference
 from vrpo_fast.ops import dispatch_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceLogps, SequenceRewards
 from vrpo_fast.train import checkpoint as ckpt
 from vrpo_fast.train import lock
 from vrpo_fast.train.data import GroupStream, load_training_groups
-from vrpo_fast.train.distributed import Dist, all_reduce_, broadcast_object, init_distributed
-from vrpo_fast.train.metrics import MetricsLogger, peak_flops
+from vrpo_fast.train.distributed import (
+    Dist,
+    all_reduce_,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
+from vrpo_fast.train.metrics import MetricsLogger, peak_flops, read_metrics
 from vrpo_fast.train.modules import shard
 
 # cv_gap: steps in the window of its interval, and steps before its warning may fire.
@@ -110,7 +127,6 @@ class Trainer:
         self._lock = self._take_lock()
         self._seed_everything(t.seed)
 
-        from vrpo_fast.models import model_from_config, tokenizer_from_config
 
         self.tokenizer = tokenizer_from_config(cfg)
         self.load_data()
@@ -162,8 +178,6 @@ class Trainer:
         lagged): the policy's starting point (model.path / model.tiny) in model.dtype; with
         lora.enabled, its weights frozen and LoRA adapters injected (vrpo_fast.models.add_lora).
         The two-stage trainers build their own."""
-        from vrpo_fast.models import add_lora, check_dtype, model_from_config
-
         check_dtype(getattr(torch, self.cfg.model.dtype), self.device)
         model = model_from_config(self.cfg, "policy")
         if self.cfg.lora.enabled:
@@ -229,19 +243,13 @@ class Trainer:
     def _build_aux(self, mixed):
         mode = self.cfg.aux.mode
         if mode == "lm":
-            from vrpo_fast.models import load_causal_lm
-
             return self._frozen(SequenceLogps(load_causal_lm(self.cfg.aux.path,
                                                              what="aux.path")), mixed)
         if mode == "reward_model":
-            from vrpo_fast.models import load_reward_model
-
             rm = load_reward_model(self.cfg.aux.path, what="aux.path")
             return self._frozen(SequenceRewards(rm), mixed)
         if mode == "judge":
             # Unsharded and unwrapped: each rank judges its own micro-batches, no grad.
-            from vrpo_fast.judge import load_judge
-
             return load_judge(self.cfg.aux, self.device)
         if mode == "lagged":
             frozen = self._frozen(self.wrap(self.build_model()), mixed)
@@ -284,8 +292,6 @@ class Trainer:
             return self._judge_preferences(groups)
         with torch.no_grad():
             if mode == "reward_model":
-                from vrpo_fast.objective import reward_preference
-
                 return reward_preference(self.aux(batch))
             return implicit_preference(self.aux(batch), ref_logps, self.cfg.aux.beta)
 
@@ -293,8 +299,6 @@ class Trainer:
         """(G, 1 + M) g of the judge, which reads the micro-batch's texts (decoded from the
         policy's token ids, special tokens dropped); an unlabelled group's placeholder pair is
         two equal responses, g = 1/2."""
-        from vrpo_fast.judge import pairs_of
-
         def text(ids):
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -485,8 +489,6 @@ class Trainer:
         if self.cfg.loss.estimator != "vrpo" or self.M == 0 or "term_label" not in record:
             return
         if not hasattr(self, "_cv_gaps"):
-            from vrpo_fast.train.metrics import read_metrics
-
             earlier = read_metrics(self.out) if hasattr(self, "out") else []
             self._cv_gaps = collections.deque(
                 (r["term_label"] - r["term_mc"] for r in earlier
@@ -632,8 +634,6 @@ class Trainer:
             prefix = next(iter(full)).split(".")[0] + "."    # the wrapper's attribute name
             state = {k.removeprefix(prefix): v for k, v in full.items()}
             if self.cfg.lora.enabled:
-                from vrpo_fast.models import save_lora
-
                 save_lora(state, self.lm.config, self.cfg.lora, tmp,
                           base_path=self.cfg.model.path, merged=self.cfg.lora.merge_final)
             else:
@@ -645,8 +645,6 @@ class Trainer:
                 self.tokenizer.save_pretrained(tmp / "merged")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-        from vrpo_fast.train.distributed import barrier
-
         barrier()
         return final
 
@@ -688,8 +686,6 @@ class AdaptersOff:
         self.policy, self.lm = policy, lm
 
     def __call__(self, batch) -> torch.Tensor:
-        from vrpo_fast.models import adapters_off
-
         with adapters_off(self.lm):
             return self.policy(batch)
 

@@ -16,10 +16,15 @@ import math
 
 import torch
 
+from vrpo_fast.data.tokenize import tokenize_example
+from vrpo_fast.dro import domains_of, per_domain
 from vrpo_fast.errors import UserError
+from vrpo_fast.estimate import Estimate
+from vrpo_fast.models import load_reward_model, tiny_llama_config
 from vrpo_fast.objective import reward_preference, vrpo_reward_loss
 from vrpo_fast.passes import SequenceRewards, packed_scores
 from vrpo_fast.passes import reward_scores as packed_reward_scores
+from vrpo_fast.samplers import draw
 from vrpo_fast.train.loop import Trainer
 
 
@@ -27,13 +32,10 @@ def build_reward_model(cfg, tokenizer):
     """The reward model stage 1 starts from: model.path with a fresh one-output head (or the
     reward model it already is), or a tiny model from model.tiny."""
     if cfg.model.path:
-        from vrpo_fast.models import load_reward_model
-
         model = load_reward_model(cfg.model.path, what="model.path", new_head=True)
     else:
         from transformers import AutoModelForSequenceClassification
 
-        from vrpo_fast.models import tiny_llama_config
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.model.seed)
@@ -89,8 +91,6 @@ def train_reward(cfg, *, quiet: bool = False):
 @torch.no_grad()
 def reward_scores(model, tokenizer, examples, *, max_tokens: int = 4096) -> torch.Tensor:
     """(B, K) scores of every response of each example (one packed pass per batch)."""
-    from vrpo_fast.data.tokenize import tokenize_example
-
     tok = [tokenize_example(ex, tokenizer) for ex in examples]
     groups = [(t.prompt_ids, t.response_ids) for t in tok]
     return torch.tensor(packed_scores(
@@ -104,9 +104,6 @@ def evaluate_reward_model(model, tokenizer, examples, *, true_preference=None,
     known, accuracy against it: how often sign(r(y) - r(y')) agrees with P*(y, y') > 1/2.
     When every pair has a domain, report["by_domain"] holds each of these accuracies per domain
     (vrpo_fast.dro.per_domain: the worst domain and the mean over domains)."""
-    from vrpo_fast.dro import domains_of, per_domain
-    from vrpo_fast.estimate import Estimate
-
     labelled = [ex for ex in examples if ex.labelled]
     if not labelled:
         raise UserError("reward evaluation needs labelled pairs (chosen, rejected)")
@@ -169,8 +166,6 @@ def best_of_n(policy, reward_model, tokenizer, prompts: list[str], n: int, *, se
               max_new_tokens: int = 64) -> list[str]:
     """For each prompt, n samples from `policy`, returning the one the reward model scores
     highest (all n scored in one packed pass per prompt batch)."""
-    from vrpo_fast.samplers import draw
-
     texts, prompt_ids, ids = draw(policy, tokenizer, prompts, n, seed=seed,
                                   max_new_tokens=max_new_tokens)
     eos = tokenizer.eos_token_id

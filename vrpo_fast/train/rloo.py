@@ -21,9 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from vrpo_fast.data.load import load_preference_data
+from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.errors import UserError
+from vrpo_fast.models import load_reward_model
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceRewards
+from vrpo_fast.samplers import TransformersSampler
+from vrpo_fast.train.checkpoint import data_fingerprint
 from vrpo_fast.train.data import domain_index
 from vrpo_fast.train.loop import Trainer
 
@@ -70,8 +75,6 @@ class RLOOTrainer(Trainer):
         cfg = dataclasses.replace(cfg, ref=dataclasses.replace(cfg.ref, source="online"),
                                   aux=dataclasses.replace(cfg.aux, mode="none"))
         super().__init__(cfg, *args, **kwargs)
-        from vrpo_fast.models import load_reward_model
-
         rm = load_reward_model(cfg.rl.reward_model, what="rl.reward_model")
         on_gpu = self.device.type == "cuda"
         self.reward = self._frozen(SequenceRewards(rm), on_gpu)
@@ -81,10 +84,6 @@ class RLOOTrainer(Trainer):
         self._generator_step = None      # the optimizer step whose weights the generator holds
 
     def load_data(self) -> None:
-        from vrpo_fast.data.load import load_preference_data
-        from vrpo_fast.data.tokenize import tokenize_prompt
-        from vrpo_fast.train.checkpoint import data_fingerprint
-
         d = self.cfg.data
         if not d.path:
             raise UserError("data.path: no prompts given")
@@ -104,7 +103,6 @@ class RLOOTrainer(Trainer):
             get_model_state_dict,
         )
 
-        from vrpo_fast.samplers import TransformersSampler
 
         rl = self.cfg.rl
         if self._generator_step != self.step:
