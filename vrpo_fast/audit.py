@@ -48,6 +48,7 @@ import numpy as np
 
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.estimate import reliability_plot
 from vrpo_fast.judge import load_judge, pairs_of
 
 MS = (1, 2, 4, 8)
@@ -184,24 +185,6 @@ def audit_pairs(examples, g_rows, *, ms=MS, bootstrap: int = 1000, seed: int = 0
     return report
 
 
-def reliability_plot(report: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.plot([t["predicted"] for t in report["reliability"]],
-            [t["observed"] for t in report["reliability"]], "o-")
-    ax.set_xlabel("g: predicted P(y beats y')")
-    ax.set_ylabel("observed frequency")
-    ax.set_title(f"reliability of g (ECE {report['ece']:.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _markdown(report: dict) -> str:
     def line(name, r):
         vr = r["variance_ratio"]
@@ -259,7 +242,7 @@ def audit_stage(cfg, *, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))
-    reliability_plot(report, out / "reliability.png")
+    reliability_plot(report, out / "reliability.png", what="g")
     if progress:
         print(_markdown(report))
     return out

@@ -19,7 +19,7 @@ import torch
 from vrpo_fast.data.tokenize import tokenize_example
 from vrpo_fast.dro import domains_of, per_domain
 from vrpo_fast.errors import UserError
-from vrpo_fast.estimate import Estimate
+from vrpo_fast.estimate import Estimate, reliability_plot  # noqa: F401 (public here too)
 from vrpo_fast.models import load_reward_model, tiny_llama_config
 from vrpo_fast.objective import reward_preference, vrpo_reward_loss
 from vrpo_fast.passes import SequenceRewards, packed_scores
@@ -141,24 +141,6 @@ def evaluate_reward_model(model, tokenizer, examples, *, true_preference=None,
             report["by_domain"]["accuracy_vs_truth"] = per_domain(agree_domains, Estimate.of,
                                                                   agree)
     return report
-
-
-def reliability_plot(report: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.plot([t["predicted"] for t in report["reliability"]],
-            [t["observed"] for t in report["reliability"]], "o-")
-    ax.set_xlabel("predicted P(y beats y')")
-    ax.set_ylabel("observed frequency")
-    ax.set_title(f"reliability (ECE {report['ece']:.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @torch.no_grad()
