@@ -203,7 +203,7 @@ def test_files_fingerprint_finds_a_hub_model_in_the_local_cache(tmp_path, monkey
 
 CHECK_ON_TWO_RANKS = """
 import json, sys
-import vrpo_fast.models
+import vrpo_fast.train.data
 from vrpo_fast.config import load_config
 from vrpo_fast.models import byte_tokenizer
 from vrpo_fast.train.data import _check_provenance
@@ -212,8 +212,8 @@ from vrpo_fast.train.distributed import init_distributed
 out, ref, result = sys.argv[1:]
 dist = init_distributed()
 loads = []
-real = vrpo_fast.models.model_from_config
-vrpo_fast.models.model_from_config = lambda cfg, which="policy": loads.append(which) or real(
+real = vrpo_fast.train.data.model_from_config
+vrpo_fast.train.data.model_from_config = lambda cfg, which="policy": loads.append(which) or real(
     cfg, which)
 cfg = load_config(None, [f"--data.path={out}", f"--model.path={ref}", "--model.tokenizer=byte"])
 try:
