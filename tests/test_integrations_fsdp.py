@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 WORKER = r'''
-import copy, sys
+import copy, os, sys
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -94,7 +94,10 @@ loss, _ = loss_fn.from_logps(model(vrpo_batch=batch), ref, aux)
 loss.backward()
 check(model, "head inside the root's forward")
 dist.destroy_process_group()
-print(f"rank {rank} ok")
+print(f"rank {rank} ok", flush=True)
+# Skip the interpreter's teardown: a worker thread torch leaves behind has aborted the process
+# at exit ("terminate called without an active exception") after both ranks were done.
+os._exit(0)
 '''
 
 

@@ -74,6 +74,18 @@ def test_plan_command_prints_the_plan_and_the_largest_budget(capsys):
     for name in ("weights", "gradients", "optimizer", "activations", "lm_head", "ref", "total"):
         assert name in out
     assert "largest packing budget that fits" in out
+    most = int(out.split("largest packing budget that fits: ")[1].split()[0])
+    assert "micro-batch:" not in out
+
+    group = max(1, most // 5) + 1                # 4 whole groups fit, a fifth does not
+    assert cli_main(["plan", "--config", str(TINY), "--gpus", "2", "--gpu-memory", "1",
+                     "--group-tokens", str(group), "--train.micro_batch_groups=8"]) == 0
+    out = capsys.readouterr().out
+    assert f"up to {most // group} groups (train.micro_batch_groups = 8 is over it)" in out
+    assert most // group == 4
+    assert cli_main(["plan", "--config", str(TINY), "--gpus", "2", "--gpu-memory", "1",
+                     "--group-tokens", str(most + 1)]) == 0
+    assert "a prompt group of" in capsys.readouterr().out
 
 
 def test_a_plan_that_does_not_fit_names_the_component(capsys):

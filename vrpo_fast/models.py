@@ -1,12 +1,20 @@
 """Tiny models and a byte-level tokenizer built from a config: no hub download needed.
 
 Used by the tests, `configs/tiny.yaml` and `vrpo-fast demo`. Real runs load a model path instead
-(`load_causal_lm`).
+(`load_causal_lm`), or, for a model FSDP2 will shard, build it empty (`empty=True`: parameters
+on the meta device) so that each rank fills only its own shard from the weight files
+(`weight_files`, `vrpo_fast.train.modules.materialize`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+from pathlib import Path
+
 import torch
+from torch import nn
 
 from vrpo_fast.errors import UserError
 
@@ -83,9 +91,6 @@ def check_weight_files(path: str, what: str = "model.path") -> None:
     """A local model folder's safetensors files must hold every byte their header points to: a
     file cut short (an interrupted copy or download) is one line naming it, not a traceback
     from deep inside the loader. Reads only the headers."""
-    import json
-    from pathlib import Path
-
     folder = Path(path)
     if not folder.is_dir():
         return
@@ -106,32 +111,92 @@ def check_weight_files(path: str, what: str = "model.path") -> None:
                             f"{8 + n + end} (an interrupted copy or download?)")
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "model.path"):
-    """Load a causal LM from a local path or hub name, with one clear error if it cannot be."""
-    from transformers import AutoModelForCausalLM
+def weight_files(path: str | None) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file of a local model folder (one `model.safetensors`, or the
+    shards of `model.safetensors.index.json`); None for anything else (a hub name, .bin
+    weights), which only the full loaders read."""
+    if not path or not Path(path).is_dir():
+        return None
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{index}: not a safetensors index ({err})") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (shape and dtype, no
+    memory, no initialisation) and their buffers real: buffers a model computes from its config
+    (the rotary inverse frequencies) are not in weight files, so they must be built here."""
+    real = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        real(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = real
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "model.path", *,
+                   empty: bool = False):
+    """Load a causal LM from a local path or hub name, with one clear error if it cannot be.
+
+    empty: only its config is read and the model built with parameters on the meta device
+    (`parameters_on_meta`), in eval mode as a loaded one is; the caller fills them
+    (`vrpo_fast.train.modules.materialize`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weight_files(path, what)
     try:
+        if empty:
+            config = AutoConfig.from_pretrained(path)
+            with parameters_on_meta():
+                return AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, attn_implementation="sdpa").eval()
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what}: cannot load a causal LM from {path!r}: {first}") from None
 
 
-def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = False):
+def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = False,
+                      empty: bool = False):
     """A sequence-classification reward model (one output, num_labels = 1) from a local path or
     hub name, with one clear error naming `what` if it cannot be loaded.
 
     new_head: the start of reward-model training, where `path` may be a causal LM whose body
     gets a fresh one-output head; otherwise the checkpoint must already be a one-output model.
+    empty: as in `load_causal_lm` (not with new_head: a fresh head is not in the files).
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     check_weight_files(path, what)
     extra = {"num_labels": 1} if new_head else {}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, attn_implementation="sdpa", **extra)
+        if empty and not new_head:
+            config = AutoConfig.from_pretrained(path)
+            with parameters_on_meta():
+                model = AutoModelForSequenceClassification.from_config(
+                    config, attn_implementation="sdpa").eval()
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, attn_implementation="sdpa", **extra)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what}: cannot load a reward model from {path!r}: {first}") from None
@@ -188,18 +253,28 @@ def load_tokenizer(name: str | None, what: str = "model.tokenizer"):
     return tok
 
 
-def model_from_config(cfg, which: str = "policy", dtype: torch.dtype | None = None):
+def model_path(cfg, which: str = "policy") -> str | None:
+    """The weights `model_from_config` loads: ref.path for pi_ref when set, else model.path
+    (None for a tiny model built from model.tiny)."""
+    return (cfg.ref.path if which == "ref" and cfg.ref.path else cfg.model.path) or None
+
+
+def model_from_config(cfg, which: str = "policy", dtype: torch.dtype | None = None, *,
+                      empty: bool = False):
     """The policy's starting point (`which="policy"`) or pi_ref (`which="ref"`) of a Config,
     in `dtype` (default: model.dtype).
 
     pi_ref is ref.path when set, otherwise the same weights as the policy's starting point.
+    empty: parameters on the meta device, as in `load_causal_lm` (a model path only).
     """
     if dtype is None:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     path = cfg.ref.path if which == "ref" and cfg.ref.path else cfg.model.path
     what = "ref.path" if which == "ref" and cfg.ref.path else "model.path"
     if path:
-        return load_causal_lm(path, dtype=dtype, what=what)
+        return load_causal_lm(path, dtype=dtype, what=what, empty=empty)
+    if empty:
+        raise ValueError("empty=True needs a model path: a tiny model has no weight files")
     return build_tiny_causal_lm(seed=cfg.model.seed, dtype=dtype, **(cfg.model.tiny or {}))
 
 
@@ -220,8 +295,11 @@ def lora_config(lora, base_path: str | None = None):
                            task_type="CAUSAL_LM", base_model_name_or_path=base_path)
 
 
-def add_lora(model: torch.nn.Module, lora, base_path: str | None = None) -> torch.nn.Module:
-    """Inject peft LoRA adapters into `model` in place and freeze everything else.
+def add_lora(model: torch.nn.Module, lora, base_path: str | None = None, *,
+             seed: int = 0) -> torch.nn.Module:
+    """Inject peft LoRA adapters into `model` in place and freeze everything else; their
+    initial values are `lora_initial_value(name, shape, seed)` (left on the meta device for an
+    empty model, whose filler draws the same values).
 
     The model stays the transformers model it was (no PeftModel wrapper), so the packed passes,
     FSDP's per-layer sharding and the fused LM head see the same module tree; parameter names
@@ -239,7 +317,28 @@ def add_lora(model: torch.nn.Module, lora, base_path: str | None = None) -> torc
                             f"{', '.join(_linear_names(model)[:8])})")
     import peft
 
-    return peft.inject_adapter_in_model(config, model)
+    model = peft.inject_adapter_in_model(config, model)
+    if not any(p.is_meta for p in model.parameters()):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(lora_initial_value(name, param.shape, seed))
+    return model
+
+
+def lora_initial_value(name: str, shape, seed: int) -> torch.Tensor:
+    """The initial value of the LoRA parameter `name`: peft's default (lora_A uniform in
+    +-1 / sqrt(fan_in), as kaiming_uniform(a=sqrt(5)) draws it; lora_B zero, so training
+    starts at the base model), drawn from a generator seeded by (seed, name). It depends on
+    nothing else: a model built whole and one built empty and filled shard by shard per rank
+    (`vrpo_fast.train.modules.shard_empty`) start from the same adapters."""
+    import zlib
+
+    if ".lora_B." in name:
+        return torch.zeros(shape)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    bound = 1.0 / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
 def _linear_names(model) -> list[str]:

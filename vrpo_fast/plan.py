@@ -214,6 +214,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per micro-batch to plan for (default train.max_tokens, "
                              "else 4096)")
+    parser.add_argument("--group-tokens", type=int, default=None,
+                        help="tokens of one packed prompt group (its prompt once and its 2 + 2M "
+                             "responses, e.g. the data's largest): the plan then also says how "
+                             "many groups a micro-batch that fits holds "
+                             "(train.micro_batch_groups)")
 
 
 def run(args) -> int:
@@ -223,6 +228,8 @@ def run(args) -> int:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
     if not args.gpu_memory > 0:
         raise UserError(f"--gpu-memory: must be > 0, got {args.gpu_memory}")
+    if args.group_tokens is not None and args.group_tokens < 1:
+        raise UserError(f"--group-tokens: must be >= 1, got {args.group_tokens}")
     cfg = config_from_args(args)
     tokens = args.tokens or cfg.train.max_tokens or 4096
     budget = int(args.gpu_memory * GIB)
@@ -246,6 +253,13 @@ def run(args) -> int:
                         + (f", or at most {most} tokens per micro-batch" if most else ""))
     print(f"fits; the largest packing budget that fits: {most} tokens per micro-batch "
           f"(train.max_tokens)")
+    if args.group_tokens:
+        groups = most // args.group_tokens
+        mb = cfg.train.micro_batch_groups
+        verdict = "fits" if mb <= groups else "is over it"
+        print(f"micro-batch: at {args.group_tokens} tokens per prompt group, up to {groups} "
+              f"groups (train.micro_batch_groups = {mb} {verdict})" if groups else
+              f"micro-batch: a prompt group of {args.group_tokens} tokens does not fit")
     return 0
 
 

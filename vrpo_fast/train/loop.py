@@ -35,9 +35,12 @@ from vrpo_fast.models import (
     check_dtype,
     load_causal_lm,
     load_reward_model,
+    lora_initial_value,
     model_from_config,
+    model_path,
     save_lora,
     tokenizer_from_config,
+    weight_files,
 )
 from vrpo_fast.objective import implicit_preference, reward_preference
 from vrpo_fast.ops import dispatch_vrpo_loss
@@ -54,7 +57,7 @@ from vrpo_fast.train.distributed import (
     init_distributed,
 )
 from vrpo_fast.train.metrics import MetricsLogger, peak_flops, read_metrics
-from vrpo_fast.train.modules import shard
+from vrpo_fast.train.modules import needs_fsdp, shard, shard_empty
 
 # cv_gap: steps in the window of its interval, and steps before its warning may fire.
 CV_GAP_WINDOW = 50
@@ -136,16 +139,29 @@ class Trainer:
 
         on_gpu = self.device.type == "cuda"
         mixed = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and on_gpu)
-        self.lm = self.build_model().to(self.device)
+        # A model FSDP2 shards, from a local safetensors folder, is built empty and each rank
+        # reads only its own shard (train/modules.py); else it is loaded whole, then sharded.
+        self._empty_policy = (type(self).build_model is Trainer.build_model
+                              and self._shard_files(cfg.model.path, t.cpu_offload or
+                                                    needs_fsdp(mixed)) is not None)
+        self.lm = self.build_model(empty=True) if self._empty_policy \
+            else self.build_model().to(self.device)
         self.lm.config.use_cache = False
-        self.policy = shard(self.wrap(self.lm), self.lm, mixed_precision=mixed,
-                            activation_checkpointing=t.activation_checkpointing,
-                            compile_layers=t.compile, cpu_offload=t.cpu_offload)
+        options = dict(mixed_precision=mixed, activation_checkpointing=t.activation_checkpointing,
+                       compile_layers=t.compile, cpu_offload=t.cpu_offload)
+        if self._empty_policy:
+            self.policy = shard_empty(self.wrap(self.lm), self.lm, device=self.device,
+                                      files=weight_files(cfg.model.path), what="model.path",
+                                      initial=self._lora_initial, **options)
+        else:
+            self.policy = shard(self.wrap(self.lm), self.lm, **options)
         self.ref = None
         if cfg.ref.source == "online" and cfg.lora.enabled:
             self.ref = AdaptersOff(self.policy, self.lm)    # no second copy of the weights
         elif cfg.ref.source == "online":
-            self.ref = self._frozen(SequenceLogps(model_from_config(cfg, "ref")), mixed)
+            self.ref = self._frozen(
+                SequenceLogps, lambda empty: model_from_config(cfg, "ref", empty=empty),
+                model_path(cfg, "ref"), "ref.path" if cfg.ref.path else "model.path", mixed)
         self.aux = self._build_aux(mixed)
         self.dro = self._build_dro()
 
@@ -173,18 +189,20 @@ class Trainer:
                                                              self.dist)
         self.M = self.groups.num_mc_pairs
 
-    def build_model(self):
+    def build_model(self, empty: bool = False):
         """The model to train, unwrapped and on the CPU (also the lagged copy of aux.mode
         lagged): the policy's starting point (model.path / model.tiny) in model.dtype; with
         lora.enabled, its weights frozen and LoRA adapters injected (vrpo_fast.models.add_lora).
-        The two-stage trainers build their own."""
+        empty: parameters on the meta device, for `shard_empty` to fill from model.path's
+        files (LoRA adapters keep their initial values). The two-stage trainers build their
+        own."""
         check_dtype(getattr(torch, self.cfg.model.dtype), self.device)
-        model = model_from_config(self.cfg, "policy")
+        model = model_from_config(self.cfg, "policy", empty=empty)
         if self.cfg.lora.enabled:
             if self.export_class != "AutoModelForCausalLM":
                 raise UserError(f"lora.enabled: LoRA trains causal LMs; this stage trains a "
                                 f"{self.export_class} (set lora.enabled=false)")
-            model = add_lora(model, self.cfg.lora, self.cfg.model.path)
+            model = add_lora(model, self.cfg.lora, self.cfg.model.path, seed=self.cfg.train.seed)
         return model
 
     def wrap(self, model):
@@ -234,25 +252,58 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _frozen(self, wrapper, mixed):
-        # Frozen models are never offloaded: they hold no gradients or optimizer states.
-        wrapper.to(self.device).eval().requires_grad_(False)
+    def _lora_initial(self, name, shape):
+        """The initial value of a LoRA adapter the empty policy lacks (None otherwise)."""
+        if not self.cfg.lora.enabled or "lora_" not in name:
+            return None
+        return lora_initial_value(name, shape, self.cfg.train.seed)
+
+    @staticmethod
+    def _shard_files(path, fsdp: bool):
+        """The weight files a sharded model is filled from (`shard_empty`), or None when the
+        model is loaded whole: no FSDP (one full-precision rank holds the whole model anyway),
+        a tiny model, or weights that are not a local safetensors folder."""
+        return weight_files(path) if fsdp else None
+
+    def _frozen(self, wrap, load, path, what, mixed):
+        """A frozen model of the step (pi_ref, g's model), sharded: wrap(load(empty)), built
+        empty and filled shard by shard from `path` when it is sharded and has weight files.
+        Frozen models are never offloaded: they hold no gradients or optimizer states."""
+        files = self._shard_files(path, needs_fsdp(mixed))
+        wrapper = wrap(load(files is not None))
         inner = getattr(wrapper, "lm", None) or wrapper.classifier
-        return shard(wrapper, inner, mixed_precision=mixed)
+        if files is None:
+            wrapper.to(self.device)
+        wrapper.eval().requires_grad_(False)
+        if files is None:
+            return shard(wrapper, inner, mixed_precision=mixed)
+        return shard_empty(wrapper, inner, device=self.device, files=files, what=what,
+                           mixed_precision=mixed)
 
     def _build_aux(self, mixed):
-        mode = self.cfg.aux.mode
+        mode, path = self.cfg.aux.mode, self.cfg.aux.path
         if mode == "lm":
-            return self._frozen(SequenceLogps(load_causal_lm(self.cfg.aux.path,
-                                                             what="aux.path")), mixed)
+            return self._frozen(
+                SequenceLogps, lambda empty: load_causal_lm(path, what="aux.path", empty=empty),
+                path, "aux.path", mixed)
         if mode == "reward_model":
-            rm = load_reward_model(self.cfg.aux.path, what="aux.path")
-            return self._frozen(SequenceRewards(rm), mixed)
+            return self._frozen(
+                SequenceRewards,
+                lambda empty: load_reward_model(path, what="aux.path", empty=empty),
+                path, "aux.path", mixed)
         if mode == "judge":
             # Unsharded and unwrapped: each rank judges its own micro-batches, no grad.
             return load_judge(self.cfg.aux, self.device)
         if mode == "lagged":
-            frozen = self._frozen(self.wrap(self.build_model()), mixed)
+            # The policy's copy: built empty like the policy, its values copied from it.
+            if self._empty_policy:
+                model = self.build_model(empty=True)
+                frozen = self.wrap(model).eval().requires_grad_(False)
+                frozen = shard_empty(frozen, model, device=self.device, files=None,
+                                     what="model.path", mixed_precision=mixed)
+            else:
+                frozen = self._frozen(self.wrap, lambda empty: self.build_model(), None,
+                                      "model.path", mixed)
             self._refresh_lagged(frozen)
             return frozen
         return None

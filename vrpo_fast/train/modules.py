@@ -9,12 +9,22 @@ mixed precision FSDP stays, because its unshard is the bf16 cast the step comput
 of one rank and of many must not differ); with CPU offload it stays too, because its unshard is
 the host-to-device copy. Checkpoints are the same either way: DCP saves plain
 tensors and DTensors under the same names, and reshards between them on load.
+
+A model that FSDP2 will shard is never whole in any rank's memory when it comes from a local
+safetensors folder: it is built empty (parameters on the meta device), sharded, and each rank
+allocates and reads only its own rows of every tensor (`shard_empty`).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from itertools import chain
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from vrpo_fast.errors import UserError
 
 
 def decoder_layers(model: nn.Module):
@@ -66,3 +76,84 @@ def shard(wrapper: nn.Module, inner: nn.Module, *, mixed_precision: bool, reshar
     if fsdp:
         fully_shard(wrapper, mp_policy=mp, reshard_after_forward=reshard, **extra)
     return wrapper
+
+
+def shard_empty(wrapper: nn.Module, inner: nn.Module, *, device: torch.device,
+                files: dict[str, Path] | None, what: str, initial=None,
+                **shard_kwargs) -> nn.Module:
+    """`shard` for a model built empty (`vrpo_fast.models.parameters_on_meta`), then its
+    memory and values: `to_empty` allocates each rank's own shards only, and each parameter's
+    local rows are read from the safetensors `files` (tensor name -> file,
+    `vrpo_fast.models.weight_files`), so no rank holds more than its shard of the model in host
+    or device memory. Every rank reads its own part: the files must be visible to every rank
+    (one node, or a shared file system).
+
+    Tensors the empty model already held for real keep their values (buffers computed from
+    the config: rotary frequencies). Parameters that are in no file take
+    `initial(name, shape)` (a full tensor, of which each rank keeps its rows: the LoRA
+    adapters' initial values; base weights are read under their checkpoint names, without
+    peft's `.base_layer`). files None: parameters left uninitialised for the caller to fill
+    (the lagged copy of aux.mode lagged, from the policy).
+    `what` names the config key in errors (a tensor the files lack, a shape that differs).
+    """
+    kept = {name: t.detach().clone()
+            for name, t in chain(inner.named_parameters(), inner.named_buffers()) if not t.is_meta}
+    wrapper = shard(wrapper, inner, **shard_kwargs)
+    wrapper.to_empty(device=device)
+    by_file: dict[Path, list] = defaultdict(list)
+    with torch.no_grad():
+        for name, buf in inner.named_buffers():
+            buf.copy_(kept[name])
+        for name, param in inner.named_parameters():
+            local, start, stop = _local_rows(param)
+            key = name.replace(".base_layer.", ".")
+            value = kept.get(name)
+            if value is None and initial is not None and (files is None or key not in files):
+                value = initial(name, param.shape)
+            if value is not None:
+                local.copy_(value[start:stop] if local.dim() else value)
+            elif files is not None:
+                if key not in files:
+                    raise UserError(f"{what}: the weight files have no tensor {key!r} (the "
+                                    f"model's config asks for one)")
+                by_file[files[key]].append((key, param, local, start, stop))
+        for file, params in by_file.items():
+            _fill_from(file, params, what)
+    return wrapper
+
+
+def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's local tensor, first row, end row) of a parameter: FSDP2 shards dim 0 in
+    torch.chunk pieces of ceil(n / world) rows; a plain tensor is all its rows."""
+    from torch.distributed.tensor import DTensor
+
+    n = param.shape[0] if param.dim() else 1
+    if not isinstance(param, DTensor) or not any(p.is_shard() for p in param.placements):
+        return (param.to_local() if isinstance(param, DTensor) else param), 0, n
+    (placement,) = param.placements
+    assert placement.is_shard(0), placement
+    mesh = param.device_mesh
+    chunk = -(-n // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, n)
+    stop = min(start + chunk, n)
+    local = param.to_local()
+    assert local.shape[0] == stop - start, (local.shape, start, stop)
+    return local, start, stop
+
+
+def _fill_from(file: Path, params: list, what: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for key, param, local, start, stop in params:
+            piece = f.get_slice(key)
+            shape = tuple(piece.get_shape())
+            if shape != tuple(param.shape):
+                raise UserError(f"{what}: {file.name} holds {key!r} with shape {list(shape)}; "
+                                f"the model's config asks for {list(param.shape)}")
+            local.copy_(_read_rows(piece, start, stop) if local.dim() else piece[:])
+
+
+def _read_rows(piece, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a safetensors tensor slice: only those bytes are read."""
+    return piece[start:stop]

@@ -75,9 +75,11 @@ class RLOOTrainer(Trainer):
         cfg = dataclasses.replace(cfg, ref=dataclasses.replace(cfg.ref, source="online"),
                                   aux=dataclasses.replace(cfg.aux, mode="none"))
         super().__init__(cfg, *args, **kwargs)
-        rm = load_reward_model(cfg.rl.reward_model, what="rl.reward_model")
-        on_gpu = self.device.type == "cuda"
-        self.reward = self._frozen(SequenceRewards(rm), on_gpu)
+        path = cfg.rl.reward_model
+        self.reward = self._frozen(
+            SequenceRewards,
+            lambda empty: load_reward_model(path, what="rl.reward_model", empty=empty),
+            path, "rl.reward_model", self.device.type == "cuda")
         # The sampler runs on an unsharded copy that receives the policy's weights before each
         # draw, as an inference engine would (generation never goes through FSDP's hooks).
         self.generator = self.build_model().to(self.device).eval().requires_grad_(False)
