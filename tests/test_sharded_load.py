@@ -220,3 +220,30 @@ def test_an_empty_model_filled_from_its_files_equals_the_loaded_one(tmp_path):
         shard_empty(SequenceLogps(e), e, device=torch.device("cpu"),
                     files=weight_files(str(tmp_path / "wide")), what="ref.path",
                     mixed_precision=False)
+
+
+def test_one_process_with_cpu_offload_fills_the_policy_from_its_files(tmp_path):
+    """CPU offload keeps FSDP2 on one process, so the policy is built empty there too; it
+    trains from the full loader's weights (the step-1 loss of a run loaded whole)."""
+    from vrpo_fast.train.loop import Trainer
+
+    folder = tmp_path / "m"
+    build_tiny_causal_lm(seed=0, **SHAPE).save_pretrained(folder, max_shard_size="20KB")
+    common = [f"--model.path={folder}", "--model.tokenizer=byte", "--model.tiny=null",
+              "--train.batch_groups=4", "--train.micro_batch_groups=4", "--train.max_steps=1",
+              "--train.save_every=0", "--train.mixed_precision=fp32"]
+    offload = Trainer(load_config(TINY, [f"--train.output_dir={tmp_path / 'a'}", *common,
+                                         "--train.cpu_offload=true"]), quiet=True)
+    assert offload._empty_policy
+    want = load_causal_lm(str(folder)).state_dict()
+    got = {k.removeprefix("lm."): v.full_tensor() for k, v in offload.policy.state_dict().items()}
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    whole = Trainer(load_config(TINY, [f"--train.output_dir={tmp_path / 'b'}", *common]),
+                    quiet=True)
+    assert not whole._empty_policy
+    a, b = offload.train_step(), whole.train_step()
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-6, atol=1e-7)
+    offload._release_lock()
+    whole._release_lock()
