@@ -52,6 +52,15 @@ def _identity_gather(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0)
 
 
+def _tau_gamma(tau: float, gamma: float) -> tuple[float, float]:
+    """The running states' settings, checked: tau > 0, gamma in (0, 1]."""
+    if not tau > 0:
+        raise ValueError(f"tau: must be > 0, got {tau}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma: must be in (0, 1], got {gamma}")
+    return float(tau), float(gamma)
+
+
 class KLDRO:
     """Running-normaliser KL-DRO over prompts (see the module docstring).
 
@@ -63,11 +72,7 @@ class KLDRO:
     kind = "kl"
 
     def __init__(self, tau: float, gamma: float, device: torch.device | str = "cpu"):
-        if not tau > 0:
-            raise ValueError(f"tau: must be > 0, got {tau}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma: must be in (0, 1], got {gamma}")
-        self.tau, self.gamma = float(tau), float(gamma)
+        self.tau, self.gamma = _tau_gamma(tau, gamma)
         self.device = torch.device(device)
         self.log_u = torch.full((), math.nan, dtype=torch.float64, device=self.device)
         self.begin()
@@ -118,11 +123,7 @@ class Chi2DRO:
     kind = "chi2"
 
     def __init__(self, tau: float, gamma: float, device: torch.device | str = "cpu"):
-        if not tau > 0:
-            raise ValueError(f"tau: must be > 0, got {tau}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma: must be in (0, 1], got {gamma}")
-        self.tau, self.gamma = float(tau), float(gamma)
+        self.tau, self.gamma = _tau_gamma(tau, gamma)
         self.device = torch.device(device)
         self.eta = torch.full((), math.nan, dtype=torch.float64, device=self.device)
         self.begin()
