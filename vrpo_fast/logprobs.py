@@ -178,12 +178,11 @@ def sequence_logps(model: nn.Module, prompt_ids: list[list[int]],
     return packed_logps(model, batch.to(device), temperature)
 
 
-def naive_sequence_logps(model: nn.Module, prompt_ids, response_ids, *,
-                         temperature: float = 1.0) -> torch.Tensor:
-    """The oracle: every (prompt, response) as its own right-padded sequence in one batched
-    SDPA forward with full logits and log_softmax -> (G, K) float32. Memory grows with
-    G * K * length * V: for tests and as the benchmark baseline only."""
-    device = model.get_output_embeddings().weight.device
+def padded_rows(prompt_ids, response_ids):
+    """The naive layout: every (prompt, response) in its own right-padded row.
+    -> input_ids (S, T), attention_mask (S, T), response_mask (S, T - 1) over the shifted
+    targets (token t + 1 is a response token: past the prompt, not padding), S = G * K rows,
+    on the CPU."""
     seqs, starts = [], []
     for prompt, responses in zip(prompt_ids, response_ids):
         for resp in responses:
@@ -195,13 +194,21 @@ def naive_sequence_logps(model: nn.Module, prompt_ids, response_ids, *,
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         attn[i, :len(s)] = 1
-    ids, attn = ids.to(device), attn.to(device)
+    pos = torch.arange(1, width)[None, :]
+    keep = (pos >= torch.tensor(starts)[:, None]) & (attn[:, 1:] == 1)
+    return ids, attn, keep
+
+
+def naive_sequence_logps(model: nn.Module, prompt_ids, response_ids, *,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """The oracle: every (prompt, response) as its own right-padded sequence in one batched
+    SDPA forward with full logits and log_softmax -> (G, K) float32. Memory grows with
+    G * K * length * V: for tests and as the benchmark baseline only."""
+    device = model.get_output_embeddings().weight.device
+    ids, attn, keep = (t.to(device) for t in padded_rows(prompt_ids, response_ids))
     if model.config._attn_implementation not in ("sdpa", "eager"):
         model.set_attn_implementation("sdpa")
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
     logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
     tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)             # (S, width - 1)
-    # Token t + 1 is a response token when it is past the prompt and not padding.
-    pos = torch.arange(1, width, device=device)[None, :]
-    keep = (pos >= torch.tensor(starts, device=device)[:, None]) & (attn[:, 1:] == 1)
     return torch.where(keep, tok, 0).sum(dim=1).view(len(prompt_ids), len(response_ids[0]))

@@ -23,6 +23,7 @@ import torch
 
 from vrpo_fast.bench.env import device
 from vrpo_fast.errors import UserError
+from vrpo_fast.logprobs import padded_rows
 from vrpo_fast.models import build_tiny_causal_lm
 
 LENGTHS_TABLE = "hh_lengths.json"
@@ -109,23 +110,8 @@ def build_model(hidden: int, layers: int, vocab: int, seed: int = 0, *, heads: i
 
 
 def padded_batch(prompts, responses, device):
-    """The naive layout: every (prompt, response) in its own right-padded row.
-    -> input_ids (S, T), attention_mask (S, T), response_mask (S, T - 1) over the shifted
-    targets, S = G * K rows."""
-    seqs, starts = [], []
-    for prompt, rs in zip(prompts, responses):
-        for r in rs:
-            seqs.append(prompt + r)
-            starts.append(len(prompt))
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attn = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-    pos = torch.arange(1, width)[None, :]
-    resp = (pos >= torch.tensor(starts)[:, None]) & (attn[:, 1:] == 1)
-    return ids.to(device), attn.to(device), resp.to(device)
+    """The naive layout (`vrpo_fast.logprobs.padded_rows`) on `device`."""
+    return tuple(t.to(device) for t in padded_rows(prompts, responses))
 
 
 def padded_logps(model, prompts, responses):
