@@ -1,7 +1,7 @@
 """One optimizer step at HH-like lengths (BENCHMARKS.md item 3), each forward + backward +
 AdamW on a small Llama-style model: (a) the reference implementation's layout, (b) plain DPO in
 the same naive layout, TRL's DPOTrainer (when installed), (c) vrpo_fast with cached reference
-log-probs, and the trainer's step with an online reference, through the cascade attention and
+log-probs (its LM head and loss in two passes, and in one sweep), and the trainer's step with an online reference, through the cascade attention and
 through the dense mask (vrpo_fast.bench.step says what each does; `vrpo-fast bench step`
 measures a model and lengths of one's choosing the same way). Before timing, (a) and (c) are
 checked to compute the same policy and reference log-probs and the same loss, and TRL's loss
@@ -46,7 +46,7 @@ def bench_train_step(benchmark, record, mode, variant, shape):
         if variant == "trl_dpo":
             check = train_step.check_trl_loss(shape)
             assert check["ok"], f"TRL's DPO loss against (b): {check}"
-        if variant == "vrpo_fast":
+        if variant in train_step.CACHED_REF:
             check = train_step.check_same_maths(shape)
             assert check["ok"], f"(c) against (a): {check}"
         step, state = train_step.make_step(shape, variant)
