@@ -183,8 +183,9 @@ def dispatch_vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | Non
     reference formula, run without gradient on the (B, K) detached log-probs: B x K numbers,
     negligible beside the pass that produced them, and one definition of every statistic.
     Labelled masks (`labelled`, `label_scale`) have no kernel: the reference formula computes
-    those batches (impl="triton" refuses them). The trainers and `FusedLinearVRPOLoss` both
-    call this, so the kernel and the formula cannot drift apart between them.
+    those batches (impl="triton" refuses them). The trainers' two-pass path and
+    `FusedLinearVRPOLoss` both call this, so the kernel and the formula cannot drift apart
+    between them (the one sweep, `linear_vrpo_loss`, runs the same loss kernels).
     """
     common = dict(beta=beta, loss_type=loss_type, estimator=estimator, dro_tau=dro_tau,
                   labelled=labelled, label_scale=label_scale, reduction=reduction,

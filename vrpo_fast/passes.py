@@ -15,10 +15,10 @@ forward. `score`, the reward-model evaluation and best-of-n call the same module
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
-
-import itertools
 
 from vrpo_fast.logprobs import packed_body, packed_hidden_states, packed_logps
 from vrpo_fast.ops import linear_vrpo_loss

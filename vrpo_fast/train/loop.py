@@ -5,8 +5,11 @@
 
 One optimizer step = `train.batch_groups` prompt groups over all ranks, each group packed as its
 prompt once followed by its 2 + 2M responses; the policy runs forward/backward on the packed
-rows, the LM head only on response positions (fused log-prob kernel), and the loss is normalised
-by the global number of groups. With loss.dro_tau or loss.group_dro_eta each group's loss is
+rows, the LM head only on response positions, and the loss is normalised by the global number
+of groups. The LM head and the loss run in one sweep (train.lm_head, vrpo_fast.passes.
+SequenceVRPOLoss: the logit gradients formed while the logits are in a chunk buffer) unless
+DRO weighting or a stage's own loss needs the log-probs first (then the fused log-prob kernel
+and the loss in two passes). With loss.dro_tau or loss.group_dro_eta each group's loss is
 weighted by its own value and a DRO state updated once per step (vrpo_fast.dro): micro-batching
 and ranks change neither the weights nor the objective, and the state is checkpointed.
 """
@@ -109,7 +112,9 @@ class Trainer:
 
     A subclass that keeps micro_step and overrides preferences / compute_loss changes only
     the objective; one that overrides micro_step (on-policy sampling) owns the whole
-    micro-batch and returns (loss, stats, tokens) the same way.
+    micro-batch and returns (loss, stats, tokens) the same way. Either override keeps the
+    two-pass LM head (`lm_head`), so that compute_loss receives the policy's log-probs; the
+    one sweep computes this class's own compute_loss without them.
     """
 
     def __init__(self, cfg: Config, dist: Dist | None = None, *, quiet: bool = False):
