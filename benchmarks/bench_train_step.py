@@ -1,11 +1,12 @@
 """One optimizer step at HH-like lengths (BENCHMARKS.md item 3), each forward + backward +
 AdamW on a small Llama-style model: (a) the reference implementation's layout, (b) plain DPO in
 the same naive layout, TRL's DPOTrainer (when installed), (c) vrpo_fast with cached reference
-log-probs, and the trainer's step with an online reference, through the cascade attention and
-through the dense mask (vrpo_fast.bench.step says what each does; `vrpo-fast bench step`
-measures a model and lengths of one's choosing the same way). Before timing, (a) and (c) are
-checked to compute the same policy and reference log-probs and the same loss, and TRL's loss
-against (b)'s. Lengths: "hh" draws prompt / response lengths from the HH-RLHF length table
+log-probs (its LM head and loss in two passes, and in one sweep), and the trainer's step with
+an online reference, through the cascade attention and through the dense mask
+(vrpo_fast.bench.step says what each does; `vrpo-fast bench step` measures a model and lengths
+of one's choosing the same way). Before timing, (a) and (c) are checked to compute the same
+policy and reference log-probs and the same loss (the one-sweep step the same loss), and TRL's
+loss against (b)'s. Lengths: "hh" draws prompt / response lengths from the HH-RLHF length table
 shipped with the package (vrpo_fast/bench/hh_lengths.json); "long" is prompt 160 tokens,
 responses 60-120.
 
@@ -46,7 +47,7 @@ def bench_train_step(benchmark, record, mode, variant, shape):
         if variant == "trl_dpo":
             check = train_step.check_trl_loss(shape)
             assert check["ok"], f"TRL's DPO loss against (b): {check}"
-        if variant == "vrpo_fast":
+        if variant in train_step.CACHED_REF:
             check = train_step.check_same_maths(shape)
             assert check["ok"], f"(c) against (a): {check}"
         step, state = train_step.make_step(shape, variant)

@@ -155,12 +155,15 @@ def test_score_with_a_judge_records_it_and_refuses_another_template(tmp_path):
 
 
 def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
-    """Online g: for every micro-batch, the g the loss receives is the judge's g of the
-    micro-batch's decoded texts, from one float64 forward per pair and order."""
+    """Online g: for every micro-batch, the g the loss receives (the one-sweep LM head's, g
+    its 8th argument, or the two-pass loss's) is the judge's g of the micro-batch's decoded
+    texts, from one float64 forward per pair and order."""
+    import vrpo_fast.passes as passes
     import vrpo_fast.train.loop as loop
     from vrpo_fast.config import load_config
 
     seen, real_loss, real_micro = [], loop.dispatch_vrpo_loss, loop.Trainer.micro_step
+    real_sweep = passes.linear_vrpo_loss
 
     def micro_step(self, groups):
         seen.append({"groups": groups})
@@ -170,8 +173,13 @@ def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
         seen[-1]["g"] = g.detach().double().cpu().clone()
         return real_loss(policy_logps, ref_logps, g, **kw)
 
+    def linear_vrpo_loss(*args, **kw):
+        seen[-1]["g"] = args[7].detach().double().cpu().clone()
+        return real_sweep(*args, **kw)
+
     monkeypatch.setattr(loop.Trainer, "micro_step", micro_step)
     monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
+    monkeypatch.setattr(passes, "linear_vrpo_loss", linear_vrpo_loss)
     path = judge_folder(tmp_path, seed=7)
     template = T1
     cfg = load_config(loop.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [

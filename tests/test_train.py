@@ -290,11 +290,15 @@ def _save_tiny(tmp_path, kind):
 
 def _capture_g(monkeypatch, *, weights=False):
     """Records, for every micro-batch, the step, the groups and the g the loss receives (and
-    with `weights` the policy's full weights at the start of the micro-batch)."""
+    with `weights` the policy's full weights at the start of the micro-batch), on either LM
+    head path: the one sweep's loss (passes.linear_vrpo_loss, g its 8th argument) or the
+    two-pass loss (dispatch_vrpo_loss)."""
+    import vrpo_fast.passes as passes
     import vrpo_fast.train.loop as loop
 
     seen = []
     real_loss, real_micro = loop.dispatch_vrpo_loss, loop.Trainer.micro_step
+    real_sweep = passes.linear_vrpo_loss
 
     def micro_step(self, groups):
         entry = {"step": self.step, "groups": groups}
@@ -308,8 +312,13 @@ def _capture_g(monkeypatch, *, weights=False):
         seen[-1]["g"] = g.detach().double().cpu().clone()
         return real_loss(policy_logps, ref_logps, g, **kw)
 
+    def linear_vrpo_loss(*args, **kw):
+        seen[-1]["g"] = args[7].detach().double().cpu().clone()
+        return real_sweep(*args, **kw)
+
     monkeypatch.setattr(loop.Trainer, "micro_step", micro_step)
     monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
+    monkeypatch.setattr(passes, "linear_vrpo_loss", linear_vrpo_loss)
     return seen
 
 

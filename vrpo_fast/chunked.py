@@ -155,11 +155,21 @@ class TorchSweep:
     def loss_grad(self, policy, ref, g, grad_scale: float):
         """policy, ref: (b, K) fp32, g: (b, K / 2) -> (per-prompt loss (b,), grad_scale *
         dL_b / dpolicy (b, K))."""
-        with torch.enable_grad():
-            p = policy.detach().requires_grad_(True)
-            per, _ = vrpo_loss(p, ref, g, reduction="none", check_inputs=False, **self.loss)
-            (dp,) = torch.autograd.grad(per, p, torch.full_like(per, grad_scale))
-        return per.detach(), dp
+        return reference_loss_grad(policy, ref, g, grad_scale, self.loss)
+
+
+def reference_loss_grad(policy, ref, g, grad_scale: float, loss: dict, labelled=None,
+                        label_scale=None):
+    """The per-prompt losses of `vrpo_loss` (b,) and grad_scale * dL_b / dpolicy (b, K), by
+    autograd through the reference formula on the (b, K) sequence log-probs: b x K numbers,
+    exact for every option of the formula (labelled masks included), no host sync.
+    loss: beta, loss_type, estimator."""
+    with torch.enable_grad():
+        p = policy.detach().requires_grad_(True)
+        per, _ = vrpo_loss(p, ref, g, reduction="none", check_inputs=False, labelled=labelled,
+                           label_scale=label_scale, **loss)
+        (dp,) = torch.autograd.grad(per, p, torch.full_like(per, grad_scale))
+    return per.detach(), dp
 
 
 def group_offsets(segment_ids: torch.Tensor, num_groups: int,
@@ -190,16 +200,20 @@ def group_chunks(offsets: list[int], max_tokens: int) -> list[tuple[int, int]]:
 
 def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size, ref_logps,
                       aux_prefs, *, grad_scale: float, need_dh: bool, need_dw: bool,
-                      chunk_tokens: int | None = None):
+                      chunk_tokens: int | None = None, labelled: torch.Tensor | None = None,
+                      label_scale=None):
     """Log-probs, the per-prompt VRPO losses and (optionally) dLoss/dH, dLoss/dW in one sweep.
 
     hidden: (N, D), targets, segment_ids: (N,) with each group's tokens contiguous, offsets:
     (G + 1,) token offsets of the groups (`group_offsets`), ref_logps: (G, K) or None,
-    aux_prefs: (G, K / 2); grad_scale: dLoss / dL_b (1 / G for the mean, 1 for the sum).
+    aux_prefs: (G, K / 2); grad_scale: dLoss / dL_b (1 / G for the mean, 1 for the sum);
+    labelled: (G,) bool or None and label_scale (a float or a () tensor, required with
+    labelled: a chunk must not normalise by its own count) as in `vrpo_fast.vrpo_loss`.
     backend: `TorchSweep` or `vrpo_fast.kernels.fused_linear_vrpo.TritonSweep`, whose
     `weight` (V, D) is the LM head in its work dtype; its steps work on the buffer in place:
     logits(h, out) -> z, lse_logp(z, targets) -> (lse or None: what dlogits_ needs besides the
-    buffer, logp), dlogits_(z, targets, lse, coef) -> dz, loss_grad -> (per-prompt loss, dpolicy).
+    buffer, logp), dlogits_(z, targets, lse, coef) -> dz, loss_grad -> (per-prompt loss, dpolicy)
+    (with `labelled`, which no loss kernel takes, `reference_loss_grad` instead).
 
     Per run of whole groups (`group_chunks`, at most chunk_tokens tokens; by default what fits
     in backend.buffer_bytes, or the largest group if that is longer, up to 4x): the logits once
@@ -239,7 +253,13 @@ def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size
             lse, logp = backend.lse_logp(z, targets[a:b])
             seq.index_add_(0, local[a - t0:b - t0], logp)
         ref = None if ref_logps is None else ref_logps[g0:g1].float()
-        per[g0:g1], dpol = backend.loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1], grad_scale)
+        if labelled is None:
+            per[g0:g1], dpol = backend.loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1],
+                                                 grad_scale)
+        else:
+            per[g0:g1], dpol = reference_loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1],
+                                                   grad_scale, backend.loss, labelled[g0:g1],
+                                                   label_scale)
         if not need_grad:
             continue
         # dLoss/dlogits_n = c_n (onehot - softmax) with c_n = dLoss/dpolicy_{seg_n} / T (the
@@ -285,6 +305,7 @@ def one_sweep_vrpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                         ref_logps: torch.Tensor | None, aux_prefs: torch.Tensor, *,
                         beta: float, loss_type: str, estimator: str, reduction: str,
                         temperature: float = 1.0, ignore_index: int = -100,
+                        labelled: torch.Tensor | None = None, label_scale=None,
                         chunk_tokens: int | None = None, backend_cls=TorchSweep):
     """The mean (or sum) over G prompt groups of the VRPO loss, from the LM head's inputs, in
     one sweep (`linear_vrpo_sweep`); differentiable in hidden and weight.
@@ -292,7 +313,9 @@ def one_sweep_vrpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     hidden: (N, D), weight: (V, D), targets / segment_ids: (N,) (segment g * K + k, each
     group's tokens contiguous), offsets: `group_offsets(segment_ids, G, K)`, ref_logps:
     (G, K) or None, aux_prefs: (G, K / 2). reduction: mean | sum (a per-prompt output would
-    need a vector backward, which stored gradients cannot give). chunk_tokens: tokens per chunk
+    need a vector backward, which stored gradients cannot give). labelled: (G,) bool or None,
+    label_scale: as in `vrpo_fast.vrpo_loss` (default B / labelled prompts, of all G groups,
+    not of a chunk). chunk_tokens: tokens per chunk
     (an operational setting: the result does not depend on it). backend_cls: TorchSweep, or
     TritonSweep for the GPU steps. Arguments are validated by the caller
     (`vrpo_fast.ops.FusedLinearVRPOLoss`).
@@ -303,12 +326,16 @@ def one_sweep_vrpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     targets, segment_ids = targets.long(), segment_ids.long()      # gather / scatter indices
     backend = backend_cls(hidden, weight, temperature=temperature, ignore_index=ignore_index,
                           beta=beta, loss_type=loss_type, estimator=estimator)
+    if labelled is not None and label_scale is None:
+        # vrpo_loss's default, over the whole batch (a () tensor: no host sync).
+        label_scale = G / labelled.sum().clamp(min=1)
 
     def sweep(need_dh, need_dw):
         return linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size,
                                  ref_logps, aux_prefs,
                                  grad_scale=1.0 / G if reduction == "mean" else 1.0,
-                                 need_dh=need_dh, need_dw=need_dw, chunk_tokens=chunk_tokens)
+                                 need_dh=need_dh, need_dw=need_dw, chunk_tokens=chunk_tokens,
+                                 labelled=labelled, label_scale=label_scale)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _OneSweepVRPOLoss.apply(hidden, weight, sweep, reduction)
     per, policy, _, _ = sweep(False, False)

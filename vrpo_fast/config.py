@@ -183,6 +183,14 @@ class TrainConfig:
                                  "states live in host memory, each layer is copied to the "
                                  "device for its compute (slower; for a model that does not "
                                  "fit otherwise). Runs FSDP even on one process.")
+    lm_head: Literal["auto", "one_sweep", "two_pass"] = F(
+        "auto", "How the policy's LM head and loss run. one_sweep: per chunk of whole prompt "
+                "groups the logits once, the log-probs, the loss and at once the logit, hidden "
+                "and weight gradients (no logits recomputed in backward); two_pass: the fused "
+                "log-prob head, then the loss, the head's backward recomputing the logits. "
+                "auto: one_sweep where it is exact (the policy trainer, no DRO weighting: "
+                "loss.dro_tau and loss.group_dro_eta couple the groups of a step), else "
+                "two_pass. The same maths either way.")
     mixed_precision: Literal["auto", "bf16", "fp32"] = F(
         "auto", "auto: bf16 params/compute with fp32 reduction on GPU, fp32 on CPU.")
     max_bad_steps: int = F(5, "Stop after this many non-finite steps in a row.")

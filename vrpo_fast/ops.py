@@ -183,8 +183,9 @@ def dispatch_vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | Non
     reference formula, run without gradient on the (B, K) detached log-probs: B x K numbers,
     negligible beside the pass that produced them, and one definition of every statistic.
     Labelled masks (`labelled`, `label_scale`) have no kernel: the reference formula computes
-    those batches (impl="triton" refuses them). The trainers and `FusedLinearVRPOLoss` both
-    call this, so the kernel and the formula cannot drift apart between them.
+    those batches (impl="triton" refuses them). The trainers' two-pass path and
+    `FusedLinearVRPOLoss` both call this, so the kernel and the formula cannot drift apart
+    between them (the one sweep, `linear_vrpo_loss`, runs the same loss kernels).
     """
     common = dict(beta=beta, loss_type=loss_type, estimator=estimator, dro_tau=dro_tau,
                   labelled=labelled, label_scale=label_scale, reduction=reduction,
@@ -208,6 +209,30 @@ def dispatch_vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | Non
     if reduction == "sum":
         return per.sum(), stats
     return per, stats
+
+
+def linear_vrpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     segment_ids: torch.Tensor, offsets: list[int], group_size: int,
+                     ref_logps: torch.Tensor | None, aux_prefs: torch.Tensor, *, beta: float,
+                     loss_type: str, estimator: str, reduction: str, temperature: float = 1.0,
+                     labelled: torch.Tensor | None = None, label_scale=None,
+                     impl: str = "auto", chunk_tokens: int | None = None):
+    """The one-sweep LM head + VRPO loss (`vrpo_fast.chunked.one_sweep_vrpo_loss`) with
+    device dispatch: the Triton steps (`TritonSweep`) in the LM head's compute dtype on CUDA,
+    the PyTorch steps in fp32 otherwise. Same arguments and returns (loss () and the detached
+    (G, K) policy log-probs), plus `impl`; g is never differentiated. Not validated here: the
+    callers (`FusedLinearVRPOLoss`, `vrpo_fast.passes.SequenceVRPOLoss`) check once."""
+    backend = {}
+    if _use_triton(impl, hidden, weight):
+        from vrpo_fast.kernels.fused_linear_vrpo import TritonSweep
+
+        hidden, weight = _kernel_inputs(hidden, weight)
+        backend["backend_cls"] = TritonSweep
+    return one_sweep_vrpo_loss(hidden, weight, targets, segment_ids, offsets, group_size,
+                               ref_logps, aux_prefs.detach(), beta=beta, loss_type=loss_type,
+                               estimator=estimator, reduction=reduction,
+                               temperature=float(temperature), labelled=labelled,
+                               label_scale=label_scale, chunk_tokens=chunk_tokens, **backend)
 
 
 class FusedLinearVRPOLoss(nn.Module):
@@ -311,16 +336,11 @@ class FusedLinearVRPOLoss(nn.Module):
 
     def _one_sweep(self, hidden, weight, targets, segment_ids, offsets, group_size, ref_logps,
                    aux_prefs, common):
-        sweep = dict(beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
-                     reduction=common["reduction"], temperature=float(self.temperature),
-                     chunk_tokens=self.chunk_tokens)
-        if _use_triton(self.impl, hidden, weight):
-            from vrpo_fast.kernels.fused_linear_vrpo import TritonSweep
-
-            hidden, weight = _kernel_inputs(hidden, weight)
-            sweep["backend_cls"] = TritonSweep
-        loss, policy = one_sweep_vrpo_loss(hidden, weight, targets, segment_ids, offsets,
-                                           group_size, ref_logps, aux_prefs.detach(), **sweep)
+        loss, policy = linear_vrpo_loss(
+            hidden, weight, targets, segment_ids, offsets, group_size, ref_logps, aux_prefs,
+            beta=self.beta, loss_type=self.loss_type, estimator=self.estimator,
+            reduction=common["reduction"], temperature=self.temperature, impl=self.impl,
+            chunk_tokens=self.chunk_tokens)
         # Validation and the detached statistics: the reference formula on (B, K) numbers.
         with torch.no_grad():
             _, stats = vrpo_loss(policy, ref_logps, aux_prefs, **common)

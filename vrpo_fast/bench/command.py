@@ -326,7 +326,7 @@ def bench_step(args, quick: bool = False) -> list[dict]:
         try:
             if variant == "trl_dpo":
                 row["check"] = step.check_trl_loss(shape)
-            elif variant == "vrpo_fast":
+            elif variant in step.CACHED_REF:
                 row["check"] = check
             if "check" in row and not row["check"]["ok"]:
                 rows.append(dict(row, error="correctness check failed: not timed"))

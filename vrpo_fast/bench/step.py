@@ -11,7 +11,11 @@
   vrpo_fast        (c)  pack_groups -> packed_hidden_states -> linear_logprobs (the Triton
                         kernel on CUDA, the chunked reference on the CPU) -> the VRPO loss (the
                         fused kernel on CUDA), reference log-probs from the cache that
-                        `vrpo-fast score` writes (no reference forward)
+                        `vrpo-fast score` writes (no reference forward): the trainer's
+                        train.lm_head=two_pass
+  vrpo_fast_one_sweep   (c) with the LM head and the loss in one sweep
+                        (vrpo_fast.passes.SequenceVRPOLoss, the trainer's default head): per
+                        chunk of whole groups the logits once, their gradients formed at once
   vrpo_fast_online      the trainer's step with ref.source = online: (c) plus a packed no-grad
                         reference pass every step
   vrpo_fast_online_dense  the same through SDPA over the dense (T, T) mask (the CPU path
@@ -19,7 +23,7 @@
 
 Packing and padding happen inside the timed step for every variant, as in a trainer. Before
 timing, (a) and (c) are checked to compute the same policy and reference log-probs and the
-same loss (and the online step the same loss), and TRL's loss against (b)'s.
+same loss (and the online and one-sweep steps the same loss), and TRL's loss against (b)'s.
 
 Beside each time, `bound` gives the step's arithmetic lower bound: its useful FLOPs
 (`step_flops`) over the float32 matmul rate measured in the same run (`matmul_rate`).
@@ -52,9 +56,11 @@ from vrpo_fast.models import byte_tokenizer, load_causal_lm
 from vrpo_fast.objective import vrpo_loss
 from vrpo_fast.ops import linear_logprobs, per_prompt_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
+from vrpo_fast.passes import SequenceVRPOLoss
 
-VARIANTS = ("reference_layout", "dpo_naive", "trl_dpo", "vrpo_fast", "vrpo_fast_online",
-            "vrpo_fast_online_dense")
+VARIANTS = ("reference_layout", "dpo_naive", "trl_dpo", "vrpo_fast", "vrpo_fast_one_sweep",
+            "vrpo_fast_online", "vrpo_fast_online_dense")
+CACHED_REF = ("vrpo_fast", "vrpo_fast_one_sweep")     # no reference forward inside the step
 DPO_VARIANTS = ("dpo_naive", "trl_dpo")
 BETA = 0.1
 
@@ -121,6 +127,16 @@ def fast_loss(policy, ref_logps, prompts, responses, g, budget):
     per_prompt = per_prompt_vrpo_loss(logps, ref_logps, g, beta=BETA, loss_type="sigmoid",
                                       estimator="vrpo")
     return per_prompt.mean()
+
+
+def one_sweep_loss(policy, ref_logps, prompts, responses, g, budget):
+    """(c) with the LM head and the loss in one sweep, as the trainer runs it: the summed
+    per-prompt losses of `SequenceVRPOLoss`, over the groups."""
+    batch = pack_groups(prompts, responses, max_tokens=budget,
+                        **row_padding(device())).to(device())
+    total, _ = SequenceVRPOLoss(policy)(batch, ref_logps, g, beta=BETA, loss_type="sigmoid",
+                                        estimator="vrpo")
+    return total / batch.num_groups
 
 
 def online_loss(policy, ref, prompts, responses, g, budget, attention="auto"):
@@ -197,12 +213,13 @@ def make_step(shape: dict, variant: str):
         def loss_fn():
             return online_loss(policy, ref, prompts, responses, g, budget, attention)
         keep = [policy, ref, opt, g]
-    elif variant == "vrpo_fast":
+    elif variant in CACHED_REF:
         ref_logps = cached_ref_logps(ref, prompts, responses, budget)
         del ref                      # the cache replaces the reference model in training
+        head = fast_loss if variant == "vrpo_fast" else one_sweep_loss
 
         def loss_fn():
-            return fast_loss(policy, ref_logps, prompts, responses, g, budget)
+            return head(policy, ref_logps, prompts, responses, g, budget)
         keep = [policy, opt, ref_logps, g]
     else:
         def loss_fn():
@@ -232,6 +249,7 @@ def check_same_maths(shape: dict) -> dict:
         a = naive_loss(policy, ref, prompts, responses, g, M)
         c = fast_loss(policy, cached, prompts, responses, g, budget)
         online = online_loss(policy, ref, prompts, responses, g, budget)
+        sweep = one_sweep_loss(policy, cached, prompts, responses, g, budget)
     tol = 1e-4 if policy.dtype == torch.float32 else 2e-2
     scale = naive.abs().max()
 
@@ -239,9 +257,9 @@ def check_same_maths(shape: dict) -> dict:
         return ((got - want).abs() / (atol + want.abs())).max().item()
     errs = {"policy log p": err(packed, naive, scale), "reference log p":
             err(cached, naive_ref, scale), "loss": err(c, a, 1.0),
-            "online loss": err(online, a, 1.0)}
+            "online loss": err(online, a, 1.0), "one-sweep loss": err(sweep, a, 1.0)}
     limits = {"policy log p": tol, "reference log p": tol, "loss": 10 * tol,
-              "online loss": 10 * tol}
+              "online loss": 10 * tol, "one-sweep loss": 10 * tol}
     return dict(reference="the naive padded layout (a)", rel_err=errs, tol=limits,
                 ok=all(errs[k] <= limits[k] for k in errs))
 
@@ -303,7 +321,7 @@ def bound(variant: str, state: dict, median_s: float) -> dict:
     """The step's arithmetic lower bound (useful FLOPs of the step this variant computes, its
     responses and its reference pass, at the matmul rate measured now, under the same load as
     the timing) and the ratio of the measured median to it."""
-    online = variant != "vrpo_fast"            # a reference forward inside the step
+    online = variant not in CACHED_REF         # a reference forward inside the step
     flops = step_flops(state["keep"][0], state["prompts"], state["responses"],
                        reference=online)
     rate = matmul_rate()
@@ -318,7 +336,7 @@ def token_counts(variant: str, state: dict) -> dict:
     G, K = len(prompts), len(responses[0])
     P = sum(map(len, prompts))
     R = sum(len(r) for rs in responses for r in rs)
-    online = variant != "vrpo_fast"             # a reference forward inside the step
+    online = variant not in CACHED_REF          # a reference forward inside the step
     if variant.startswith("vrpo_fast"):  # packed rows (with their tail padding), response tokens
         rows, width = pack_groups(prompts, responses, max_tokens=state["budget"]).shape
         model_tokens, lm_head_tokens = (1 + online) * rows * width, (1 + online) * R

@@ -306,9 +306,8 @@ RESUME_FIXED = ("train.seed", "train.batch_groups", "train.shuffle", "model.tiny
 RESUME_FREE = ("train.output_dir", "train.save_every", "train.keep_last", "train.log_every",
                "train.tensorboard", "train.wandb_project", "train.max_bad_steps",
                "train.micro_batch_groups", "train.max_tokens", "train.activation_checkpointing",
-               "train.compile", "train.cpu_offload", "train.allow_data_change", "data.cache_dir",
-               "sample.", "score.",
-               "eval.", "run.")
+               "train.compile", "train.cpu_offload", "train.allow_data_change", "train.lm_head",
+               "data.cache_dir", "sample.", "score.", "eval.", "run.")
 
 
 def config_changes(path: Path, config: dict) -> tuple[list[str], list[str]]:

@@ -5,8 +5,11 @@
 
 One optimizer step = `train.batch_groups` prompt groups over all ranks, each group packed as its
 prompt once followed by its 2 + 2M responses; the policy runs forward/backward on the packed
-rows, the LM head only on response positions (fused log-prob kernel), and the loss is normalised
-by the global number of groups. With loss.dro_tau or loss.group_dro_eta each group's loss is
+rows, the LM head only on response positions, and the loss is normalised by the global number
+of groups. The LM head and the loss run in one sweep (train.lm_head, vrpo_fast.passes.
+SequenceVRPOLoss: the logit gradients formed while the logits are in a chunk buffer) unless
+DRO weighting or a stage's own loss needs the log-probs first (then the fused log-prob kernel
+and the loss in two passes). With loss.dro_tau or loss.group_dro_eta each group's loss is
 weighted by its own value and a DRO state updated once per step (vrpo_fast.dro): micro-batching
 and ranks change neither the weights nor the objective, and the state is checkpointed.
 """
@@ -42,10 +45,10 @@ from vrpo_fast.models import (
     tokenizer_from_config,
     weight_files,
 )
-from vrpo_fast.objective import implicit_preference, reward_preference
+from vrpo_fast.objective import implicit_preference, reward_preference, vrpo_loss
 from vrpo_fast.ops import dispatch_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
-from vrpo_fast.passes import SequenceLogps, SequenceRewards
+from vrpo_fast.passes import SequenceLogps, SequenceRewards, SequenceVRPOLoss
 from vrpo_fast.train import checkpoint as ckpt
 from vrpo_fast.train import lock
 from vrpo_fast.train.data import GroupStream, load_training_groups
@@ -112,7 +115,9 @@ class Trainer:
 
     A subclass that keeps micro_step and overrides preferences / compute_loss changes only
     the objective; one that overrides micro_step (on-policy sampling) owns the whole
-    micro-batch and returns (loss, stats, tokens) the same way.
+    micro-batch and returns (loss, stats, tokens) the same way. Either override keeps the
+    two-pass LM head (`lm_head`), so that compute_loss receives the policy's log-probs; the
+    one sweep computes this class's own compute_loss without them.
     """
 
     def __init__(self, cfg: Config, dist: Dist | None = None, *, quiet: bool = False):
@@ -176,6 +181,7 @@ class Trainer:
         self._warned_margin = False
         self._n_params = sum(p.numel() for p in self.lm.parameters())
         self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
+        self.lm_head = self._choose_lm_head()
 
     # -- set-up (extension points: the two-stage trainers override these) ---------------------
 
@@ -207,9 +213,10 @@ class Trainer:
 
     def wrap(self, model):
         """The module the loop shards and calls: PackedBatch -> (B, K) per-response scores
-        (here sequence log-probs through the fused LM head; a reward model's rewards in
-        train-reward). Its first attribute names the weights in checkpoints."""
-        return SequenceLogps(model)
+        (here sequence log-probs through the fused LM head, by `SequenceVRPOLoss`, which can
+        also take the loss in one sweep; a reward model's rewards in train-reward). Its first
+        attribute names the weights in checkpoints."""
+        return SequenceVRPOLoss(model)
 
     def _take_lock(self):
         """One writer per output folder (see train/lock.py): rank 0 takes the lock, every rank
@@ -360,15 +367,17 @@ class Trainer:
         return torch.tensor(g, dtype=torch.float32, device=self.device)
 
     def micro_step(self, groups) -> tuple[torch.Tensor, dict, int]:
-        """One micro-batch (`groups`, from self.groups.select): packs it, runs the policy (and
-        the reference and auxiliary passes), and returns (its share of the step's loss, to
-        backpropagate; detached statistics; tokens packed)."""
+        """One micro-batch (`groups`, from self.groups.select): packs it, runs the reference
+        and auxiliary passes, then the policy, and returns (its share of the step's loss, to
+        backpropagate; detached statistics; tokens packed). The policy's LM head and loss run
+        in one sweep or in two passes (`lm_head`): the same maths."""
         cfg = self.cfg
         budget = trainer_budget(cfg.train.max_tokens, self.device, groups.prompt_ids,
                                 groups.response_ids)
         batch = pack_groups(groups.prompt_ids, groups.response_ids, max_tokens=budget,
                             **row_padding(self.device)).to(self.device)
-        policy_logps = self.policy(batch)
+        # pi_ref and g first: neither depends on the policy's pass, and the one sweep needs
+        # both before the policy's LM head runs.
         if cfg.ref.source == "cache":
             ref_logps = groups.ref_logps(self.device)
         elif cfg.ref.source == "online":
@@ -381,8 +390,49 @@ class Trainer:
         if labelled is None and self._label_scale is not None:
             # A fully labelled micro-batch of a step that has unlabelled prompts elsewhere.
             labelled = torch.ones(len(groups), dtype=torch.bool, device=self.device)
-        loss, stats = self.compute_loss(policy_logps, ref_logps, g, labelled, groups)
+        if self.lm_head == "one_sweep":
+            loss, stats = self._one_sweep_loss(batch, ref_logps, g, labelled)
+        else:
+            policy_logps = self.policy(batch)
+            loss, stats = self.compute_loss(policy_logps, ref_logps, g, labelled, groups)
         return loss, stats, batch.num_tokens
+
+    def _one_sweep_loss(self, batch, ref_logps, g, labelled):
+        """compute_loss's value and statistics with the LM head and the loss in one sweep
+        (`SequenceVRPOLoss`): the sum of the micro-batch's per-prompt losses over this rank's
+        groups, as prompt_share without DRO; the statistics by the reference formula from the
+        detached policy log-probs, as `ops.dispatch_vrpo_loss` takes them."""
+        loss = self.cfg.loss
+        settings = dict(beta=loss.beta, loss_type=loss.loss_type, estimator=loss.estimator)
+        total, policy_logps = self.policy(batch, ref_logps, g, labelled, self._label_scale,
+                                          **settings)
+        with torch.no_grad():
+            _, stats = vrpo_loss(policy_logps, ref_logps, g, labelled=labelled,
+                                 label_scale=self._label_scale, reduction="none",
+                                 check_inputs=False, **settings)
+        return total / self.local_groups, stats
+
+    def _choose_lm_head(self) -> str:
+        """train.lm_head resolved: "one_sweep" where the one sweep computes this stage's
+        objective exactly, else "two_pass"; train.lm_head=one_sweep where it cannot: one
+        line saying why."""
+        choice = self.cfg.train.lm_head
+        if choice == "two_pass":
+            return choice
+        if not isinstance(self.policy, SequenceVRPOLoss):
+            why = "the trained model does not give sequence log-probs (this stage's wrap)"
+        elif (type(self).compute_loss is not Trainer.compute_loss
+              or type(self).micro_step is not Trainer.micro_step):
+            why = f"{type(self).__name__} computes its own loss"
+        elif self.dro is not None:
+            why = ("DRO weighting (loss.dro_tau / loss.group_dro_eta) couples the groups of a "
+                   "step")
+        else:
+            return "one_sweep"
+        if choice == "one_sweep":
+            raise UserError(f"train.lm_head: one_sweep cannot compute this run's loss: {why}; "
+                            f"use auto or two_pass")
+        return "two_pass"
 
     def compute_loss(self, policy_logps, ref_logps, g, labelled, groups):
         """This micro-batch's share of the global (robust) mean loss, and its statistics.
