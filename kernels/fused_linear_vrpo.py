@@ -146,12 +146,12 @@ class TritonSweep:
     buffer_bytes = SWEEP_CHUNK_BYTES
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float,
-                 ignore_index: int, beta: float, loss_type: str, estimator: str):
+                 ignore_index: int, **loss):
         self.work = (torch.float32 if not hidden.is_cuda and hidden.dtype == torch.bfloat16
                      else hidden.dtype)
         self.weight = weight.to(self.work).contiguous()
         self.temperature, self.ignore_index = temperature, ignore_index
-        self.loss = dict(beta=beta, loss_type=loss_type, estimator=estimator)
+        self.loss = loss            # beta, loss_type, estimator (none for sweep_logprobs)
 
     def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """h: (n, D) -> out (n, V) = h W^T in the work dtype."""

@@ -20,10 +20,19 @@ from vrpo_fast.ops import FusedLinearVRPOLoss, linear_logprobs, per_prompt_vrpo_
 
 @pytest.fixture
 def spies(monkeypatch):
-    """Counts the calls that reach the Triton autograd Function and the chunked reference."""
+    """Counts the calls that reach the Triton autograd Function, the chunked reference and
+    the no-grad sweep (by backend)."""
     calls = {"triton": 0, "torch": 0}
     real_apply = kernel_module.LinearLogprobFunction.apply
     real_chunked = ops.chunked_linear_logprobs
+    real_sweep = ops.sweep_logprobs
+
+    def sweep(backend, *args, **kwargs):
+        key = f"sweep_{type(backend).__name__}"
+        calls[key] = calls.get(key, 0) + 1
+        return real_sweep(backend, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "sweep_logprobs", sweep)
 
     class Spy(kernel_module.LinearLogprobFunction):
         @classmethod
@@ -42,6 +51,7 @@ def spies(monkeypatch):
 
 def test_dispatch_picks_the_implementation_and_both_agree(spies):
     h, w, t = make_inputs(19, 24, 130, torch.float32)
+    h.requires_grad_(True)                # the autograd paths (no grad: the sweep, below)
     t[3] = -100
     seg = torch.arange(19, device=DEVICE) // 5
     kw = dict(segment_ids=seg, num_segments=4)
@@ -55,6 +65,48 @@ def test_dispatch_picks_the_implementation_and_both_agree(spies):
     want = segment_sums(oracle_logprobs(h, w, t), seg, 4)
     for name, out in (("triton", a), ("torch", b), ("auto", c)):
         assert_close_verbose(out, want, 1e-4, 1e-5, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("segmented", [False, True], ids=["per_token", "segments"])
+def test_no_grad_log_probs_take_the_sweep_forward_and_match_float64(spies, dtype, segmented):
+    """Scoring and reference passes (no gradient needed) run the one sweep's forward steps,
+    the Triton row pass or the PyTorch one by `impl`: against float64 full logits, irregular
+    sizes, ignored positions, one-token and empty segments, temperature, logits near 1e4, and
+    many chunks (chunk_tokens 7 over 45 tokens) equal to one."""
+    from vrpo_fast.chunked import TorchSweep, sweep_logprobs
+    from vrpo_fast.kernels.fused_linear_vrpo import TritonSweep
+
+    N, D, V = 45, 40, 1007
+    h, w, t = make_inputs(N, D, V, dtype)
+    t[[0, 7, 44]] = -100
+    w[5] += 3e3 / D**0.5 * h.float().mean(0).sign().to(dtype)   # one vocabulary entry near 1e4
+    seg = torch.tensor([0] + [1] * 10 + [2] * 20 + [4] * 13 + [5], device=DEVICE)
+    kw = dict(segment_ids=seg, num_segments=6) if segmented else {}
+    want = oracle_logprobs(h, w, t, temperature=0.7)
+    if segmented:
+        want = segment_sums(want, seg, 6)
+    # The sweep computes in float32 on the CPU (bf16 inputs upcast); on CUDA it rounds h @ W^T
+    # to the inputs' dtype as eager PyTorch does: bf16 logits near 1e4 are exact only to ~32,
+    # so there bf16 is compared with the oracle of the rounded logits.
+    rounded = (h @ w.T).double() / 0.7
+    rounded = torch.where(t != -100, torch.log_softmax(rounded, -1).gather(
+        1, t.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    rounded = segment_sums(rounded, seg, 6) if segmented else rounded
+    for impl, name in (("torch", "sweep_TorchSweep"), ("triton", "sweep_TritonSweep")):
+        with torch.no_grad():
+            got = linear_logprobs(h, w, t, temperature=0.7, impl=impl, **kw)
+        assert spies.get(name) == 1 and spies["triton"] == spies["torch"] == 0, spies
+        assert got.dtype == torch.float32 and not got.requires_grad
+        low = dtype == torch.bfloat16 and DEVICE == "cuda" and impl == "triton"
+        assert_close_verbose(got, rounded if low else want, 0.1 if low else 1e-2, 1e-5,
+                             f"{impl} no-grad")
+        if dtype == torch.float32:
+            backend = (TorchSweep if impl == "torch" else TritonSweep)(
+                h, w, temperature=0.7, ignore_index=-100)
+            many = sweep_logprobs(backend, h, t, kw.get("segment_ids"), kw.get("num_segments"),
+                                  chunk_tokens=7)
+            assert_close_verbose(many, got, 1e-5, 1e-6, f"{impl}: 7-token chunks")
 
 
 def test_auto_keeps_float64_on_the_reference(spies):

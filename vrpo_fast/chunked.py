@@ -124,10 +124,10 @@ class TorchSweep:
     work = torch.float32
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float,
-                 ignore_index: int, beta: float, loss_type: str, estimator: str):
+                 ignore_index: int, **loss):
         self.weight = weight.float()
         self.temperature, self.ignore_index = temperature, ignore_index
-        self.loss = dict(beta=beta, loss_type=loss_type, estimator=estimator)
+        self.loss = loss            # beta, loss_type, estimator (none for `sweep_logprobs`)
 
     def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """h: (n, D) -> out (n, V) = h W^T / T in fp32."""
@@ -196,6 +196,36 @@ def group_chunks(offsets: list[int], max_tokens: int) -> list[tuple[int, int]]:
     if len(offsets) > 1:
         runs.append((g0, len(offsets) - 1))
     return runs
+
+
+def sweep_logprobs(backend, hidden: torch.Tensor, targets: torch.Tensor,
+                   segment_ids: torch.Tensor | None = None, num_segments: int | None = None,
+                   *, chunk_tokens: int | None = None) -> torch.Tensor:
+    """The no-grad linear log-prob (scoring, reference passes) with the sweep's steps: per
+    chunk of tokens the logits once into one reused (chunk, V) buffer (`backend.logits`: a
+    cuBLAS GEMM on CUDA), then the row pass for log-sum-exp and target logit
+    (`backend.lse_logp`). 2 N D V flops in GEMMs, plus one write and one read of each chunk's
+    buffer. No group alignment is needed: nothing here crosses tokens.
+
+    backend: `TorchSweep` or `TritonSweep` (no loss settings needed); hidden: (N, D);
+    targets, segment_ids: (N,). Returns (N,) float32 per-token log-probs, or the (S,) sums per
+    segment with segment_ids (empty segments 0); not differentiable.
+    """
+    N, V = hidden.shape[0], backend.weight.shape[0]
+    C = chunk_tokens or max(1, backend.buffer_bytes // (V * backend.weight.element_size()))
+    targets = targets.long()
+    out = torch.zeros(num_segments if segment_ids is not None else N, dtype=torch.float32,
+                      device=hidden.device)
+    buf = torch.empty(min(C, N), V, dtype=backend.work, device=hidden.device)
+    for a in range(0, N, C):
+        b = min(a + C, N)
+        z = backend.logits(hidden[a:b], buf[:b - a])
+        _, logp = backend.lse_logp(z, targets[a:b])
+        if segment_ids is None:
+            out[a:b] = logp
+        else:
+            out.index_add_(0, segment_ids[a:b].long(), logp.float())
+    return out
 
 
 def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size, ref_logps,

@@ -15,7 +15,13 @@ import os
 import torch
 from torch import nn
 
-from vrpo_fast.chunked import chunked_linear_logprobs, group_offsets, one_sweep_vrpo_loss
+from vrpo_fast.chunked import (
+    TorchSweep,
+    chunked_linear_logprobs,
+    group_offsets,
+    one_sweep_vrpo_loss,
+    sweep_logprobs,
+)
 from vrpo_fast.objective import ESTIMATORS, LOSS_TYPES, _check_choice, vrpo_loss
 
 IMPLS = ("auto", "triton", "torch")
@@ -120,6 +126,21 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     weight = full_weight(weight)
     _check_linear_args(hidden, weight, targets, segment_ids, num_segments, temperature)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_grad and hidden.dtype in KERNEL_DTYPES:
+        # Scoring and reference passes: the one sweep's forward steps (the logits once per
+        # chunk into a reused buffer by a GEMM, cuBLAS on CUDA, then a row pass): no backward
+        # to prepare for, and the values of the training head's one sweep. (float64 stays on
+        # the chunked reference, which computes in it.)
+        backend = TorchSweep
+        if _use_triton(impl, hidden, weight):
+            from vrpo_fast.kernels.fused_linear_vrpo import TritonSweep
+
+            hidden, weight = _kernel_inputs(hidden, weight)
+            backend = TritonSweep
+        sweep = backend(hidden, weight, temperature=float(temperature),
+                        ignore_index=int(ignore_index))
+        return sweep_logprobs(sweep, hidden, targets, segment_ids, num_segments)
     if not _use_triton(impl, hidden, weight):
         return chunked_linear_logprobs(hidden, weight, targets, segment_ids=segment_ids,
                                        num_segments=num_segments, temperature=temperature,

@@ -26,15 +26,20 @@ from vrpo_fast.packing import pack_groups, row_padding
 
 
 class SequenceLogps(nn.Module):
-    def __init__(self, lm: nn.Module, temperature: float = 1.0):
+    """attention: the body's attention (`vrpo_fast.logprobs.packed_body`; "auto" in the
+    trainers, others for benchmarks that compare them)."""
+
+    def __init__(self, lm: nn.Module, temperature: float = 1.0, attention: str = "auto"):
         super().__init__()
         self.lm = lm
         self.temperature = temperature
+        self.attention = attention
 
     def forward(self, batch) -> torch.Tensor:
         """batch: PackedBatch of G groups x K responses -> (G, K) float32 log p(y | x)."""
         # A fresh tensor, not a view: FSDP2's pre-backward hook must not sit on a view.
-        return packed_logps(self.lm, batch, self.temperature).clone()
+        return packed_logps(self.lm, batch, self.temperature,
+                            attention=self.attention).clone()
 
 
 class SequenceVRPOLoss(SequenceLogps):
@@ -69,7 +74,7 @@ class SequenceVRPOLoss(SequenceLogps):
         """
         if aux_prefs is None:
             return super().forward(batch)
-        hidden, weight = packed_hidden_states(self.lm, batch)
+        hidden, weight = packed_hidden_states(self.lm, batch, attention=self.attention)
         return linear_vrpo_loss(hidden, weight, batch.targets, batch.segment_ids,
                                 group_token_offsets(batch), batch.group_size, ref_logps,
                                 aux_prefs, reduction="sum", temperature=self.temperature,

@@ -71,7 +71,8 @@ def _common(parser) -> None:
                              "cce, ours; vrpo-loss: eager, compile, ours; step: "
                              "reference_layout, dpo_naive, vrpo_fast); default: all")
     parser.add_argument("--passes", default=None,
-                        help="comma-separated subset of fwd, bwd, full (kernels; default all)")
+                        help="comma-separated subset of fwd, bwd, full, and score (the forward "
+                             "without gradient; linear-logprob only) (kernels; default all)")
     parser.add_argument("--rounds", default=None,
                         help="the fewest timed calls (default 5; the step 3)")
     parser.add_argument("--warmup", default="1", help="untimed calls first on the CPU")

@@ -1,16 +1,18 @@
 """Fused linear log-prob: hidden (N, D) @ weight (V, D)^T / T -> log_softmax -> gather(targets),
-forward, backward and both, per provider:
+forward, backward and both, and the forward without gradient (`score`: what `vrpo-fast score`
+and the online reference pass run), per provider:
 
   eager    full (N, V) logits, log_softmax, gather (the logits upcast to fp32 in bf16)
   compile  torch.compile of eager
   liger    Liger-Kernel's fused linear cross entropy, reduction="none" (Triton: CUDA only)
   cce      Cut Cross-Entropy's linear_cross_entropy, reduction="none" (Triton: CUDA only)
   ours     vrpo_fast.linear_logprobs: the Triton kernel on CUDA; on the CPU its chunked PyTorch
-           reference (impl="torch"; the Triton interpreter is a correctness tool, never timed)
+           reference (impl="torch"; the Triton interpreter is a correctness tool, never timed);
+           without gradient, the one sweep's forward (GEMM into a chunk buffer, a row pass)
 
 Liger and CCE take no temperature: they get hidden / T, the same logits (the division is part
 of their timed call). The upstream gradient is a random per-token vector (as when the loss
-weights tokens unequally). Useful FLOPs: 2 N D V forward, 4 N D V backward, 6 N D V both
+weights tokens unequally). Useful FLOPs: 2 N D V forward (and score), 4 N D V backward, 6 N D V both
 (logits a kernel recomputes in its backward are not counted). Peak memory against the lower
 bound: inputs and output, plus the two input gradients with a backward.
 """
@@ -25,8 +27,8 @@ from vrpo_fast.bench.references import eager_linear_logprobs, oracle_linear_logp
 from vrpo_fast.ops import linear_logprobs
 
 PROVIDERS = ("eager", "compile", "liger", "cce", "ours")
-DIRECTIONS = ("fwd", "bwd", "full")
-FLOPS_PER_NDV = {"fwd": 2, "bwd": 4, "full": 6}
+DIRECTIONS = ("fwd", "bwd", "full", "score")
+FLOPS_PER_NDV = {"fwd": 2, "bwd": 4, "full": 6, "score": 2}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative error allowed against the float64 oracle: fp32 maths agrees to ~1e-6; bf16 / fp16
 # inputs leave outputs and gradients ~4e-3 off.
@@ -104,6 +106,11 @@ def make_op(fn, h, w, t, grad, direction: str):
     graph cannot be kept and re-run with retain_graph)."""
     if direction == "fwd":
         return (lambda: fn(h, w, t)), None
+    if direction == "score":
+        def score():
+            with torch.no_grad():
+                return fn(h, w, t)
+        return score, None
 
     def backward(out):
         out.backward(grad.to(out.dtype))
@@ -118,7 +125,7 @@ def lower_bound_bytes(N: int, D: int, V: int, dtype: str, direction: str) -> int
     backward: nothing of size N x V."""
     elem = torch.finfo(DTYPES[dtype]).bits // 8
     lower = (N * D + V * D) * elem + N * 8 + N * 4 + N * 4
-    return lower + ((N * D + V * D) * elem if direction != "fwd" else 0)
+    return lower + ((N * D + V * D) * elem if direction in ("bwd", "full") else 0)
 
 
 def tflops(direction: str, N: int, D: int, V: int, median_s: float) -> float:
@@ -127,7 +134,7 @@ def tflops(direction: str, N: int, D: int, V: int, median_s: float) -> float:
 
 def probe(provider: str, direction: str, N: int, D: int, V: int, dtype: str | None = None,
           temperature: float = 1.0) -> dict:
-    """Peak memory of one `fwd` or `full` call, after a warm-up call (which compiles). The
+    """Peak memory of one `fwd`, `full` or `score` call, after a warm-up call (which compiles). The
     backward alone allocates what `full` does: its peak is not probed separately."""
     dtype = dtype or default_dtype()
     h, w, t, grad = make_inputs(N, D, V, dtype)

@@ -113,15 +113,16 @@ def linear_logprob_tables(rows):
     if not groups:
         return []
     out = ["### Fused linear log-prob (BENCHMARKS.md item 1)", "",
-           "TFLOP/s count useful work (2NDV forward, 4NDV backward, 6NDV both); peak memory "
-           "includes the inputs; the lower bound is inputs + output (+ gradients).", ""]
+           "TFLOP/s count useful work (2NDV forward, 4NDV backward, 6NDV both, 2NDV score: the "
+           "forward without gradient); peak memory includes the inputs; the lower bound is "
+           "inputs + output (+ gradients).", ""]
     for shape, by in groups:
         dtype = next(iter(by.values())).get("dtype", "")
         out += [f"#### N={shape['N']}, D={shape['D']}, V={shape['V']} ({dtype})", "",
                 "| provider | pass | ms, median (min-max) | vs eager | TFLOP/s | peak MiB | "
                 "peak / lower bound |", "|---|---|---|---|---|---|---|"]
         for (prov, direction), r in sorted(by.items(), key=lambda kv: (
-                ("fwd", "bwd", "full").index(kv[0][1]), kv[0][0])):
+                ("fwd", "bwd", "full", "score").index(kv[0][1]), kv[0][0])):
             eager = by.get(("eager", direction))
             tf = "-" if r.get("tflops") is None else f"{r['tflops']:.3g}"
             bound = "-" if r.get("peak_bytes") is None else \

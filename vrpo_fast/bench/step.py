@@ -16,8 +16,8 @@
   vrpo_fast_one_sweep   (c) with the LM head and the loss in one sweep
                         (vrpo_fast.passes.SequenceVRPOLoss, the trainer's default head): per
                         chunk of whole groups the logits once, their gradients formed at once
-  vrpo_fast_online      the trainer's step with ref.source = online: (c) plus a packed no-grad
-                        reference pass every step
+  vrpo_fast_online      the trainer's step with ref.source = online, as it runs by default: a
+                        packed no-grad reference pass every step, then the one-sweep head
   vrpo_fast_online_dense  the same through SDPA over the dense (T, T) mask (the CPU path
                         before the cascade attention), rows no longer than the longest group
 
@@ -140,16 +140,16 @@ def one_sweep_loss(policy, ref_logps, prompts, responses, g, budget):
 
 
 def online_loss(policy, ref, prompts, responses, g, budget, attention="auto"):
-    """The trainer's micro-step with an online reference: one packed batch, the policy's
-    log-probs with grad, the reference's without, the VRPO loss."""
+    """The trainer's micro-step with an online reference, as it runs by default: one packed
+    batch, the reference's log-probs without grad, then the policy's LM head and the VRPO loss
+    in one sweep (`SequenceVRPOLoss`)."""
     batch = pack_groups(prompts, responses, max_tokens=budget,
                         **row_padding(device())).to(device())
-    logps = packed_logps(policy, batch, attention=attention)
     with torch.no_grad():
         ref_logps = packed_logps(ref, batch, attention=attention)
-    per_prompt = per_prompt_vrpo_loss(logps, ref_logps, g, beta=BETA, loss_type="sigmoid",
-                                      estimator="vrpo")
-    return per_prompt.mean()
+    total, _ = SequenceVRPOLoss(policy, attention=attention)(
+        batch, ref_logps, g, beta=BETA, loss_type="sigmoid", estimator="vrpo")
+    return total / batch.num_groups
 
 
 def trl_dpo_step(policy, ref, prompts, responses, beta: float):
