@@ -123,6 +123,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Returns:
         (N,) float32 per-token log-probs, or (S,) float32 per-segment sums; differentiable in
         hidden and weight. A sharded weight (FSDP2 DTensor) is gathered first (`full_weight`).
+
+    Without a gradient to prepare for (no_grad, or inputs that do not require it; 16/32-bit),
+    the one sweep's forward runs instead (`vrpo_fast.chunked.sweep_logprobs`: the logits once
+    per chunk into a reused buffer by a GEMM, cuBLAS on CUDA, then a row pass, Triton or
+    PyTorch by `impl`): the scoring path, with the training head's values.
     """
     weight = full_weight(weight)
     _check_linear_args(hidden, weight, targets, segment_ids, num_segments, temperature)
