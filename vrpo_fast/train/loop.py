@@ -146,9 +146,9 @@ class Trainer:
         mixed = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and on_gpu)
         # A model FSDP2 shards, from a local safetensors folder, is built empty and each rank
         # reads only its own shard (train/modules.py); else it is loaded whole, then sharded.
-        self._empty_policy = (type(self).build_model is Trainer.build_model
-                              and self._shard_files(cfg.model.path, t.cpu_offload or
-                                                    needs_fsdp(mixed)) is not None)
+        policy_files = self._shard_files(cfg.model.path, t.cpu_offload or needs_fsdp(mixed)) \
+            if type(self).build_model is Trainer.build_model else None
+        self._empty_policy = policy_files is not None
         self.lm = self.build_model(empty=True) if self._empty_policy \
             else self.build_model().to(self.device)
         self.lm.config.use_cache = False
@@ -156,7 +156,7 @@ class Trainer:
                        compile_layers=t.compile, cpu_offload=t.cpu_offload)
         if self._empty_policy:
             self.policy = shard_empty(self.wrap(self.lm), self.lm, device=self.device,
-                                      files=weight_files(cfg.model.path), what="model.path",
+                                      files=policy_files, what="model.path",
                                       initial=self._lora_initial, **options)
         else:
             self.policy = shard(self.wrap(self.lm), self.lm, **options)
@@ -279,11 +279,9 @@ class Trainer:
         files = self._shard_files(path, needs_fsdp(mixed))
         wrapper = wrap(load(files is not None))
         inner = getattr(wrapper, "lm", None) or wrapper.classifier
-        if files is None:
-            wrapper.to(self.device)
         wrapper.eval().requires_grad_(False)
         if files is None:
-            return shard(wrapper, inner, mixed_precision=mixed)
+            return shard(wrapper.to(self.device), inner, mixed_precision=mixed)
         return shard_empty(wrapper, inner, device=self.device, files=files, what=what,
                            mixed_precision=mixed)
 
