@@ -41,7 +41,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "liger-kernel>=0.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "ruff>=0.6",
+                "liger-kernel>=0.5"],
         "vllm": ["vllm>=0.8"],
         "flash": ["flash-attn>=2.6"],
         # vrpo_fast.integrations.trl subclasses DPOTrainer's 1.x internals.

@@ -18,7 +18,10 @@ ROW_FIELDS = {"op", "provider", "shape", "median_s", "min_s", "max_s", "device",
 @pytest.mark.slow
 def test_bench_quick_runs_every_benchmark_and_records_rows(tmp_path):
     # The benchmarks time real code paths: no Triton interpreter (the test conftest sets it).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # ... and not as an xdist worker: the suite is its own pytest session, and pytest-benchmark
+    # turns itself off where PYTEST_XDIST_* says it runs under xdist.
+    env = {k: v for k, v in os.environ.items()
+           if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")}
     out = subprocess.run([sys.executable, "-m", "vrpo_fast.cli", "bench", "suite", "--quick",
                           "--dir=benchmarks", f"--results-dir={tmp_path}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
