@@ -134,3 +134,55 @@ def assert_within_eager_error(got, eager, want, name, factor=2.0):
     err_eager = (eager.double() - want).abs().max().item()
     assert err <= factor * err_eager, (
         f"{name}: kernel max error {err:.3g} > {factor} x eager max error {err_eager:.3g}")
+
+
+# -- training fixtures -----------------------------------------------------------------------
+
+def mixed_data(tmp_path) -> Path:
+    """configs/data/tiny.jsonl with every third row unlabelled (no chosen / rejected; g keeps
+    its 0.5 placeholder there), written to tmp_path / "mixed.jsonl"."""
+    import json
+
+    rows = [json.loads(line) for line in (ROOT / "configs/data/tiny.jsonl").open()]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            del row["chosen"], row["rejected"]
+            row["aux_prefs"][0] = 0.5
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def capture_g(monkeypatch, *, weights: bool = False) -> list[dict]:
+    """Records, for every micro-batch of a Trainer, the step, the groups and the g the loss
+    receives (and with `weights` the policy's full weights at the start of the micro-batch), on
+    either LM-head path: the one sweep's loss (passes.linear_vrpo_loss, g its 8th argument) or
+    the two-pass loss (dispatch_vrpo_loss). Returns the list the records land in."""
+    import vrpo_fast.passes as passes
+    import vrpo_fast.train.loop as loop
+    from vrpo_fast.train import checkpoint as ckpt
+
+    seen = []
+    real_loss, real_micro = loop.dispatch_vrpo_loss, loop.Trainer.micro_step
+    real_sweep = passes.linear_vrpo_loss
+
+    def micro_step(self, groups):
+        entry = {"step": self.step, "groups": groups}
+        if weights:
+            entry["weights"] = {k.removeprefix("lm."): v.clone()
+                                for k, v in ckpt.full_model_state_dict(self.policy).items()}
+        seen.append(entry)
+        return real_micro(self, groups)
+
+    def dispatch_vrpo_loss(policy_logps, ref_logps, g, **kw):
+        seen[-1]["g"] = g.detach().double().cpu().clone()
+        return real_loss(policy_logps, ref_logps, g, **kw)
+
+    def linear_vrpo_loss(*args, **kw):
+        seen[-1]["g"] = args[7].detach().double().cpu().clone()
+        return real_sweep(*args, **kw)
+
+    monkeypatch.setattr(loop.Trainer, "micro_step", micro_step)
+    monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
+    monkeypatch.setattr(passes, "linear_vrpo_loss", linear_vrpo_loss)
+    return seen

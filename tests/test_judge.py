@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, capture_g
 
 from vrpo_fast.config import JUDGE_TEMPLATE
 from vrpo_fast.errors import UserError
@@ -158,28 +158,10 @@ def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
     """Online g: for every micro-batch, the g the loss receives (the one-sweep LM head's, g
     its 8th argument, or the two-pass loss's) is the judge's g of the micro-batch's decoded
     texts, from one float64 forward per pair and order."""
-    import vrpo_fast.passes as passes
     import vrpo_fast.train.loop as loop
     from vrpo_fast.config import load_config
 
-    seen, real_loss, real_micro = [], loop.dispatch_vrpo_loss, loop.Trainer.micro_step
-    real_sweep = passes.linear_vrpo_loss
-
-    def micro_step(self, groups):
-        seen.append({"groups": groups})
-        return real_micro(self, groups)
-
-    def dispatch_vrpo_loss(policy_logps, ref_logps, g, **kw):
-        seen[-1]["g"] = g.detach().double().cpu().clone()
-        return real_loss(policy_logps, ref_logps, g, **kw)
-
-    def linear_vrpo_loss(*args, **kw):
-        seen[-1]["g"] = args[7].detach().double().cpu().clone()
-        return real_sweep(*args, **kw)
-
-    monkeypatch.setattr(loop.Trainer, "micro_step", micro_step)
-    monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
-    monkeypatch.setattr(passes, "linear_vrpo_loss", linear_vrpo_loss)
+    seen = capture_g(monkeypatch)
     path = judge_folder(tmp_path, seed=7)
     template = T1
     cfg = load_config(loop.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [

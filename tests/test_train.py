@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, assert_close_verbose, float64_logps, float64_reward
+from helpers import (
+    ROOT,
+    assert_close_verbose,
+    capture_g,
+    float64_logps,
+    float64_reward,
+    mixed_data,
+)
 
 from vrpo_fast.cli import main as cli_main
 from vrpo_fast.config import load_config
@@ -169,14 +176,7 @@ def test_micro_batches_do_not_change_the_maths(tmp_path, unlabelled):
     data = []
     if unlabelled:
         # Every third row loses its labelled pair (g keeps its 0.5 placeholder there).
-        rows = [json.loads(line) for line in (ROOT / "configs/data/tiny.jsonl").open()]
-        for i, row in enumerate(rows):
-            if i % 3 == 0:
-                del row["chosen"], row["rejected"]
-                row["aux_prefs"][0] = 0.5
-        path = tmp_path / "mixed.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        data = [f"--data.path={path}"]
+        data = [f"--data.path={mixed_data(tmp_path)}"]
     runs = {}
     for micro in (4, 2, 1):
         cfg = cfg_for(tmp_path, "--train.max_steps=3", "--train.save_every=0",
@@ -288,40 +288,6 @@ def _save_tiny(tmp_path, kind):
     return path
 
 
-def _capture_g(monkeypatch, *, weights=False):
-    """Records, for every micro-batch, the step, the groups and the g the loss receives (and
-    with `weights` the policy's full weights at the start of the micro-batch), on either LM
-    head path: the one sweep's loss (passes.linear_vrpo_loss, g its 8th argument) or the
-    two-pass loss (dispatch_vrpo_loss)."""
-    import vrpo_fast.passes as passes
-    import vrpo_fast.train.loop as loop
-
-    seen = []
-    real_loss, real_micro = loop.dispatch_vrpo_loss, loop.Trainer.micro_step
-    real_sweep = passes.linear_vrpo_loss
-
-    def micro_step(self, groups):
-        entry = {"step": self.step, "groups": groups}
-        if weights:
-            entry["weights"] = {k.removeprefix("lm."): v.clone()
-                                for k, v in ckpt.full_model_state_dict(self.policy).items()}
-        seen.append(entry)
-        return real_micro(self, groups)
-
-    def dispatch_vrpo_loss(policy_logps, ref_logps, g, **kw):
-        seen[-1]["g"] = g.detach().double().cpu().clone()
-        return real_loss(policy_logps, ref_logps, g, **kw)
-
-    def linear_vrpo_loss(*args, **kw):
-        seen[-1]["g"] = args[7].detach().double().cpu().clone()
-        return real_sweep(*args, **kw)
-
-    monkeypatch.setattr(loop.Trainer, "micro_step", micro_step)
-    monkeypatch.setattr(loop, "dispatch_vrpo_loss", dispatch_vrpo_loss)
-    monkeypatch.setattr(passes, "linear_vrpo_loss", linear_vrpo_loss)
-    return seen
-
-
 def _implicit_g(aux64, ref64, groups, beta):
     """g of pair p = sigmoid(beta * h_p), h_p = [log aux - log ref](first) - [...](second), each
     log-prob from its own unpadded float64 forward: (G, 1 + M) float64."""
@@ -367,7 +333,7 @@ def test_g_is_wired_the_right_way_round_in_every_aux_mode(tmp_path, monkeypatch,
     extra = ["--loss.estimator=dpo"] if mode == "none" else []
     if mode in ("lm", "reward_model"):
         extra.append(f"--aux.path={_save_tiny(tmp_path, mode)}")
-    seen = _capture_g(monkeypatch, weights=mode == "lagged")
+    seen = capture_g(monkeypatch, weights=mode == "lagged")
     cfg = cfg_for(tmp_path, "--train.max_steps=2", "--train.save_every=0", f"--aux.mode={mode}",
                   "--aux.beta=1.0", "--aux.refresh_every=1", "--train.lr=1e-2",
                   "--train.mixed_precision=fp32", *extra)

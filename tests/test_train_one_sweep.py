@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, assert_close_verbose, random_groups
+from helpers import ROOT, assert_close_verbose, mixed_data, random_groups
 
 from vrpo_fast.config import load_config
 from vrpo_fast.errors import UserError
@@ -108,18 +108,6 @@ def _save_aux_lm(tmp_path):
     return path
 
 
-def _mixed_data(tmp_path):
-    """The tiny data with every third row unlabelled (g keeps its 0.5 placeholder there)."""
-    rows = [json.loads(line) for line in (ROOT / "configs/data/tiny.jsonl").open()]
-    for i, row in enumerate(rows):
-        if i % 3 == 0:
-            del row["chosen"], row["rejected"]
-            row["aux_prefs"][0] = 0.5
-    path = tmp_path / "mixed.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.mark.parametrize("setting", ["vrpo", "dpo", "unlabelled", "ref_none", "aux_lm", "lora",
                                      "fsdp_one_process"])
 def test_one_sweep_trains_as_the_two_pass_head(tmp_path, monkeypatch, setting):
@@ -132,7 +120,7 @@ def test_one_sweep_trains_as_the_two_pass_head(tmp_path, monkeypatch, setting):
     overrides = {
         "vrpo": [],
         "dpo": ["--loss.estimator=dpo"],
-        "unlabelled": [f"--data.path={_mixed_data(tmp_path)}"],
+        "unlabelled": [f"--data.path={mixed_data(tmp_path)}"],
         "ref_none": ["--ref.source=none"],
         "aux_lm": ["--aux.mode=lm", f"--aux.path={_save_aux_lm(tmp_path)}"],
         "lora": ["--lora.enabled=true", "--lora.r=4", "--lora.alpha=8",
@@ -145,7 +133,7 @@ def test_one_sweep_trains_as_the_two_pass_head(tmp_path, monkeypatch, setting):
 def test_micro_batches_do_not_change_the_one_sweep(tmp_path, monkeypatch):
     """Four micro-batches of one group and one of four: the run of two of two groups (the
     unlabelled prompts make a micro-batch's labelled count differ from the step's)."""
-    data = f"--data.path={_mixed_data(tmp_path)}"
+    data = f"--data.path={mixed_data(tmp_path)}"
     want = _run(cfg_for(tmp_path, data, "--train.lm_head=two_pass", name="two"), monkeypatch)
     for micro in (1, 4):
         got = _run(cfg_for(tmp_path, data, f"--train.micro_batch_groups={micro}",
