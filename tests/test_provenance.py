@@ -202,7 +202,7 @@ def test_files_fingerprint_finds_a_hub_model_in_the_local_cache(tmp_path, monkey
 
 
 CHECK_ON_TWO_RANKS = """
-import json, sys
+import json, os, sys
 import vrpo_fast.train.data
 from vrpo_fast.config import load_config
 from vrpo_fast.models import byte_tokenizer
@@ -223,6 +223,9 @@ except Exception as err:
     error = f"{type(err).__name__}: {err}"
 with open(f"{result}.{dist.rank}", "w") as f:
     json.dump({"loads": loads, "error": error}, f)
+# Skip the interpreter's teardown: a worker thread torch leaves behind has aborted a process
+# at exit ("terminate called without an active exception") after its work was done.
+os._exit(0)
 """
 
 

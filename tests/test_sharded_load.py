@@ -24,7 +24,7 @@ SHAPE = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermed
 # Runs on each of two ranks: builds a trainer per config (the full loaders refuse to run),
 # gathers every weight of its models and records the rows each rank read from the files.
 CHECK = """
-import json, sys, torch
+import json, os, sys, torch
 import transformers
 import vrpo_fast.train.modules as modules
 from vrpo_fast.config import load_config
@@ -66,6 +66,9 @@ for name, extra in overrides.items():
     with open(f"{result}.{name}.{trainer.dist.rank}.json", "w") as f:
         json.dump({"read": read[0], "local": local}, f)
     trainer._release_lock()
+# Skip the interpreter's teardown: a worker thread torch leaves behind has aborted a process
+# at exit ("terminate called without an active exception") after its work was done.
+os._exit(0)
 """
 
 
