@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from vrpo_fast.errors import UserError
@@ -100,4 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun rank whose work is done: run the exit handlers (the output lock), flush, and
+        # leave without the interpreter's teardown, where a thread torch leaves behind has
+        # aborted finished ranks ("terminate called without an active exception").
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
