@@ -17,8 +17,9 @@ groups are contiguous), with hidden states h_n (n, D), LM-head weight W (V, D), 
 That is 2 n D V flops per GEMM, 6 n D V in all, nothing recomputed; the loss's backward then
 only scales the stored dH and dW by its incoming scalar. The loop over chunks, the chunking at
 group boundaries and the autograd Function are `vrpo_fast.chunked.linear_vrpo_sweep` /
-`one_sweep_vrpo_loss` (shared with the PyTorch reference, which runs the same steps in torch);
-this module supplies the GPU steps as `TritonSweep`.
+`one_sweep_vrpo_loss` (shared with the PyTorch reference, the same maths in torch with its
+passes over the buffer arranged for the CPU); this module supplies the GPU steps as
+`TritonSweep`.
 
 Why cuBLAS for the GEMMs and Triton only for the row passes: the three GEMMs are all the flops
 and cuBLAS runs them near the chip's peak, where the earlier hand-written Triton logit tiles
@@ -157,11 +158,20 @@ class TritonSweep:
         """h: (n, D) -> out (n, V) = h W^T in the work dtype."""
         return torch.mm(h.to(self.work), self.weight.T, out=out)
 
-    def lse_logp(self, z, targets):
+    def lse_logp(self, z, targets, h=None):
         return sweep_lse_logp(z, targets, self.temperature, self.ignore_index)
 
     def dlogits_(self, z, targets, lse, coef):
         return sweep_dlogits_(z, targets, lse, coef, self.temperature)
+
+    def head_grads_(self, z, targets, lse, coef, h, dh, dw):
+        """dlogits in place in z (one Triton pass), then dH = dlogits W into dh and
+        dw += dlogits^T h (cuBLAS); dh / dw None: not wanted."""
+        dz = self.dlogits_(z, targets, lse, coef)
+        if dh is not None:
+            torch.mm(dz, self.weight, out=dh)
+        if dw is not None:
+            dw.addmm_(dz.T, h.to(self.work))
 
     def loss_grad(self, policy, ref, g, grad_scale: float):
         """policy, ref: (b, K) fp32, g: (b, K / 2) -> (per-prompt loss (b,), grad_scale *

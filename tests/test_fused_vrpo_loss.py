@@ -78,8 +78,8 @@ def test_loss_and_gradients_match_float64(impl, case, monkeypatch):
     loss_type, estimator, K, with_ref, reduction, temperature, chunk_tokens = case
     steps = {"triton": 0, "torch": 0}                 # which steps ran: the dispatch
     for name, cls in (("triton", TritonSweep), ("torch", chunked.TorchSweep)):
-        real = cls.dlogits_
-        monkeypatch.setattr(cls, "dlogits_", lambda self, *a, real=real, name=name: (
+        real = cls.head_grads_
+        monkeypatch.setattr(cls, "head_grads_", lambda self, *a, real=real, name=name: (
             steps.__setitem__(name, steps[name] + 1) or real(self, *a)))
     G, beta = 3, 0.5
     h, w, t, seg, ref, g = groups(G, K, 5, seed=K)
@@ -267,3 +267,57 @@ def test_gpu_bf16_within_eager_error():
     assert_within_eager_error(loss.float(), eager.detach(), want, "loss")
     assert_within_eager_error(dh.float(), he.grad.float(), dh_want, "dH")
     assert_within_eager_error(dw.float(), we.grad.float(), dw_want, "dW", factor=4.0)
+
+
+def test_torch_sweep_targets_far_below_the_row_maximum():
+    """The PyTorch sweep reads log p(target) back from the softmax in its buffer; where
+    softmax_t underflows in float32 (target logits 120 and 200 below their rows' largest) the
+    row's log-sum-exp is recomputed. Log-probs (scoring and the one sweep), loss, dH and dW
+    against float64, with rows so far down that their float32 softmax_t is 0."""
+    G, K = 2, 2
+    h, w, t, seg, ref, g = groups(G, K, 4, seed=3)
+    z = h.double() @ w.double().T
+    far = [0, 4, h.shape[0] - 1]
+    for n, gap in zip(far, (120.0, 200.0, 90.0)):
+        # Lower the target's logit by moving h_n against W[t_n], leaving the rest near 0.
+        wt = w[t[n]].double()
+        h[n] = (h[n].double() - (gap + z[n].max() - z[n, t[n]] + 5.0) * wt / wt.dot(wt)).float()
+    z = (h.double() @ w.double().T)
+    rows = torch.softmax(z.float(), 1).gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+    assert (rows[far[:2]] == 0).all()                 # float32 softmax_t underflows there
+    want = oracle_logprobs(h, w, t)
+    assert want[far].max() < -80
+    with torch.no_grad():
+        got = linear_logprobs(h, w, t, impl="torch")
+    assert torch.isfinite(got).all()
+    assert_close_verbose(got, want, 1e-4, 1e-6, "no-grad log-probs")
+    module = FusedLinearVRPOLoss(beta=0.1, impl="torch", chunk_tokens=5)
+    loss, stats, dh, dw = run_module(module, h, w, t, seg, G, K, ref.float(), g.float(), 1.0)
+    want, logps, dh_want, dw_want = oracle(h, w, t, seg, G, K, ref, g, 1.0, beta=0.1,
+                                           loss_type="sigmoid", estimator="vrpo",
+                                           temperature=1.0, reduction="mean")
+    assert_close_verbose(loss, want, 1e-5, 1e-5, "loss")
+    assert_close_verbose(dh, dh_want, 1e-5, 1e-4, "dH")
+    assert_close_verbose(dw, dw_want, 1e-5, 1e-4, "dW")
+
+
+def test_cpu_workspace_is_reused_never_shared():
+    """The sweep's CPU logit buffer is kept between sweeps (one storage, grown when a larger
+    one is asked for), a lease taken while another is held gets its own memory, and release()
+    frees what is kept."""
+    space = chunked._Workspace()
+    with space.get(4, 6, torch.float32, "cpu") as a:
+        a.fill_(1.0)
+        with space.get(4, 6, torch.float32, "cpu") as b:          # nested: not the same memory
+            b.fill_(2.0)
+            assert a.data_ptr() != b.data_ptr() and (a == 1).all()
+        ptr = a.data_ptr()
+    with space.get(3, 5, torch.float32, "cpu") as c:                # smaller: the kept storage
+        assert c.shape == (3, 5) and c.data_ptr() == ptr
+    with space.get(8, 8, torch.float32, "cpu") as d:                # larger: grown
+        assert d.shape == (8, 8) and d.untyped_storage().nbytes() >= 8 * 8 * 4
+    with space.get(2, 2, torch.float64, "cpu") as e:                # per dtype
+        assert e.dtype == torch.float64
+    assert set(space._kept) == {torch.float32, torch.float64}
+    space.release()
+    assert not space._kept

@@ -10,6 +10,8 @@ benchmarks:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -114,14 +116,72 @@ def chunked_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets:
 SWEEP_CHUNK_BYTES = 64 * 2**20
 
 
+class _Workspace:
+    """The sweep's (rows, V) logit buffer, kept between sweeps on the CPU.
+
+    The buffer is tens to hundreds of MiB. The CPU allocator maps a fresh one from the kernel
+    every time and the first write faults it in page by page: a GEMM into a new 220 MiB buffer
+    took ~1.4x the same GEMM into a reused one (~0.1 s per buffer at the benchmark's training
+    shape). CUDA's caching allocator reuses its blocks by itself, so there `get` is a plain
+    allocation. One buffer per dtype is kept, grown to the largest asked for; a sweep that
+    starts while another holds it (another thread) gets a fresh allocation. `release()` frees
+    what is kept.
+    """
+
+    def __init__(self):
+        self._kept: dict[torch.dtype, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        """A context manager yielding an uninitialised (rows, cols) tensor."""
+        return _Lease(self, rows, cols, dtype, torch.device(device))
+
+    def release(self) -> None:
+        """Free the kept buffers (the next CPU sweep allocates again)."""
+        self._kept.clear()
+
+
+class _Lease:
+    def __init__(self, space: _Workspace, rows: int, cols: int, dtype, device):
+        self.space, self.shape, self.dtype, self.device = space, (rows, cols), dtype, device
+        self.held = False
+
+    def __enter__(self) -> torch.Tensor:
+        need = self.shape[0] * self.shape[1]
+        if self.device.type != "cpu" or not self.space._lock.acquire(blocking=False):
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.held = True
+        kept = self.space._kept.get(self.dtype)
+        if kept is None or kept.numel() < need:
+            self.space._kept.pop(self.dtype, None)          # free the smaller one first
+            kept = self.space._kept[self.dtype] = torch.empty(need, dtype=self.dtype)
+        return kept[:need].view(self.shape)
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.space._lock.release()
+
+
+workspace = _Workspace()
+
+
 class TorchSweep:
     """The steps of `linear_vrpo_sweep` in PyTorch (the CPU path and the reference of
     `vrpo_fast.kernels.fused_linear_vrpo.TritonSweep`): fp32 GEMMs and buffer whatever the
-    inputs' dtype; the buffer holds z / T, then log softmax, then dlogits. The loss derivative
-    comes from autograd through `vrpo_loss` on the (b, K) sequence log-probs of the chunk."""
+    inputs' dtype; the buffer holds z / T, then softmax. The loss derivative comes from
+    autograd through `vrpo_loss` on the (b, K) sequence log-probs of the chunk.
+
+    On the CPU the passes over the (n, V) buffer run at memory speed, so they are kept to one:
+    the fused softmax, in place. The target's log-prob is read back as log softmax_t, exact
+    while softmax_t is a normal float; the rare row where it is below `TINY` (a target logit
+    ~70 below the row's largest) gets its log-sum-exp from its logits recomputed alone. The
+    gradient's coefficient c_n and one-hot never touch the buffer: they ride on the (n, D)
+    sides of the two gradient GEMMs (`head_grads_`).
+    """
 
     buffer_bytes = SWEEP_CHUNK_BYTES
     work = torch.float32
+    TINY = 2.0**-100
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float,
                  ignore_index: int, **loss):
@@ -134,23 +194,41 @@ class TorchSweep:
         z = torch.mm(h.float(), self.weight.T, out=out)
         return z if self.temperature == 1.0 else z.div_(self.temperature)
 
-    def lse_logp(self, z, targets):
-        """In place: the chunk's z / T (n, V) -> log softmax; returns (None: dlogits_ needs
-        only the buffer, logp (n,), 0 on ignored positions)."""
-        # log_softmax's fused CPU kernel, in place (each row is read before it is written, no
-        # temporary), is several times faster than logsumexp; keeping log p in the buffer
-        # leaves one exp for dlogits_.
-        torch.log_softmax(z, dim=1, out=z)
+    def lse_logp(self, z, targets, h=None):
+        """In place: the chunk's z / T (n, V) -> softmax; returns (None: `head_grads_` needs
+        only the buffer, logp (n,), 0 on ignored positions). h: the chunk's (n, D) hidden
+        states, for the rows whose target probability is below TINY (the recompute)."""
         valid = targets != self.ignore_index
-        logp = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+        index = torch.where(valid, targets, 0)[:, None]
+        # softmax's fused CPU kernel, in place (each row is read before it is written, no
+        # temporary): one read and one write of the buffer, which then holds what the
+        # gradient needs.
+        torch.softmax(z, dim=1, out=z)
+        p = z.gather(1, index).squeeze(1)
+        logp = torch.log(p)
+        low = (valid & (p < self.TINY)).nonzero().squeeze(1)
+        if low.numel():             # host sync: free on the CPU, where this class runs
+            rows = h[low].float() @ self.weight.T / self.temperature
+            logp[low] = rows.gather(1, index[low]).squeeze(1) - rows.logsumexp(1)
         return None, torch.where(valid, logp, 0.0)
 
-    def dlogits_(self, z, targets, lse, coef):
-        """In place: log softmax (n, V) -> coef_n (onehot(t_n) - softmax_n); coef is 0 on
-        ignored rows."""
-        z.exp_().mul_(-coef[:, None])
-        valid = targets != self.ignore_index
-        return z.scatter_add_(1, torch.where(valid, targets, 0)[:, None], coef[:, None])
+    def head_grads_(self, z, targets, lse, coef, h, dh, dw):
+        """z: the chunk's softmax (n, V) (lse_logp's); dLoss/dlogits_n = c_n (onehot(t_n) -
+        softmax_n) with coef c (n,), 0 on ignored rows. Writes dH = dlogits W into dh (n, D)
+        (when not None) and adds dlogits^T h to dw (V, D) (when not None), as
+
+            dlogits W      = c * (W[t] - softmax W)
+            dlogits^T h    = scatter_t(c h) - softmax^T (c h)
+
+        so c and the one-hot touch only (n, D) tensors; z is left as it is."""
+        index = torch.where(targets != self.ignore_index, targets, 0)
+        c = coef[:, None]
+        if dh is not None:
+            torch.mm(z, self.weight, out=dh)
+            dh.mul_(-c).addcmul_(self.weight[index], c)
+        if dw is not None:
+            ch = h.float() * c
+            dw.addmm_(z.T, ch, alpha=-1.0).index_add_(0, index, ch)
 
     def loss_grad(self, policy, ref, g, grad_scale: float):
         """policy, ref: (b, K) fp32, g: (b, K / 2) -> (per-prompt loss (b,), grad_scale *
@@ -216,15 +294,15 @@ def sweep_logprobs(backend, hidden: torch.Tensor, targets: torch.Tensor,
     targets = targets.long()
     out = torch.zeros(num_segments if segment_ids is not None else N, dtype=torch.float32,
                       device=hidden.device)
-    buf = torch.empty(min(C, N), V, dtype=backend.work, device=hidden.device)
-    for a in range(0, N, C):
-        b = min(a + C, N)
-        z = backend.logits(hidden[a:b], buf[:b - a])
-        _, logp = backend.lse_logp(z, targets[a:b])
-        if segment_ids is None:
-            out[a:b] = logp
-        else:
-            out.index_add_(0, segment_ids[a:b].long(), logp.float())
+    with workspace.get(min(C, N), V, backend.work, hidden.device) as buf:
+        for a in range(0, N, C):
+            b = min(a + C, N)
+            z = backend.logits(hidden[a:b], buf[:b - a])
+            _, logp = backend.lse_logp(z, targets[a:b], hidden[a:b])
+            if segment_ids is None:
+                out[a:b] = logp
+            else:
+                out.index_add_(0, segment_ids[a:b].long(), logp.float())
     return out
 
 
@@ -241,9 +319,10 @@ def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size
     labelled: a chunk must not normalise by its own count) as in `vrpo_fast.vrpo_loss`.
     backend: `TorchSweep` or `vrpo_fast.kernels.fused_linear_vrpo.TritonSweep`, whose
     `weight` (V, D) is the LM head in its work dtype; its steps work on the buffer in place:
-    logits(h, out) -> z, lse_logp(z, targets) -> (lse or None: what dlogits_ needs besides the
-    buffer, logp), dlogits_(z, targets, lse, coef) -> dz, loss_grad -> (per-prompt loss, dpolicy)
-    (with `labelled`, which no loss kernel takes, `reference_loss_grad` instead).
+    logits(h, out) -> z, lse_logp(z, targets, h) -> (lse or None: what head_grads_ needs
+    besides the buffer, logp), loss_grad -> (per-prompt loss, dpolicy) (with `labelled`, which
+    no loss kernel takes, `reference_loss_grad` instead), head_grads_(z, targets, lse, coef, h,
+    dh, dw): dH of the chunk's rows into dh, dW added to dw.
 
     Per run of whole groups (`group_chunks`, at most chunk_tokens tokens; by default what fits
     in backend.buffer_bytes, or the largest group if that is longer, up to 4x): the logits once
@@ -272,39 +351,36 @@ def linear_vrpo_sweep(backend, hidden, targets, segment_ids, offsets, group_size
     per = torch.empty(G, dtype=torch.float32, device=dev)
     dh = torch.empty(N, hidden.shape[1], dtype=backend.work, device=dev) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
-    buf = torch.empty(min(C, N), V, dtype=backend.work, device=dev)
-    for g0, g1 in group_chunks(offsets, C):
-        t0, t1 = offsets[g0], offsets[g1]
-        slices = [(a, min(a + C, t1)) for a in range(t0, t1, C)]
-        local = segment_ids[t0:t1] - g0 * K
-        seq = policy[g0:g1].view(-1)
-        for a, b in slices:
-            z = backend.logits(hidden[a:b], buf[:b - a])
-            lse, logp = backend.lse_logp(z, targets[a:b])
-            seq.index_add_(0, local[a - t0:b - t0], logp)
-        ref = None if ref_logps is None else ref_logps[g0:g1].float()
-        if labelled is None:
-            per[g0:g1], dpol = backend.loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1],
-                                                 grad_scale)
-        else:
-            per[g0:g1], dpol = reference_loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1],
-                                                   grad_scale, backend.loss, labelled[g0:g1],
-                                                   label_scale)
-        if not need_grad:
-            continue
-        # dLoss/dlogits_n = c_n (onehot - softmax) with c_n = dLoss/dpolicy_{seg_n} / T (the
-        # 1/T of the chain rule through h W^T / T rides in c).
-        coef = dpol.reshape(-1).float()[local] / backend.temperature
-        coef = torch.where(targets[t0:t1] != backend.ignore_index, coef, 0.0)
-        for a, b in slices:
-            if len(slices) > 1:             # a group longer than a chunk: its slice again
+    with workspace.get(min(C, N), V, backend.work, dev) as buf:
+        for g0, g1 in group_chunks(offsets, C):
+            t0, t1 = offsets[g0], offsets[g1]
+            slices = [(a, min(a + C, t1)) for a in range(t0, t1, C)]
+            local = segment_ids[t0:t1] - g0 * K
+            seq = policy[g0:g1].view(-1)
+            for a, b in slices:
                 z = backend.logits(hidden[a:b], buf[:b - a])
-                lse, _ = backend.lse_logp(z, targets[a:b])
-            dz = backend.dlogits_(z, targets[a:b], lse, coef[a - t0:b - t0])
-            if need_dh:
-                torch.mm(dz, weight, out=dh[a:b])
-            if need_dw:
-                dw.addmm_(dz.T, hidden[a:b].to(backend.work))
+                lse, logp = backend.lse_logp(z, targets[a:b], hidden[a:b])
+                seq.index_add_(0, local[a - t0:b - t0], logp)
+            ref = None if ref_logps is None else ref_logps[g0:g1].float()
+            if labelled is None:
+                per[g0:g1], dpol = backend.loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1],
+                                                     grad_scale)
+            else:
+                per[g0:g1], dpol = reference_loss_grad(policy[g0:g1], ref, aux_prefs[g0:g1],
+                                                       grad_scale, backend.loss, labelled[g0:g1],
+                                                       label_scale)
+            if not need_grad:
+                continue
+            # dLoss/dlogits_n = c_n (onehot - softmax) with c_n = dLoss/dpolicy_{seg_n} / T (the
+            # 1/T of the chain rule through h W^T / T rides in c).
+            coef = dpol.reshape(-1).float()[local] / backend.temperature
+            coef = torch.where(targets[t0:t1] != backend.ignore_index, coef, 0.0)
+            for a, b in slices:
+                if len(slices) > 1:             # a group longer than a chunk: its slice again
+                    z = backend.logits(hidden[a:b], buf[:b - a])
+                    lse, _ = backend.lse_logp(z, targets[a:b], hidden[a:b])
+                backend.head_grads_(z, targets[a:b], lse, coef[a - t0:b - t0], hidden[a:b],
+                                    dh[a:b] if need_dh else None, dw)
     return per, policy, dh, dw
 
 
