@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vrpo_fast.bench.layouts import hh_lengths, hh_lengths_from_jsonl
 from vrpo_fast.cli import main
@@ -158,3 +159,51 @@ def test_step_of_a_model_folder_counts_the_useful_tokens_of_fixed_lengths(capsys
     assert rows[1]["check"]["ok"]
     # The reference layout: 8 rows of 9 tokens, through the policy and the reference model.
     assert rows[0]["model_tokens"] == 2 * 8 * 9
+
+
+def test_step_bound_counts_the_useful_flops():
+    """`step_flops` (the bound's numerator) against counts made another way: the body's and
+    the LM head's matrix FLOPs from torch's FlopCounterMode over forwards of the useful tokens
+    (each prompt once, every response; the head on response tokens only), the attention pairs
+    by enumerating the packed batch's dense mask (pads excluded); x3 for forward + backward, x4
+    with an online reference. And `bound` divides by the rate it is given (a RateProbe's, the
+    median of the probes taken as the timing's setup)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vrpo_fast.bench import step
+    from vrpo_fast.bench.timing import time_calls
+    from vrpo_fast.models import build_tiny_causal_lm
+    from vrpo_fast.packing import pack_groups
+
+    model = build_tiny_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, intermediate_size=48)
+    prompts = [[1] * 7, [2]]
+    responses = [[[3] * 5, [4], [5] * 3, [6] * 2], [[7] * 4, [8] * 6, [9], [10] * 2]]
+    cfg = model.config
+
+    def matrix_flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        ops = counter.get_flop_counts()["Global"]
+        return sum(v for k, v in ops.items() if k.__name__.split(".")[0] in ("mm", "addmm"))
+
+    tokens = sum(map(len, prompts)) + sum(len(r) for rs in responses for r in rs)
+    N = sum(len(r) for rs in responses for r in rs)
+    with torch.no_grad():
+        body = matrix_flops(lambda: model.model(torch.ones(1, tokens, dtype=torch.long)))
+        head = matrix_flops(lambda: model.lm_head(torch.zeros(N, cfg.hidden_size)))
+    batch = pack_groups(prompts, responses)
+    pairs = int(batch.dense_mask().sum()) - int((batch.group < 0).sum())    # pads see themselves
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    attention = 4 * cfg.num_attention_heads * head_dim * cfg.num_hidden_layers * pairs
+    forward = body + attention + head
+    assert step.step_flops(model, prompts, responses, reference=False) == 3 * forward
+    assert step.step_flops(model, prompts, responses, reference=True) == 4 * forward
+
+    probe = step.RateProbe(seconds=0.01)
+    seconds = time_calls(lambda: None, setup=probe, rounds=3, warmup=1, rep_ms=0)
+    assert len(probe.rates) == len(seconds) + 1 and probe.rate() > 0      # one per call
+    state = dict(keep=[model], prompts=prompts, responses=responses)
+    out = step.bound("vrpo_fast_online", state, 2.0, rate=1e9)
+    assert out["matmul_flops_per_s"] == 1e9 and out["bound_s"] == 4 * forward / 1e9
+    assert out["bound_ratio"] == pytest.approx(2.0 / out["bound_s"])

@@ -26,7 +26,8 @@ timing, (a) and (c) are checked to compute the same policy and reference log-pro
 same loss (and the online and one-sweep steps the same loss), and TRL's loss against (b)'s.
 
 Beside each time, `bound` gives the step's arithmetic lower bound: its useful FLOPs
-(`step_flops`) over the float32 matmul rate measured in the same run (`matmul_rate`).
+(`step_flops`) over the float32 matmul rate measured in the same run (`matmul_rate`; on the
+CPU between the timed calls, by a `RateProbe`).
 
 A shape is a JSON-able dict: G groups, M Monte Carlo pairs, lengths ("hh", "long" or "P,R"),
 cap (prompt, response) for "hh", budget (train.max_tokens; None: the trainer's default), and
@@ -317,14 +318,35 @@ def matmul_rate(seconds: float = 1.0) -> float:
     return 2 * 1024 ** 3 / statistics.median(times)
 
 
-def bound(variant: str, state: dict, median_s: float) -> dict:
+class RateProbe:
+    """The matmul rate taken between a step's timed calls: passed as the timing's untimed
+    `setup`, it runs `matmul_rate(seconds)` before every call, so that the bound is measured
+    under the load the steps themselves ran under (a shared machine's load drifts over the
+    minutes a benchmark takes: one probe after the timing moved the ratio by +-20 % between
+    runs of the same step). On a GPU, whose timing makes many short calls, it is not passed
+    and `rate()` probes once after the timing."""
+
+    def __init__(self, seconds: float = 0.5):
+        self.seconds, self.rates = seconds, []
+
+    def __call__(self) -> tuple:
+        self.rates.append(matmul_rate(self.seconds))
+        return ()
+
+    def rate(self) -> float:
+        """The median of the rates taken, or one probe now if none was."""
+        return statistics.median(self.rates) if self.rates else matmul_rate()
+
+
+def bound(variant: str, state: dict, median_s: float, rate: float | None = None) -> dict:
     """The step's arithmetic lower bound (useful FLOPs of the step this variant computes, its
-    responses and its reference pass, at the matmul rate measured now, under the same load as
-    the timing) and the ratio of the measured median to it."""
+    responses and its reference pass, at the matmul rate `rate`, FLOP/s: a `RateProbe`'s taken
+    between the timed calls, or, when None, one probe now) and the ratio of the measured median
+    to it."""
     online = variant not in CACHED_REF         # a reference forward inside the step
     flops = step_flops(state["keep"][0], state["prompts"], state["responses"],
                        reference=online)
-    rate = matmul_rate()
+    rate = rate or matmul_rate()
     return dict(bound_flops=flops, matmul_flops_per_s=rate, bound_s=flops / rate,
                 bound_ratio=median_s * rate / flops)
 
