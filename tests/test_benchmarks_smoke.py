@@ -57,3 +57,22 @@ def test_bench_suite_outside_a_checkout_is_one_line_error(tmp_path, capsys):
     assert main(["bench", "suite", f"--dir={tmp_path}"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--dir: no benchmark suite in" in err
+
+
+def test_trainer_overhead_script_splits_the_step(capsys):
+    """benchmarks/trainer_overhead.py (the trainer step's bookkeeping share) runs: each timed
+    step's parts and the rest add up to the step, and the backward / clip patches are undone."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("trainer_overhead",
+                                                  ROOT / "benchmarks" / "trainer_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    backward, clip = torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
+    shares = module.main(["--smoke"])
+    assert torch.Tensor.backward is backward and torch.nn.utils.clip_grad_norm_ is clip
+    assert len(shares) == 2 and all(0 <= s < 1 for s in shares)
+    out = capsys.readouterr().out
+    assert out.count("step ") >= 2 and "the rest (bookkeeping), median over 2 steps" in out
