@@ -321,3 +321,19 @@ def test_cpu_workspace_is_reused_never_shared():
     assert set(space._kept) == {torch.float32, torch.float64}
     space.release()
     assert not space._kept
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU memory probe")
+def test_cpu_memory_probe_counts_the_kept_buffer():
+    """The benchmarks' CPU peak (bench.memory.measure, after a warm-up call) still counts the
+    sweep's logit buffer, which the warm-up call left kept in the workspace."""
+    from vrpo_fast.bench.memory import measure
+
+    N, Dh, Vv = 64, 8, 1000
+    h, w, t = make_inputs(N, Dh, Vv, torch.float32)
+    backend = chunked.TorchSweep(h, w, temperature=1.0, ignore_index=-100)
+
+    def call():
+        chunked.sweep_logprobs(backend, h, t)
+    call()                                                    # warm-up: the buffer is kept
+    assert measure(call, 0)["peak_bytes"] >= N * Vv * 4

@@ -79,6 +79,11 @@ def measure(run, base_bytes: int) -> dict:
         return {"peak_bytes": torch.cuda.max_memory_allocated(), "base_bytes": base}
     from torch.profiler import ProfilerActivity, profile
 
+    from vrpo_fast.chunked import workspace
+
+    # The CPU sweep keeps its logit buffer between calls (vrpo_fast.chunked.workspace): freed
+    # here, the measured call allocates it again and its peak counts it.
+    workspace.release()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():           # the profiler logs its start and stop on fd 2
         prof.__enter__()
