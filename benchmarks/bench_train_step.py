@@ -11,10 +11,10 @@ shipped with the package (vrpo_fast/bench/hh_lengths.json); "long" is prompt 160
 responses 60-120.
 
 Beside each time the row holds the step's arithmetic lower bound: the useful FLOPs
-(`bound_flops`) over the float32 matmul rate measured in the same run (`matmul_flops_per_s`:
-on the CPU the median of half-second probes taken between the timed steps, under the load
-they ran under; on a GPU one probe after them), and the ratio time / bound (`bound_ratio`);
-`-s` prints them.
+(`bound_flops`) over the matmul rate in the model's dtype measured in the same run
+(`matmul_flops_per_s`: on the CPU the median of half-second probes taken between the timed
+steps, under the load they ran under; on a GPU one probe after them), and the ratio time /
+bound (`bound_ratio`); `-s` prints them.
 
     python -m pytest benchmarks/bench_train_step.py -q -s [--smoke]
     python -m pytest benchmarks/bench_train_step.py -q -s -k "G2-"    # the two-prompt shapes
@@ -58,7 +58,8 @@ def bench_train_step(benchmark, record, mode, variant, shape):
     benchmark.group = f"train_step {shape}"
     try:
         # On the CPU the matmul rate of the bound is probed between the timed steps.
-        probe = None if torch.cuda.is_available() else train_step.RateProbe()
+        probe = None if torch.cuda.is_available() else train_step.RateProbe(
+            dtype=next(state["keep"][0].parameters()).dtype)
         seconds = timed(benchmark, step, rounds=1 if mode == "smoke" else 3,
                         warmup=0 if mode == "smoke" else 1, rep_ms=3000, setup=probe)
         mem = {} if mode == "smoke" else peak_memory("vrpo_fast.bench.step:probe",
@@ -72,6 +73,7 @@ def bench_train_step(benchmark, record, mode, variant, shape):
                              probe.rate() if probe else None)
     print(f"\n{variant} {shape}: {statistics.median(seconds) * 1e3:.1f} ms, bound "
           f"{bound['bound_s'] * 1e3:.1f} ms ({bound['bound_flops'] / 1e9:.2f} GFLOP at "
-          f"{bound['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s), {bound['bound_ratio']:.2f}x")
+          f"{bound['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s), {bound['bound_ratio']:.2f}x"
+          + (f", MFU {bound['mfu']:.1%}" if "mfu" in bound else ""))
     record("train_step", variant, shape, seconds, **train_step.token_counts(variant, state),
            **bound, **mem)

@@ -201,9 +201,34 @@ def test_step_bound_counts_the_useful_flops():
     assert step.step_flops(model, prompts, responses, reference=True) == 4 * forward
 
     probe = step.RateProbe(seconds=0.01)
+    assert probe.rate() is None
     seconds = time_calls(lambda: None, setup=probe, rounds=3, warmup=1, rep_ms=0)
     assert len(probe.rates) == len(seconds) + 1 and probe.rate() > 0      # one per call
     state = dict(keep=[model], prompts=prompts, responses=responses)
     out = step.bound("vrpo_fast_online", state, 2.0, rate=1e9)
     assert out["matmul_flops_per_s"] == 1e9 and out["bound_s"] == 4 * forward / 1e9
     assert out["bound_ratio"] == pytest.approx(2.0 / out["bound_s"])
+
+
+def test_step_bound_probes_the_model_dtype(monkeypatch):
+    """Without a rate, `bound` probes the matmul rate in the model's dtype (bf16 on a GPU: an
+    fp32 probe would understate the chip's rate several times over and flatter the ratio)."""
+    from vrpo_fast.bench import step
+    from vrpo_fast.models import build_tiny_causal_lm
+
+    asked = []
+    monkeypatch.setattr(step, "matmul_rate", lambda seconds=1.0, dtype=torch.float32:
+                        asked.append(dtype) or 1e9)
+    model = build_tiny_causal_lm(dtype=torch.bfloat16, vocab_size=50, hidden_size=32,
+                                 num_layers=1)
+    state = dict(keep=[model], prompts=[[1, 2]], responses=[[[3], [4]]])
+    out = step.bound("vrpo_fast_online", state, 1.0)
+    assert asked == [torch.bfloat16] and out["matmul_flops_per_s"] == 1e9
+    rate = step.RateProbe(seconds=0.01, dtype=torch.bfloat16)
+    rate()
+    assert asked == [torch.bfloat16, torch.bfloat16]
+    assert "mfu" not in out                                 # the CPU has no peak to divide by
+    monkeypatch.setattr(step, "device", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    out = step.bound("vrpo_fast_online", state, 0.5, rate=2e9)
+    assert out["mfu"] == pytest.approx(out["bound_flops"] / 0.5 / 989e12)

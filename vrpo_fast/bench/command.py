@@ -44,8 +44,9 @@ method:
   TFLOP/s      useful work only: 2NDV forward, 4NDV backward, 6NDV both; logits a kernel
                recomputes in its backward are not counted. The step reports useful tokens/s
                (each prompt once + every response)
-  bound        the step: its useful FLOPs over the fp32 matmul rate of a 1024^3 matmul
-               measured in the same run (CPU: between the timed steps) -> bound_s, and
+  bound        the step: its useful FLOPs over the matmul rate in the model's dtype (1024^3
+               on the CPU, 8192^3 on a GPU) measured in the same run (CPU: between the
+               timed steps) -> bound_s, and
                bound_ratio = time / bound
   memory       peak tensor memory of one call after a warm-up call: GPU
                torch.cuda.max_memory_allocated (less what was allocated before the probe);
@@ -336,7 +337,8 @@ def bench_step(args, quick: bool = False) -> list[dict]:
                 rows.append(dict(row, error="correctness check failed: not timed"))
                 continue
             fn, state = step.make_step(shape, variant)
-            probe = None if torch.cuda.is_available() else step.RateProbe()
+            probe = None if torch.cuda.is_available() else step.RateProbe(
+                dtype=next(state["keep"][0].parameters()).dtype)
             out = summary(time_calls(fn, setup=probe, **timing))
             out.update(step.bound(variant, state, out["median_s"],
                                   probe.rate() if probe else None))

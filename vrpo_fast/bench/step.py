@@ -26,8 +26,8 @@ timing, (a) and (c) are checked to compute the same policy and reference log-pro
 same loss (and the online and one-sweep steps the same loss), and TRL's loss against (b)'s.
 
 Beside each time, `bound` gives the step's arithmetic lower bound: its useful FLOPs
-(`step_flops`) over the float32 matmul rate measured in the same run (`matmul_rate`; on the
-CPU between the timed calls, by a `RateProbe`).
+(`step_flops`) over the matmul rate in the model's dtype measured in the same run
+(`matmul_rate`; on the CPU between the timed calls, by a `RateProbe`).
 
 A shape is a JSON-able dict: G groups, M Monte Carlo pairs, lengths ("hh", "long" or "P,R"),
 cap (prompt, response) for "hh", budget (train.max_tokens; None: the trainer's default), and
@@ -301,11 +301,14 @@ def step_flops(model, prompts, responses, *, reference: bool) -> float:
     return float(forward * (3 + reference))
 
 
-def matmul_rate(seconds: float = 1.0) -> float:
-    """FLOP/s of a (1024 x 1024) @ (1024 x 1024) float32 matmul on this device now: the median
-    of the calls within `seconds`, after one warm-up. The median, not the best: on a shared
-    machine the best call is one that ran alone, which the timed step, seconds long, never is."""
-    a, b = (torch.randn(1024, 1024, device=device()) for _ in range(2))
+def matmul_rate(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an (n x n) @ (n x n) matmul in `dtype` (the model's: float32 on the CPU, bf16
+    on a GPU) on this device now, n = 1024 on the CPU and 8192 on a GPU (where a 1024^3 matmul
+    is too short to reach the chip's rate): the median of the calls within `seconds`, after
+    one warm-up. The median, not the best: on a shared machine the best call is one that ran
+    alone, which the timed step, seconds long, never is."""
+    n = 8192 if device() == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device()).to(dtype) for _ in range(2))
     sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
     a @ b
     sync()
@@ -315,40 +318,50 @@ def matmul_rate(seconds: float = 1.0) -> float:
         a @ b
         sync()
         times.append(time.perf_counter() - start)
-    return 2 * 1024 ** 3 / statistics.median(times)
+    return 2 * n ** 3 / statistics.median(times)
 
 
 class RateProbe:
     """The matmul rate taken between a step's timed calls: passed as the timing's untimed
-    `setup`, it runs `matmul_rate(seconds)` before every call, so that the bound is measured
-    under the load the steps themselves ran under (a shared machine's load drifts over the
-    minutes a benchmark takes: one probe after the timing moved the ratio by +-20 % between
+    `setup`, it runs `matmul_rate(seconds, dtype)` before every call, so that the bound is
+    measured under the load the steps themselves ran under (a shared machine's load drifts over
+    the minutes a benchmark takes: one probe after the timing moved the ratio by +-20 % between
     runs of the same step). On a GPU, whose timing makes many short calls, it is not passed
-    and `rate()` probes once after the timing."""
+    and `bound` probes once after the timing."""
 
-    def __init__(self, seconds: float = 0.5):
-        self.seconds, self.rates = seconds, []
+    def __init__(self, seconds: float = 0.5, dtype: torch.dtype = torch.float32):
+        self.seconds, self.dtype, self.rates = seconds, dtype, []
 
     def __call__(self) -> tuple:
-        self.rates.append(matmul_rate(self.seconds))
+        self.rates.append(matmul_rate(self.seconds, self.dtype))
         return ()
 
-    def rate(self) -> float:
-        """The median of the rates taken, or one probe now if none was."""
-        return statistics.median(self.rates) if self.rates else matmul_rate()
+    def rate(self) -> float | None:
+        """The median of the rates taken (None if none was)."""
+        return statistics.median(self.rates) if self.rates else None
 
 
 def bound(variant: str, state: dict, median_s: float, rate: float | None = None) -> dict:
     """The step's arithmetic lower bound (useful FLOPs of the step this variant computes, its
     responses and its reference pass, at the matmul rate `rate`, FLOP/s: a `RateProbe`'s taken
-    between the timed calls, or, when None, one probe now) and the ratio of the measured median
-    to it."""
+    between the timed calls, or, when None, one probe now in the model's dtype) and the ratio of
+    the measured median to it; on a GPU in `train.metrics.PEAK_FLOPS` also the MFU (useful
+    FLOP/s over the chip's peak)."""
     online = variant not in CACHED_REF         # a reference forward inside the step
-    flops = step_flops(state["keep"][0], state["prompts"], state["responses"],
-                       reference=online)
-    rate = rate or matmul_rate()
-    return dict(bound_flops=flops, matmul_flops_per_s=rate, bound_s=flops / rate,
-                bound_ratio=median_s * rate / flops)
+    model = state["keep"][0]
+    flops = step_flops(model, state["prompts"], state["responses"], reference=online)
+    rate = rate or matmul_rate(dtype=next(model.parameters()).dtype)
+    out = dict(bound_flops=flops, matmul_flops_per_s=rate, bound_s=flops / rate,
+               bound_ratio=median_s * rate / flops)
+    if device() == "cuda":
+        # MFU: the same useful FLOPs per second over the chip's dense bf16 peak (the trainer's
+        # table), where the chip is in it.
+        from vrpo_fast.train.metrics import peak_flops
+
+        peak = peak_flops(torch.cuda.get_device_name())
+        if peak:
+            out["mfu"] = flops / median_s / peak
+    return out
 
 
 def token_counts(variant: str, state: dict) -> dict:
