@@ -58,8 +58,7 @@ def bench_train_step(benchmark, record, mode, variant, shape):
     benchmark.group = f"train_step {shape}"
     try:
         # On the CPU the matmul rate of the bound is probed between the timed steps.
-        probe = None if torch.cuda.is_available() else train_step.RateProbe(
-            dtype=next(state["keep"][0].parameters()).dtype)
+        probe = train_step.rate_probe(state)
         seconds = timed(benchmark, step, rounds=1 if mode == "smoke" else 3,
                         warmup=0 if mode == "smoke" else 1, rep_ms=3000, setup=probe)
         mem = {} if mode == "smoke" else peak_memory("vrpo_fast.bench.step:probe",

@@ -10,6 +10,7 @@ benchmarks:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -132,34 +133,24 @@ class _Workspace:
         self._kept: dict[torch.dtype, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
-        """A context manager yielding an uninitialised (rows, cols) tensor."""
-        return _Lease(self, rows, cols, dtype, torch.device(device))
+    @contextlib.contextmanager
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device):
+        """Yields an uninitialised (rows, cols) tensor: a view of the kept buffer on the CPU."""
+        if torch.device(device).type != "cpu" or not self._lock.acquire(blocking=False):
+            yield torch.empty(rows, cols, dtype=dtype, device=device)
+            return
+        try:
+            kept = self._kept.get(dtype)
+            if kept is None or kept.numel() < rows * cols:
+                self._kept.pop(dtype, None)                 # free the smaller one first
+                kept = self._kept[dtype] = torch.empty(rows * cols, dtype=dtype)
+            yield kept[:rows * cols].view(rows, cols)
+        finally:
+            self._lock.release()
 
     def release(self) -> None:
         """Free the kept buffers (the next CPU sweep allocates again)."""
         self._kept.clear()
-
-
-class _Lease:
-    def __init__(self, space: _Workspace, rows: int, cols: int, dtype, device):
-        self.space, self.shape, self.dtype, self.device = space, (rows, cols), dtype, device
-        self.held = False
-
-    def __enter__(self) -> torch.Tensor:
-        need = self.shape[0] * self.shape[1]
-        if self.device.type != "cpu" or not self.space._lock.acquire(blocking=False):
-            return torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        self.held = True
-        kept = self.space._kept.get(self.dtype)
-        if kept is None or kept.numel() < need:
-            self.space._kept.pop(self.dtype, None)          # free the smaller one first
-            kept = self.space._kept[self.dtype] = torch.empty(need, dtype=self.dtype)
-        return kept[:need].view(self.shape)
-
-    def __exit__(self, *exc) -> None:
-        if self.held:
-            self.space._lock.release()
 
 
 workspace = _Workspace()

@@ -337,8 +337,7 @@ def bench_step(args, quick: bool = False) -> list[dict]:
                 rows.append(dict(row, error="correctness check failed: not timed"))
                 continue
             fn, state = step.make_step(shape, variant)
-            probe = None if torch.cuda.is_available() else step.RateProbe(
-                dtype=next(state["keep"][0].parameters()).dtype)
+            probe = step.rate_probe(state)
             out = summary(time_calls(fn, setup=probe, **timing))
             out.update(step.bound(variant, state, out["median_s"],
                                   probe.rate() if probe else None))

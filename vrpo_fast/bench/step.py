@@ -341,6 +341,14 @@ class RateProbe:
         return statistics.median(self.rates) if self.rates else None
 
 
+def rate_probe(state: dict) -> RateProbe | None:
+    """The probe to pass as the timing's setup for `make_step`'s state: a `RateProbe` in the
+    model's dtype on the CPU, None on a GPU."""
+    if device() == "cuda":
+        return None
+    return RateProbe(dtype=next(state["keep"][0].parameters()).dtype)
+
+
 def bound(variant: str, state: dict, median_s: float, rate: float | None = None) -> dict:
     """The step's arithmetic lower bound (useful FLOPs of the step this variant computes, its
     responses and its reference pass, at the matmul rate `rate`, FLOP/s: a `RateProbe`'s taken
