@@ -15,6 +15,7 @@ import torch
 from _suite import RESULTS, ROWS, SESSION, make_row
 
 from vrpo_fast.bench.env import commit, device_slug, session
+from vrpo_fast.host_memory import keep_freed_memory
 
 
 def pytest_addoption(parser):
@@ -22,6 +23,9 @@ def pytest_addoption(parser):
                                                           "memory probes")
     parser.addoption("--results-dir", default=None, help="where rows are appended (default "
                                                          "benchmarks/results; --smoke: nowhere)")
+    parser.addoption("--system-malloc", action="store_true",
+                     help="CPU: leave malloc as the system sets it (default: freed blocks kept "
+                          "for reuse, as the trainer does: train.keep_host_memory)")
 
 
 def _mode(config) -> str:
@@ -48,6 +52,10 @@ def pytest_generate_tests(metafunc):
 def pytest_configure(config):
     # Computed once: git and package metadata are the same for every row of a run. A tree
     # without its .git records "unknown" unless $VRPO_BENCH_COMMIT names the commit.
+    if not config.getoption("--system-malloc"):
+        # Every provider (ours, TRL, eager, compiled) runs in this process with the trainer's
+        # allocator setting, so the comparison is like for like (vrpo_fast/host_memory.py).
+        keep_freed_memory()
     args = " ".join(config.invocation_params.args)
     SESSION.update(session(), commit=commit() or "unknown",
                    command=f"python -m pytest {args}".strip())

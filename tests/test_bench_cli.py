@@ -92,6 +92,21 @@ def test_unknown_preset_from_the_wheel_is_one_line_error(installed):
     assert "qwen2.5-7b" in lines[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the setting is the CPU's")
+def test_rows_record_the_host_allocator_setting(installed):
+    """Every provider runs with the trainer's malloc setting (freed blocks kept) unless
+    --system-malloc; each row says which (vrpo_fast/host_memory.py)."""
+    from vrpo_fast.host_memory import glibc_malloc
+
+    args = ["vrpo-loss", "--groups", "2", "--pairs", "1", "--providers", "eager", "--rounds",
+            "1", "--rep-ms", "1", "--no-memory", "--json", "-"]
+    for flags, kept in (([], glibc_malloc()), (["--system-malloc"], False)):
+        out = run_installed(installed, *args, *flags)
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert rows and all(r["malloc_kept"] is kept for r in rows), (flags, rows[0])
+
+
 @pytest.mark.parametrize("args, message", [
     (["linear-logprob", "--tokens", "0"], "--tokens: must be >= 1, got 0"),
     (["linear-logprob", "--hidden", "x"], "--hidden: expected an integer, got 'x'"),
@@ -232,3 +247,19 @@ def test_step_bound_probes_the_model_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     out = step.bound("vrpo_fast_online", state, 0.5, rate=2e9)
     assert out["mfu"] == pytest.approx(out["bound_flops"] / 0.5 / 989e12)
+
+
+def test_report_keeps_system_malloc_rows_apart():
+    """A --system-malloc run's rows are their own table, not newer rows of the kept run's."""
+    from vrpo_fast.bench.report import latest
+
+    def row(kept, stamp, seconds):
+        out = dict(device="cpu-X-2cores", op="train_step", provider="ours", shape={"M": 8},
+                   direction="full", timestamp=stamp, median_s=seconds)
+        return out if kept is None else dict(out, malloc_kept=kept)
+    rows = [row(None, "2026-01-01", 5.0), row(True, "2026-01-02", 3.0),
+            row(False, "2026-01-03", 4.0), row(True, "2026-01-04", 2.5)]
+    by_device = latest(rows)
+    assert sorted(by_device) == ["cpu-X-2cores", "cpu-X-2cores, system malloc"]
+    assert [r["median_s"] for r in by_device["cpu-X-2cores"]] == [2.5]
+    assert [r["median_s"] for r in by_device["cpu-X-2cores, system malloc"]] == [4.0]

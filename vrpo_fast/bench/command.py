@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vrpo_fast import host_memory
 from vrpo_fast.bench import linear_logprob, presets, report, step, vrpo_loss
 from vrpo_fast.bench.env import Unavailable, device, session, timestamp
 from vrpo_fast.bench.layouts import parse_lengths
@@ -84,6 +85,10 @@ def _common(parser) -> None:
                         help="the least time of timed calls, ms (default 500; the step 3000; "
                              "--quick 50)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: leave malloc as the system sets it (default: freed blocks "
+                             "kept for reuse, as `vrpo-fast train` does: "
+                             "train.keep_host_memory)")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="write the rows as JSON lines to FILE ('-': stdout, no table)")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
@@ -144,6 +149,9 @@ def add_arguments(parser) -> None:
                    help="the suites' folder (default: ./benchmarks)")
     p.add_argument("--results-dir", default=None,
                    help="where the rows go (default: DIR/results; --quick: nowhere)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: leave malloc as the system sets it (default: freed blocks kept "
+                        "for reuse, as `vrpo-fast train` does)")
 
 
 # --- argument checks: one line each -------------------------------------------------------------
@@ -385,6 +393,10 @@ def run(args) -> int:
                             "providers)")
     else:
         todo = [(OPS[args.what], False)]
+    if not args.system_malloc:
+        # Every provider runs in this process with the trainer's allocator setting (no page
+        # faults on each call's fresh outputs): the comparison is like for like.
+        host_memory.keep_freed_memory()
     rows = []
     for fn, quick in todo:
         rows += fn(args, quick)
@@ -436,6 +448,8 @@ def run_suite(args) -> int:
                "--benchmark-columns=median,min,max,rounds"]
         if args.quick:
             cmd.append("--smoke")
+        if args.system_malloc:
+            cmd.append("--system-malloc")
         print("running:", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=bench_dir)
         rows = report.load_rows(run_dir)

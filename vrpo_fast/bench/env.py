@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import vrpo_fast
+from vrpo_fast import host_memory
 
 DISTRIBUTIONS = ("vrpo-fast", "torch", "triton", "transformers", "liger-kernel",
                  "cut-cross-entropy")
@@ -25,10 +26,24 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the processor or machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name() -> str:
+    """The GPU's name, or the CPU's model and core count: rows of different machines never
+    share a results file (rows recorded before the model was in the name are under
+    cpu-<machine>-<n>cores)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return f"cpu-{cpu_model()}-{os.cpu_count()}cores"
 
 
 def device_slug() -> str:
@@ -72,6 +87,8 @@ def session() -> dict:
     """The fields every row of one run shares (computed once: git and metadata are slow):
     device, versions, threads, and commit where there is one."""
     out = dict(device=device_name(), versions=versions(), threads=torch.get_num_threads())
+    if not torch.cuda.is_available():
+        out["malloc_kept"] = host_memory.kept()     # vrpo_fast/host_memory.py
     sha = commit()
     if sha is not None:
         out["commit"] = sha

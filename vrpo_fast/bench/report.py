@@ -24,15 +24,22 @@ def _key(row):
             row.get("direction"))
 
 
+def device_label(row: dict) -> str:
+    """The row's device, with ", system malloc" for a CPU run that left malloc as the system
+    sets it (`--system-malloc`): its rows are another table, not newer rows of the same."""
+    return row["device"] + (", system malloc" if row.get("malloc_kept") is False else "")
+
+
 def latest(rows: list[dict], include_smoke: bool = False) -> dict[str, list[dict]]:
-    """device -> its latest row per (op, provider, shape, direction)."""
+    """device label (`device_label`) -> its latest row per (op, provider, shape, direction)."""
     by_device = defaultdict(dict)
     for row in rows:
         if row.get("mode") == "smoke" and not include_smoke:
             continue
-        prev = by_device[row["device"]].get(_key(row))
+        device = device_label(row)
+        prev = by_device[device].get(_key(row))
         if prev is None or row["timestamp"] >= prev["timestamp"]:
-            by_device[row["device"]][_key(row)] = row
+            by_device[device][_key(row)] = row
     return {d: list(r.values()) for d, r in by_device.items()}
 
 

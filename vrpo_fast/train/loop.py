@@ -31,6 +31,7 @@ import torch
 from vrpo_fast.config import Config
 from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
 from vrpo_fast.errors import UserError
+from vrpo_fast.host_memory import keep_freed_memory
 from vrpo_fast.judge import load_judge, pairs_of
 from vrpo_fast.models import (
     adapters_off,
@@ -125,6 +126,8 @@ class Trainer:
         self.dist = dist or init_distributed()
         self.device = self.dist.device
         t = cfg.train
+        if t.keep_host_memory and self.device.type == "cpu":
+            keep_freed_memory()     # vrpo_fast/host_memory.py: no page faults on each step
         world = self.dist.world_size
         if t.batch_groups % (world * t.micro_batch_groups):
             raise UserError(f"train.batch_groups: {t.batch_groups} prompt groups do not split "
