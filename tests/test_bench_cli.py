@@ -263,3 +263,21 @@ def test_report_keeps_system_malloc_rows_apart():
     assert sorted(by_device) == ["cpu-X-2cores", "cpu-X-2cores, system malloc"]
     assert [r["median_s"] for r in by_device["cpu-X-2cores"]] == [2.5]
     assert [r["median_s"] for r in by_device["cpu-X-2cores, system malloc"]] == [4.0]
+
+
+def test_report_puts_the_online_step_beside_its_bound_and_trl():
+    from vrpo_fast.bench.report import tables
+
+    shape = dict(G=2, M=8, lengths="long", cap=[256, 128], hidden=256, layers=4, vocab=32000,
+                 budget=None)
+
+    def row(provider, seconds, bound_s):
+        return dict(device="cpu-X-2cores", op="train_step", provider=provider, shape=shape,
+                    timestamp="2026-01-01", median_s=seconds, min_s=seconds, max_s=seconds,
+                    rounds=1, bound_s=bound_s, matmul_flops_per_s=1.0e11,
+                    bound_ratio=seconds / bound_s)
+    text = tables([row("vrpo_fast_online", 4.0, 3.2), row("trl_dpo", 2.0, 0.4)])
+    line = next(x for x in text.splitlines() if x.startswith("| long | 8 | 2 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3:] == ["4e+03", "3,200 (100)", "1.25x", "2e+03", "5.00x", "2.00x"]
+    assert "(a) reference layout" not in text       # no layout rows at this shape

@@ -85,19 +85,59 @@ def _groups(rows, op):
 # --- one section per op ----------------------------------------------------------------------
 
 def train_step_table(rows):
-    groups = _groups(rows, "train_step")
-    if not groups:
+    every = _groups(rows, "train_step")
+    if not every:
         return []
-    out = ["### Training step (BENCHMARKS.md item 3)", "",
-           "(a) reference layout, (b) plain DPO in the naive layout, (c) vrpo_fast. Time per "
-           "optimizer step, median (min-max) in ms; (a)/(c) is the throughput ratio (same "
+    out = ["### Training step (BENCHMARKS.md item 3)", ""]
+    groups = [(shape, by) for shape, by in every if any((v, None) in by for v in STEP_VARIANTS)]
+    if groups:
+        out += _layout_table(groups) + [""]
+    online = [(shape, by) for shape, by in every
+              if ("vrpo_fast_online", None) in by or ("trl_dpo", None) in by]
+    if online:
+        out += _bound_table(online)
+    model = every[0][0]
+    out += ["", f"Model: Llama-style, hidden {model['hidden']}, {model['layers']} layers, "
+                f"vocab {model['vocab']}; lengths capped at {tuple(model['cap'])} tokens "
+                f"(prompt, response).", ""]
+    return out
+
+
+def _bound_table(groups):
+    """vrpo_fast_online (the packed step with its reference forward) and TRL's DPOTrainer step
+    on the same model and prompts: each time beside its arithmetic bound (useful FLOPs at the
+    matmul rate probed in the same run) and the ratio of the two steps' times."""
+    out = ["The step with its reference forward (vrpo_fast_online) and TRL's DPOTrainer step "
+               "(chosen and rejected only) on the same model and prompts; bound: the step's "
+               "useful FLOPs at the matmul rate probed in the same run.", "",
+           "| lengths | M | G | vrpo_fast_online ms | bound ms (GFLOP/s) | time / bound | "
+           "trl_dpo ms | trl_dpo time / bound | online / TRL |",
+           "|---|---|---|---|---|---|---|---|---|"]
+
+    def bound(r):
+        if r is None or r.get("bound_s") is None:
+            return "-"
+        return f"{r['bound_s'] * 1e3:,.0f} ({r['matmul_flops_per_s'] / 1e9:.0f})"
+
+    def ratio(r):
+        return "-" if r is None or r.get("bound_ratio") is None else f"{r['bound_ratio']:.2f}x"
+    for shape, by in groups:
+        v, t = by.get(("vrpo_fast_online", None)), by.get(("trl_dpo", None))
+        out.append(f"| {shape['lengths']} | {shape['M']} | {shape['G']} | {_t(v)} | {bound(v)} "
+                   f"| {ratio(v)} | {_t(t)} | {ratio(t)} | {_ratio(v, t)} |")
+    return out
+
+
+def _layout_table(groups):
+    out = ["(a) reference layout, (b) plain DPO in the naive layout, (c) vrpo_fast. Time per "
+            "optimizer step, median (min-max) in ms; (a)/(c) is the throughput ratio (same "
            f"groups and M; target >= {TARGET_A_OVER_C:g}), (c)/(b) the time ratio (target <= "
            f"{TARGET_C_OVER_B:g}). Tokens: positions through the model forwards (padding and "
-           "the reference forward included) / useful tokens (each prompt once + every "
-           "response).", "",
-           "| lengths | M | G | prompt / response mean | (a) ms | (b) ms | (c) ms | (a)/(c) | "
-           "(c)/(b) | peak MiB (a) / (b) / (c) | model tokens (a) / (b) / (c) | useful tokens "
-           "(c) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "the reference forward included) / useful tokens (each prompt once + every "
+            "response).", "",
+            "| lengths | M | G | prompt / response mean | (a) ms | (b) ms | (c) ms | (a)/(c) | "
+            "(c)/(b) | peak MiB (a) / (b) / (c) | model tokens (a) / (b) / (c) | useful tokens "
+            "(c) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape, by in groups:
         a, b, c = (by.get((v, None)) for v in STEP_VARIANTS)
         lens = f"{c['prompt_mean']:.0f} / {c['response_mean']:.0f}" if c else "-"
@@ -108,10 +148,6 @@ def train_step_table(rows):
                    + " / ".join(str(r.get("model_tokens", "-")) if r else "-"
                                 for r in (a, b, c))
                    + f" | {c['useful_tokens'] if c else '-'} |")
-    model = groups[0][0]
-    out += ["", f"Model: Llama-style, hidden {model['hidden']}, {model['layers']} layers, "
-                f"vocab {model['vocab']}; lengths capped at {tuple(model['cap'])} tokens "
-                f"(prompt, response).", ""]
     return out
 
 
@@ -234,7 +270,8 @@ def tables(rows: list[dict]) -> str:
 
 def chart(rows: list[dict], path: Path) -> bool:
     """Bar chart of the step benchmark: ms per step and peak memory per variant and shape."""
-    groups = [(s, by) for s, by in _groups(rows, "train_step")]
+    groups = [(s, by) for s, by in _groups(rows, "train_step")
+              if any((v, None) in by for v in STEP_VARIANTS)]
     if not groups:
         return False
     import matplotlib
