@@ -26,7 +26,7 @@ import threading
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's <malloc.h>
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = (1 << 31) - 1                  # mallopt takes an int
-OLD_GLIBC_MMAP_MAX = 32 << 20                   # glibc < 2.35 refuses a threshold above this
+OLD_GLIBC_MMAP_MAX = 32 << 20                   # where glibc refuses more (HEAP_MAX_SIZE / 2)
 
 _lock = threading.Lock()
 _kept = False

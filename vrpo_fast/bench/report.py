@@ -131,8 +131,8 @@ def _bound_table(groups):
 def _layout_table(groups):
     out = ["(a) reference layout, (b) plain DPO in the naive layout, (c) vrpo_fast. Time per "
             "optimizer step, median (min-max) in ms; (a)/(c) is the throughput ratio (same "
-           f"groups and M; target >= {TARGET_A_OVER_C:g}), (c)/(b) the time ratio (target <= "
-           f"{TARGET_C_OVER_B:g}). Tokens: positions through the model forwards (padding and "
+            f"groups and M; target >= {TARGET_A_OVER_C:g}), (c)/(b) the time ratio (target <= "
+            f"{TARGET_C_OVER_B:g}). Tokens: positions through the model forwards (padding and "
             "the reference forward included) / useful tokens (each prompt once + every "
             "response).", "",
             "| lengths | M | G | prompt / response mean | (a) ms | (b) ms | (c) ms | (a)/(c) | "
