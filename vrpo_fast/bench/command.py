@@ -70,6 +70,10 @@ DEFAULT_STEP = {"cpu": dict(G=4, cap=[256, 128], hidden=256, layers=4, vocab=320
                 "cuda": dict(G=8, cap=[512, 256], hidden=1024, layers=8, vocab=128256)}
 
 
+SYSTEM_MALLOC = ("CPU: leave malloc as the system sets it (default: freed blocks kept for "
+                 "reuse, as `vrpo-fast train` does: train.keep_host_memory)")
+
+
 def _common(parser) -> None:
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset (linear-logprob: eager, compile, liger, "
@@ -85,10 +89,7 @@ def _common(parser) -> None:
                         help="the least time of timed calls, ms (default 500; the step 3000; "
                              "--quick 50)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="CPU: leave malloc as the system sets it (default: freed blocks "
-                             "kept for reuse, as `vrpo-fast train` does: "
-                             "train.keep_host_memory)")
+    parser.add_argument("--system-malloc", action="store_true", help=SYSTEM_MALLOC)
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="write the rows as JSON lines to FILE ('-': stdout, no table)")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
@@ -149,9 +150,7 @@ def add_arguments(parser) -> None:
                    help="the suites' folder (default: ./benchmarks)")
     p.add_argument("--results-dir", default=None,
                    help="where the rows go (default: DIR/results; --quick: nowhere)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="CPU: leave malloc as the system sets it (default: freed blocks kept "
-                        "for reuse, as `vrpo-fast train` does)")
+    p.add_argument("--system-malloc", action="store_true", help=SYSTEM_MALLOC)
 
 
 # --- argument checks: one line each -------------------------------------------------------------
