@@ -52,9 +52,10 @@ def pytest_generate_tests(metafunc):
 def pytest_configure(config):
     # Computed once: git and package metadata are the same for every row of a run. A tree
     # without its .git records "unknown" unless $VRPO_BENCH_COMMIT names the commit.
-    if not config.getoption("--system-malloc"):
-        # Every provider (ours, TRL, eager, compiled) runs in this process with the trainer's
-        # allocator setting, so the comparison is like for like (vrpo_fast/host_memory.py).
+    if not config.getoption("--system-malloc") and not torch.cuda.is_available():
+        # Every provider (ours, TRL, eager, compiled) runs in this process with the CPU
+        # trainer's allocator setting, so the comparison is like for like
+        # (vrpo_fast/host_memory.py).
         keep_freed_memory()
     args = " ".join(config.invocation_params.args)
     SESSION.update(session(), commit=commit() or "unknown",

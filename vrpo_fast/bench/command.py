@@ -392,8 +392,8 @@ def run(args) -> int:
                             "providers)")
     else:
         todo = [(OPS[args.what], False)]
-    if not args.system_malloc:
-        # Every provider runs in this process with the trainer's allocator setting (no page
+    if not args.system_malloc and device() == "cpu":
+        # Every provider runs in this process with the CPU trainer's allocator setting (no page
         # faults on each call's fresh outputs): the comparison is like for like.
         host_memory.keep_freed_memory()
     rows = []
