@@ -14,6 +14,7 @@ import pytest
 import torch
 from _suite import RESULTS, ROWS, SESSION, make_row
 
+from vrpo_fast.bench.command import SYSTEM_MALLOC
 from vrpo_fast.bench.env import commit, device_slug, session
 from vrpo_fast.host_memory import keep_freed_memory
 
@@ -23,9 +24,7 @@ def pytest_addoption(parser):
                                                           "memory probes")
     parser.addoption("--results-dir", default=None, help="where rows are appended (default "
                                                          "benchmarks/results; --smoke: nowhere)")
-    parser.addoption("--system-malloc", action="store_true",
-                     help="CPU: leave malloc as the system sets it (default: freed blocks kept "
-                          "for reuse, as the trainer does: train.keep_host_memory)")
+    parser.addoption("--system-malloc", action="store_true", help=SYSTEM_MALLOC)
 
 
 def _mode(config) -> str:
@@ -50,13 +49,13 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_configure(config):
-    # Computed once: git and package metadata are the same for every row of a run. A tree
-    # without its .git records "unknown" unless $VRPO_BENCH_COMMIT names the commit.
     if not config.getoption("--system-malloc") and not torch.cuda.is_available():
         # Every provider (ours, TRL, eager, compiled) runs in this process with the CPU
         # trainer's allocator setting, so the comparison is like for like
         # (vrpo_fast/host_memory.py).
         keep_freed_memory()
+    # Computed once: git and package metadata are the same for every row of a run. A tree
+    # without its .git records "unknown" unless $VRPO_BENCH_COMMIT names the commit.
     args = " ".join(config.invocation_params.args)
     SESSION.update(session(), commit=commit() or "unknown",
                    command=f"python -m pytest {args}".strip())
