@@ -3,13 +3,22 @@ hidden states and every parameter gradient against the dense-mask path (SDPA ove
 (R, 1, T, T) mask) and against the naive unpacked forward (each prompt + response alone, no
 padding, no mask), for K in {2, 6, 18}, one-token prompts and responses, GQA, q/k/v biases,
 sliding windows, activation checkpointing; a model left on the cascade implementation still
-runs plain padded forwards as SDPA does."""
+runs plain padded forwards as SDPA does.
+
+The flash-attn varlen form of the same decomposition (attention="flash") runs the same tests
+on the CPU against a stand-in for `flash_attn.flash_attn_varlen_func` written from flash-attn's
+documented contract (sequences by cu_seqlens, causal aligned at the bottom right, window_size
+(left, right) around that diagonal, grouped-query heads), naively per sequence in float64:
+what is checked is the layout and the gathering around the kernel, not flash-attn's CUDA
+kernel itself (a GPU benchmark runs that)."""
 
 import random
+import sys
 
 import pytest
 import torch
 
+import vrpo_fast.attention
 from vrpo_fast.logprobs import packed_body
 from vrpo_fast.models import build_tiny_causal_lm
 from vrpo_fast.packing import pack_groups
@@ -18,6 +27,55 @@ MODELS = {
     "llama": dict(arch="llama"),                       # GQA 4 query / 2 key-value heads
     "qwen2": dict(arch="qwen2", num_kv_heads=1),       # GQA 4 / 1, q/k/v biases
 }
+
+
+def standin_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         dropout_p=0.0, softmax_scale=None, causal=False,
+                         window_size=(-1, -1), **unused):
+    """flash-attn's varlen contract, naively: q (total_q, H, d), k / v (total_k, H_kv, d);
+    query i of a sequence of Lq queries and Lk keys sees keys j with j <= i + Lk - Lq (causal)
+    and i + Lk - Lq - left <= j <= i + Lk - Lq + right (a window side of -1: unbounded)."""
+    assert dropout_p == 0.0 and not unused, unused
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+    H, H_kv, d = q.shape[1], k.shape[1], q.shape[2]
+    assert H % H_kv == 0
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    assert cq[-1] == q.shape[0] and ck[-1] == k.shape[0] and len(cq) == len(ck)
+    outs = []
+    for s in range(len(cq) - 1):
+        qs, ks, vs = q[cq[s]:cq[s + 1]], k[ck[s]:ck[s + 1]], v[ck[s]:ck[s + 1]]
+        Lq, Lk = len(qs), len(ks)
+        assert 0 < Lq <= max_seqlen_q and 0 < Lk <= max_seqlen_k
+        i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+        diag = i + (Lk - Lq)
+        seen = torch.ones(Lq, Lk, dtype=torch.bool)
+        if causal:
+            seen &= j <= diag
+        left, right = window_size
+        if left >= 0:
+            seen &= j >= diag - left
+        if right >= 0:
+            seen &= j <= diag + right
+        ks, vs = (x.repeat_interleave(H // H_kv, dim=1) for x in (ks, vs))
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        outs.append(torch.einsum("hqk,khd->qhd", probs, vs))
+    standin_flash_varlen.calls += 1
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def flash_standin(monkeypatch):
+    """flash-attn's varlen function replaced by the stand-in for the test (where the varlen
+    attention looks it up); yields the stand-in, whose `calls` counts its calls."""
+    monkeypatch.setattr(vrpo_fast.attention, "flash_varlen_func", lambda: standin_flash_varlen)
+    standin_flash_varlen.calls = 0
+    yield standin_flash_varlen
+
+
+ATTENTIONS = ["cascade", "flash"]
+IMPL_NAMES = {"cascade": "vrpo_cascade", "flash": "vrpo_varlen"}
 
 
 def groups(G, K, seed):
@@ -66,9 +124,11 @@ def weights_for(batch, hidden_size, seed=0):
     return torch.randn(*batch.shape, hidden_size, generator=gen, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("K, max_tokens", [(2, 40), (6, 90), (18, None)])
-def test_cascade_equals_dense_mask_values_and_every_gradient(name, K, max_tokens):
+def test_cascade_equals_dense_mask_values_and_every_gradient(name, K, max_tokens, attention,
+                                                              flash_standin):
     model = model64(name)
     prompts, responses = groups(4, K, seed=K)
     batch = pack_groups(prompts, responses, max_tokens=max_tokens)
@@ -78,8 +138,11 @@ def test_cascade_equals_dense_mask_values_and_every_gradient(name, K, max_tokens
         assert any(row[-1].pad for row in batch.row_segments())
     w = weights_for(batch, model.config.hidden_size)
     dense, g_dense = body_and_grads(model, batch, "sdpa", w)
-    cascade, g_cascade = body_and_grads(model, batch, "cascade", w)
-    assert model.config._attn_implementation == "vrpo_cascade"
+    cascade, g_cascade = body_and_grads(model, batch, attention, w)
+    assert model.config._attn_implementation == IMPL_NAMES[attention]
+    # One kernel call per layer, forward only (autograd differentiates the stand-in).
+    want_calls = model.config.num_hidden_layers if attention == "flash" else 0
+    assert flash_standin.calls == want_calls
     torch.testing.assert_close(cascade, dense, rtol=1e-10, atol=1e-10)
     assert_close_grads(g_cascade, g_dense)
 
@@ -109,14 +172,15 @@ def naive_body_and_grads(model, prompts, responses, batch, weights):
     return out[batch.group >= 0], grads
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("K, max_tokens", [(2, 40), (6, None), (18, None)])
-def test_cascade_equals_naive_unpacked_forward(name, K, max_tokens):
+def test_cascade_equals_naive_unpacked_forward(name, K, max_tokens, attention, flash_standin):
     model = model64(name, seed=5)
     prompts, responses = groups(3, K, seed=10 + K)
     batch = pack_groups(prompts, responses, max_tokens=max_tokens)
     w = weights_for(batch, model.config.hidden_size, seed=1)
-    cascade, g_cascade = body_and_grads(model, batch, "cascade", w)
+    cascade, g_cascade = body_and_grads(model, batch, attention, w)
     naive, g_naive = naive_body_and_grads(model, prompts, responses, batch, w)
     torch.testing.assert_close(cascade, naive, rtol=1e-10, atol=1e-10)
     # transformers' RMSNorm computes in float32 even in a float64 model, and the oracle sums
@@ -125,7 +189,8 @@ def test_cascade_equals_naive_unpacked_forward(name, K, max_tokens):
     assert_close_grads(g_cascade, g_naive, tol=1e-6)
 
 
-def test_activation_checkpointing_recomputes_the_cascade():
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_activation_checkpointing_recomputes_the_cascade(attention, flash_standin):
     """The recomputed forward of a checkpointed layer gets the layout again (transformers keeps
     the layer's keywords for it): gradients equal the dense-mask path's."""
     model = model64("qwen2", seed=6)
@@ -135,9 +200,11 @@ def test_activation_checkpointing_recomputes_the_cascade():
     batch = pack_groups(prompts, responses, max_tokens=50)
     w = weights_for(batch, model.config.hidden_size, seed=2)
     dense, g_dense = body_and_grads(model, batch, "sdpa", w)
-    cascade, g_cascade = body_and_grads(model, batch, "cascade", w)
+    cascade, g_cascade = body_and_grads(model, batch, attention, w)
     torch.testing.assert_close(cascade, dense, rtol=1e-10, atol=1e-10)
     assert_close_grads(g_cascade, g_dense)
+    if attention == "flash":       # each layer's forward twice: once more in backward
+        assert flash_standin.calls == 2 * model.config.num_hidden_layers
 
 
 def mistral64(sliding_window):
@@ -151,8 +218,9 @@ def mistral64(sliding_window):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("which", ["mistral", "qwen2-mixed"])
-def test_sliding_windows_equal_dense_mask(which):
+def test_sliding_windows_equal_dense_mask(which, attention, flash_standin):
     """Windows shorter than prompts (the prompt's own attention is banded) and than prompt +
     response: Mistral (every layer) and Qwen2 with a full layer then a windowed one."""
     if which == "mistral":
@@ -166,7 +234,7 @@ def test_sliding_windows_equal_dense_mask(which):
     assert max(map(len, prompts)) > 5
     w = weights_for(batch, model.config.hidden_size, seed=3)
     dense, g_dense = body_and_grads(model, batch, "sdpa", w)
-    cascade, g_cascade = body_and_grads(model, batch, "cascade", w)
+    cascade, g_cascade = body_and_grads(model, batch, attention, w)
     torch.testing.assert_close(cascade, dense, rtol=1e-10, atol=1e-10)
     assert_close_grads(g_cascade, g_dense)
     # And the windowed dense path itself against the unpacked forward (transformers' own
@@ -175,13 +243,15 @@ def test_sliding_windows_equal_dense_mask(which):
     torch.testing.assert_close(cascade, naive, rtol=1e-10, atol=1e-10)
 
 
-def test_plain_forward_on_a_cascade_model_is_sdpa():
-    """Without the packed layout (generate, a plain forward), a model left on the cascade
-    implementation attends as SDPA does, left padding included."""
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_plain_forward_on_a_cascade_model_is_sdpa(attention, flash_standin):
+    """Without the packed layout (generate, a plain forward), a model left on the cascade (or
+    varlen) implementation attends as SDPA does, left padding included."""
     model = model64("llama")
     prompts, responses = groups(2, 2, seed=1)
-    packed_body(model, pack_groups(prompts, responses), attention="cascade")
-    assert model.config._attn_implementation == "vrpo_cascade"
+    packed_body(model, pack_groups(prompts, responses), attention=attention)
+    assert model.config._attn_implementation == IMPL_NAMES[attention]
+    flash_standin.calls = 0
     ids = torch.tensor([[5, 6, 7, 8, 9], [2, 2, 2, 10, 11]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
     with torch.no_grad():
@@ -192,9 +262,11 @@ def test_plain_forward_on_a_cascade_model_is_sdpa():
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert flash_standin.calls == 0
 
 
-def test_attention_logit_softcapping_is_refused():
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_attention_logit_softcapping_is_refused(attention, flash_standin):
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     config = Gemma2Config(vocab_size=259, hidden_size=32, num_hidden_layers=2,
@@ -203,4 +275,11 @@ def test_attention_logit_softcapping_is_refused():
                           eos_token_id=1, pad_token_id=2)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="softcaps its attention logits"):
-        packed_body(model, pack_groups([[3, 4]], [[[5], [6, 7]]]), attention="cascade")
+        packed_body(model, pack_groups([[3, 4]], [[[5], [6, 7]]]), attention=attention)
+
+
+def test_flash_without_flash_attn_says_what_to_install(monkeypatch):
+    model = model64("llama")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)      # import flash_attn fails
+    with pytest.raises(ImportError, match=r"attention='flash' needs flash-attn.*\[flash\]"):
+        packed_body(model, pack_groups([[3, 4]], [[[5], [6, 7]]]), attention="flash")

@@ -253,7 +253,7 @@ def test_errors_name_what_is_wrong():
     with pytest.raises(ValueError, match=r"temperature: must be > 0"):
         sequence_logps(model, [[1]], [[[3]]], temperature=0)
     with pytest.raises(ValueError, match=r"attention: expected one of"):
-        packed_logps(model, pack_groups([[1]], [[[3]]]), attention="flash")
+        packed_logps(model, pack_groups([[1]], [[[3]]]), attention="xformers")
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(259))
     with pytest.raises(ValueError, match=r"LM head with a bias"):
         sequence_logps(model, [[1]], [[[3]]])

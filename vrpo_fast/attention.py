@@ -24,7 +24,16 @@ their gradients sum the K responses' contributions and the prompt's own.
 
 Pads at a row's tail attend to nothing; their output is zero (no real token reads them).
 
-The function is registered with transformers' AttentionInterface under `NAME`; `packed_body`
+On a GPU with flash-attn installed the same decomposition runs as one varlen kernel call per
+layer (`varlen_attention_forward`, attention="flash"): every segment is a sequence of its own,
+its queries the segment's tokens, its keys and values the segment's for a prompt and the
+prompt's followed by the response's for a response (gathered once per layer by one index,
+`VarlenLayout.kv_index`; its backward sums a prompt's K copies). flash-attn aligns the causal
+mask of a sequence with more keys than queries at the bottom right, which is exactly the
+response's (query i sees keys 0 .. P + i), and its window (w - 1, 0) is the model's sliding
+window. flash-attn is imported only when that path runs.
+
+The functions are registered with transformers' AttentionInterface under `NAME`; `packed_body`
 sets a model to it and passes the layout (`CascadeLayout`) as the `vrpo_cascade` keyword, which
 transformers hands through the decoder layers to the attention call (and activation
 checkpointing keeps for the recomputed forward). Called without it (generate, a plain forward
@@ -43,6 +52,7 @@ import torch.nn.functional as F
 from vrpo_fast.packing import PackedBatch, Segment
 
 NAME = "vrpo_cascade"
+VARLEN_NAME = "vrpo_varlen"
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,67 @@ def cascade_layout(batch: PackedBatch, windows: list[int | None]) -> CascadeLayo
     return CascadeLayout(batch.row_segments(), tuple(windows), seen)
 
 
+@dataclass(frozen=True)
+class VarlenLayout:
+    """What the varlen attention of one packed forward needs besides q, k, v: the segments as
+    flash-attn's sequences over the flattened (R * T) positions.
+
+    q_index: (Nq,) the real (non-pad) positions, in order (None when the batch has no pads);
+    kv_index: (Nk,) the positions whose keys and values each sequence reads, sequence after
+        sequence (a response's: its prompt's, then its own);
+    cu_q, cu_k: (S + 1,) int32 offsets of the S sequences in q_index / kv_index order;
+    max_q, max_k: the longest sequence of each;
+    windows: per decoder layer, the sliding window it applies (None: none).
+    """
+
+    q_index: torch.Tensor | None
+    kv_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    windows: tuple[int | None, ...]
+
+
+def varlen_layout(batch: PackedBatch, windows: list[int | None]) -> VarlenLayout:
+    """The varlen layout of `batch` for a model whose layers use `windows`; built on the host
+    from the row segments, copied to the batch's device once."""
+    R, T = batch.shape
+    q_parts, kv_parts, len_q, len_k = [], [], [], []
+    for r, segments in enumerate(batch.row_segments()):
+        starts = [r * T]
+        for seg in segments:
+            starts.append(starts[-1] + seg.length)
+        for i, seg in enumerate(segments):
+            if seg.pad:
+                continue
+            own = torch.arange(starts[i], starts[i + 1])
+            q_parts.append(own)
+            if seg.prompt >= 0:
+                kv_parts.append(torch.arange(starts[seg.prompt], starts[seg.prompt + 1]))
+            kv_parts.append(own)
+            len_q.append(seg.length)
+            len_k.append(seg.length + (segments[seg.prompt].length if seg.prompt >= 0 else 0))
+    q_index = torch.cat(q_parts)
+    device = batch.input_ids.device
+    cu = lambda lengths: torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0,
+                                                                            dtype=torch.int32)
+    return VarlenLayout(
+        q_index=None if len(q_index) == R * T else q_index.to(device),
+        kv_index=torch.cat(kv_parts).to(device), cu_q=cu(len_q).to(device),
+        cu_k=cu(len_k).to(device), max_q=max(len_q), max_k=max(len_k), windows=tuple(windows))
+
+
+def flash_varlen_func():
+    """flash-attn's `flash_attn_varlen_func`, imported on first use (an optional extra)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as err:
+        raise ImportError("attention='flash' needs flash-attn (a CUDA build): "
+                          "pip install -e '.[flash]'") from err
+    return flash_attn_varlen_func
+
+
 @functools.cache
 def register() -> str:
     """Register the cascade attention with transformers (once per process); returns its name,
@@ -79,6 +150,25 @@ def register() -> str:
     AttentionInterface.register(NAME, cascade_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     return NAME
+
+
+@functools.cache
+def register_varlen() -> str:
+    """Register the varlen attention with transformers (once per process); returns its name.
+    Plain forwards without the layout run as SDPA, as the cascade's do."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN_NAME, varlen_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_NAME, sdpa_mask)
+    return VARLEN_NAME
+
+
+def _refuse_softcap(module, kwargs) -> None:
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"model: {type(module).__name__} softcaps its attention logits, which "
+                         f"the packed attention does not support (attention='sdpa' does not "
+                         f"either; use the model's eager attention outside the packed path)")
 
 
 def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -95,10 +185,7 @@ def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"model: {type(module).__name__} softcaps its attention logits, which "
-                         f"the cascade attention does not support (attention='sdpa' does not "
-                         f"either; use the model's eager attention outside the packed path)")
+    _refuse_softcap(module, kwargs)
     window = vrpo_cascade.windows[module.layer_idx]
     seen = vrpo_cascade.seen[window]
     sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
@@ -128,3 +215,34 @@ def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                 outs.append(sdpa(qs[i], k, v, attn_mask=seen[P:P + L, :P + L]))
         out_rows.append(torch.cat(outs, dim=2))
     return torch.cat(out_rows).transpose(1, 2).contiguous(), None
+
+
+def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, *,
+                             vrpo_varlen: VarlenLayout | None = None, **kwargs
+                             ) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature, as `cascade_attention_forward`: one
+    flash-attn varlen call over the layout's sequences (grouped-query heads are flash-attn's
+    own); pads' outputs are zero."""
+    if vrpo_varlen is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    _refuse_softcap(module, kwargs)
+    layout = vrpo_varlen
+    R, H, T, d = query.shape
+    # (R, H, T, d) -> (R * T, H, d): flash-attn's packed layout, heads after tokens.
+    q, k, v = (x.transpose(1, 2).reshape(R * T, x.shape[1], d) for x in (query, key, value))
+    if layout.q_index is not None:
+        q = q.index_select(0, layout.q_index)
+    k, v = k.index_select(0, layout.kv_index), v.index_select(0, layout.kv_index)
+    window = layout.windows[module.layer_idx]
+    out = flash_varlen_func()(
+        q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, dropout_p=dropout,
+        softmax_scale=scaling, causal=True,
+        window_size=(-1, -1) if window is None else (window - 1, 0))
+    if layout.q_index is not None:
+        out = out.new_zeros(R * T, H, d).index_copy(0, layout.q_index, out)
+    return out.view(R, T, H, d), None

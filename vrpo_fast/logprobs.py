@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vrpo_fast.attention import cascade_layout, register
+import vrpo_fast.attention as packed_attention
+from vrpo_fast.attention import cascade_layout, register, register_varlen, varlen_layout
 from vrpo_fast.ops import linear_logprobs
 from vrpo_fast.packing import PackedBatch, pack_groups, row_padding, validate_groups
 
-ATTENTION = ("auto", "cascade", "sdpa", "flex")
+ATTENTION = ("auto", "cascade", "flash", "sdpa", "flex")
 IMPLS = ("packed", "naive")
 
 
@@ -73,7 +74,9 @@ def _attention_inputs(model: nn.Module, batch: PackedBatch, attention: str) -> d
     checkpointing re-runs the forward during backward and must find the same implementation).
 
     "cascade": the row segments (vrpo_fast.attention), with a placeholder 4-D mask so that
-    transformers builds none; "sdpa": the dense (R, 1, T, T) mask; "flex": the BlockMask.
+    transformers builds none; "flash": the same segments as flash-attn varlen sequences
+    (`VarlenLayout`), with the placeholder; "sdpa": the dense (R, 1, T, T) mask; "flex": the
+    BlockMask.
     """
     if attention not in ATTENTION:
         raise ValueError(f"attention: expected one of {ATTENTION}, got {attention!r}")
@@ -83,14 +86,19 @@ def _attention_inputs(model: nn.Module, batch: PackedBatch, attention: str) -> d
         attention = "flex" if batch.input_ids.is_cuda else "cascade"
     if attention == "cascade":
         impl = register()
+    elif attention == "flash":
+        packed_attention.flash_varlen_func()        # ImportError now, not in the first layer
+        impl = register_varlen()
     else:
         impl = "flex_attention" if attention == "flex" else "sdpa"
     if model.config._attn_implementation != impl:
         model.set_attn_implementation(impl)
     window, kinds = _sliding_window(model.config, batch)
-    if attention == "cascade":
+    if attention in ("cascade", "flash"):
         windows = [window if kind == "sliding_attention" else None for kind in kinds]
         placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=batch.input_ids.device)
+        if attention == "flash":
+            return {"attention_mask": placeholder, "vrpo_varlen": varlen_layout(batch, windows)}
         return {"attention_mask": placeholder, "vrpo_cascade": cascade_layout(batch, windows)}
     if attention == "flex":
         make = lambda w: batch.block_mask(sliding_window=w)
@@ -108,8 +116,10 @@ def packed_body(model: nn.Module, batch: PackedBatch, *, attention: str = "auto"
     """The transformer body (no LM head) on the packed rows -> hidden states (R, T, D).
 
     attention: "auto" (FlexAttention BlockMask on CUDA, the cascade attention elsewhere),
-    "cascade" (vrpo_fast.attention: SDPA per prompt and per response, no T x T mask), "sdpa"
-    (a dense 4-D mask) or "flex" to force one (FlexAttention runs forward-only on the CPU).
+    "cascade" (vrpo_fast.attention: SDPA per prompt and per response, no T x T mask), "flash"
+    (the same decomposition in one flash-attn varlen call per layer: CUDA, fp16 / bf16,
+    flash-attn installed), "sdpa" (a dense 4-D mask) or "flex" to force one (FlexAttention
+    runs forward-only on the CPU).
     Works for causal LMs and sequence classifiers alike (a reward model scores at
     `batch.last_index`). Hidden states at pad positions depend on the attention (zero
     attention output under the cascade); nothing reads them.
