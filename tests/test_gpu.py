@@ -62,3 +62,28 @@ def test_flex_packed_bfloat16_as_close_as_naive_bfloat16():
     assert rel(packed, truth) <= 2 * rel(naive, truth) + 1e-3, (rel(packed, truth),
                                                                  rel(naive, truth))
 
+
+
+def test_flash_varlen_bfloat16_matches_flex_and_naive():
+    """attention="flash" (flash-attn's varlen kernel, bf16 only): log-probs as close to the
+    float32 truth as naive bf16's, and every gradient as close to the float32 naive
+    gradients as FlexAttention's bf16 ones (twice the distance, for rounding)."""
+    pytest.importorskip("flash_attn")
+    from vrpo_fast.logprobs import packed_logps
+    from vrpo_fast.packing import pack_groups
+
+    model = build_tiny_causal_lm(seed=5, arch="qwen2").cuda()
+    prompts, responses = groups(6, 6, seed=6)
+    truth = sequence_logps(model, prompts, responses, impl="naive")
+    g_truth = grads(model, truth)
+    model = model.to(torch.bfloat16)
+    batch = pack_groups(prompts, responses, max_tokens=96).to("cuda")
+    got = {}
+    for attention in ("flash", "flex"):
+        logps = packed_logps(model, batch, attention=attention)
+        got[attention] = logps.detach(), grads(model, logps)
+    naive = sequence_logps(model, prompts, responses, impl="naive").detach()
+    flash, g_flash = got["flash"]
+    assert rel(flash, truth) <= 2 * rel(naive, truth.detach()) + 1e-3
+    for name, want in g_truth.items():
+        assert rel(g_flash[name], want) <= 2 * rel(got["flex"][1][name], want) + 1e-3, name

@@ -20,6 +20,9 @@
                         packed no-grad reference pass every step, then the one-sweep head
   vrpo_fast_online_dense  the same through SDPA over the dense (T, T) mask (the CPU path
                         before the cascade attention), rows no longer than the longest group
+  vrpo_fast_online_flash  the same through flash-attn's varlen kernel (attention="flash";
+                        CUDA with flash-attn installed), beside vrpo_fast_online's
+                        FlexAttention on a GPU
 
 Packing and padding happen inside the timed step for every variant, as in a trainer. Before
 timing, (a) and (c) are checked to compute the same policy and reference log-probs and the
@@ -60,7 +63,7 @@ from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceVRPOLoss
 
 VARIANTS = ("reference_layout", "dpo_naive", "trl_dpo", "vrpo_fast", "vrpo_fast_one_sweep",
-            "vrpo_fast_online", "vrpo_fast_online_dense")
+            "vrpo_fast_online", "vrpo_fast_online_dense", "vrpo_fast_online_flash")
 CACHED_REF = ("vrpo_fast", "vrpo_fast_one_sweep")     # no reference forward inside the step
 DPO_VARIANTS = ("dpo_naive", "trl_dpo")
 BETA = 0.1
@@ -201,13 +204,24 @@ def trl_dpo_step(policy, ref, prompts, responses, beta: float):
 
 def make_step(shape: dict, variant: str):
     """-> (step, state): `step()` is one optimizer step; state holds what it keeps alive.
-    Unavailable when the variant cannot run here (trl_dpo without TRL)."""
+    Unavailable when the variant cannot run here (trl_dpo without TRL, the flash-attn step
+    without CUDA or flash-attn)."""
+    if variant == "vrpo_fast_online_flash":
+        if device() != "cuda":
+            raise Unavailable("vrpo_fast_online_flash: flash-attn's kernels are CUDA only "
+                              "(GPU-only provider)")
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise Unavailable("vrpo_fast_online_flash: flash-attn is not installed "
+                              "(pip install vrpo-fast[flash])") from None
     policy, ref, opt, prompts, responses, g, M, budget = build(shape, variant)
     if variant == "trl_dpo":
         step, _, keep = trl_dpo_step(policy, ref, prompts, responses, BETA)
         return step, dict(keep=keep, prompts=prompts, responses=responses, budget=budget)
     if variant.startswith("vrpo_fast_online"):
-        attention = "sdpa" if variant.endswith("dense") else "auto"
+        attention = {"vrpo_fast_online_dense": "sdpa",
+                     "vrpo_fast_online_flash": "flash"}.get(variant, "auto")
         if attention == "sdpa":      # a dense mask pays for every pair of its row
             budget = max(len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses))
 
