@@ -191,6 +191,14 @@ class TrainConfig:
                 "auto: one_sweep where it is exact (the policy trainer, no DRO weighting: "
                 "loss.dro_tau and loss.group_dro_eta couple the groups of a step), else "
                 "two_pass. The same maths either way.")
+    attention: Literal["auto", "cascade", "flex", "flash", "sdpa"] = F(
+        "auto", "Attention over the packed rows (policy, pi_ref and g's model alike). auto: "
+                "FlexAttention's BlockMask on a GPU, cascade on the CPU; cascade: SDPA per "
+                "prompt and per response, no T x T mask (vrpo_fast/attention.py); flash: the "
+                "same as one flash-attn varlen call per layer (a GPU with flash-attn installed, "
+                "bf16 compute); flex: FlexAttention (GPU only for training: no CPU backward); "
+                "sdpa: a dense (T, T) mask (memory grows with the square of the row). The same "
+                "maths each way.")
     keep_host_memory: bool = F(True, "CPU processes: malloc keeps freed blocks for the next "
                                      "step instead of returning them to the kernel (glibc; "
                                      "no page faults on each step's fresh activations; the "

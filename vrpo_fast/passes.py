@@ -92,13 +92,16 @@ def group_token_offsets(batch) -> list[int]:
 
 
 class SequenceRewards(nn.Module):
-    def __init__(self, classifier: nn.Module):
+    """attention: the body's attention, as `SequenceLogps`'s."""
+
+    def __init__(self, classifier: nn.Module, attention: str = "auto"):
         super().__init__()
         self.classifier = classifier
+        self.attention = attention
 
     def forward(self, batch) -> torch.Tensor:
         """batch: PackedBatch -> (G, K) float32 scalar rewards at each response's last token."""
-        hidden = packed_body(self.classifier, batch)              # (R, T, D)
+        hidden = packed_body(self.classifier, batch, attention=self.attention)  # (R, T, D)
         last = hidden.flatten(0, 1)[batch.last_index]             # (G*K, D)
         scores = self.classifier.score(last).squeeze(-1)
         return scores.float().reshape(batch.num_groups, batch.group_size).clone()

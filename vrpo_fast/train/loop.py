@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import importlib.util
 import math
 import random
 import shutil
@@ -79,6 +80,23 @@ def cv_gap_interval(values) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def check_attention(attention: str, device: torch.device, *, bf16: bool) -> None:
+    """train.attention that cannot train on this device (or in this precision): one line."""
+    if attention == "flex" and device.type != "cuda":
+        raise UserError("train.attention: flex has no backward on the CPU (FlexAttention); use "
+                        "auto, cascade or sdpa")
+    if attention == "flash":
+        if device.type != "cuda":
+            raise UserError(f"train.attention: flash runs flash-attn's CUDA kernels; this run "
+                            f"is on {device.type} (use auto or cascade)")
+        if not bf16:
+            raise UserError("train.attention: flash computes in bf16 only; set "
+                            "train.mixed_precision to auto or bf16 (or model.dtype=bfloat16)")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("train.attention: flash needs flash-attn: pip install -e "
+                            "'.[flash]' (or use auto)")
+
+
 def cosine_lr(step: int, cfg) -> float:
     """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at max_steps."""
     t = cfg.train
@@ -126,6 +144,9 @@ class Trainer:
         self.dist = dist or init_distributed()
         self.device = self.dist.device
         t = cfg.train
+        bf16 = t.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" or (
+            t.mixed_precision == "auto" and self.device.type == "cuda")
+        check_attention(t.attention, self.device, bf16=bf16)
         if t.keep_host_memory and self.device.type == "cpu":
             keep_freed_memory()     # vrpo_fast/host_memory.py: no page faults on each step
         world = self.dist.world_size
@@ -219,7 +240,7 @@ class Trainer:
         (here sequence log-probs through the fused LM head, by `SequenceVRPOLoss`, which can
         also take the loss in one sweep; a reward model's rewards in train-reward). Its first
         attribute names the weights in checkpoints."""
-        return SequenceVRPOLoss(model)
+        return SequenceVRPOLoss(model, attention=self.cfg.train.attention)
 
     def _take_lock(self):
         """One writer per output folder (see train/lock.py): rank 0 takes the lock, every rank
@@ -281,6 +302,7 @@ class Trainer:
         Frozen models are never offloaded: they hold no gradients or optimizer states."""
         files = self._shard_files(path, needs_fsdp(mixed))
         wrapper = wrap(load(files is not None))
+        wrapper.attention = self.cfg.train.attention     # every model of the step attends alike
         inner = getattr(wrapper, "lm", None) or wrapper.classifier
         wrapper.eval().requires_grad_(False)
         if files is None:

@@ -66,7 +66,7 @@ class RewardTrainer(Trainer):
         return build_reward_model(self.cfg, self.tokenizer)
 
     def wrap(self, model):
-        return SequenceRewards(model)
+        return SequenceRewards(model, attention=self.cfg.train.attention)
 
     def preferences(self, batch, groups, ref_logps):
         if self.cfg.aux.mode == "lagged":
