@@ -44,7 +44,7 @@ transformers' own mask, so the model stays usable.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,18 @@ class CascadeLayout:
     rows: tuple[tuple[Segment, ...], ...]
     windows: tuple[int | None, ...]
     seen: dict
+    _additive: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def additive(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """`seen[window]` as the additive mask SDPA takes (0 where seen, -inf elsewhere) in
+        `dtype`, built once per layout: a boolean mask would be converted on every call (once
+        per response per layer)."""
+        key = window, dtype
+        if key not in self._additive:
+            mask = torch.zeros(self.seen[window].shape, dtype=dtype,
+                               device=self.seen[window].device)
+            self._additive[key] = mask.masked_fill_(~self.seen[window], float("-inf"))
+        return self._additive[key]
 
 
 def cascade_layout(batch: PackedBatch, windows: list[int | None]) -> CascadeLayout:
@@ -187,7 +199,7 @@ def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                                       dropout=dropout, scaling=scaling, **kwargs)
     _refuse_softcap(module, kwargs)
     window = vrpo_cascade.windows[module.layer_idx]
-    seen = vrpo_cascade.seen[window]
+    seen = vrpo_cascade.additive(window, query.dtype)
     sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
                              enable_gqa=query.shape[1] != key.shape[1])
     out_rows = []
