@@ -71,3 +71,27 @@ def test_trainer_keeps_host_memory_on_the_cpu_unless_told_not_to(keep, tmp_path,
     trainer = loop.Trainer(cfg, quiet=True)
     assert trainer.device.type == "cpu"
     assert calls == ([1] if keep else [])
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("stage", ["sample", "score"])
+def test_cpu_stages_keep_host_memory_unless_told_not_to(stage, keep, tmp_path, monkeypatch):
+    """sample and score on the CPU apply the same setting as the trainer (their loops allocate
+    each batch's logits anew)."""
+    import importlib
+    import json
+
+    from helpers import TINY_YAML
+
+    module = importlib.import_module(f"vrpo_fast.{stage}")
+    calls = []
+    monkeypatch.setattr(module, "keep_freed_memory", lambda: calls.append(1) or True)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "ab>", "chosen": "aa", "rejected": "b"}) + "\n")
+    cfg = load_config(None, [
+        f"--sample.input={rows}", f"--sample.output={tmp_path / 'sampled'}",
+        f"--score.input={rows}", f"--score.output={tmp_path / 'scored'}",
+        "--sample.num_samples=2", "--sample.max_new_tokens=3", "--model.tokenizer=byte",
+        f"--model.tiny={TINY_YAML}", f"--train.keep_host_memory={str(keep).lower()}"])
+    getattr(module, f"{stage}_stage")(cfg, progress=False)
+    assert calls == ([1] if keep else [])

@@ -199,8 +199,9 @@ class TrainConfig:
                 "bf16 compute); flex: FlexAttention (GPU only for training: no CPU backward); "
                 "sdpa: a dense (T, T) mask (memory grows with the square of the row). The same "
                 "maths each way.")
-    keep_host_memory: bool = F(True, "CPU processes: malloc keeps freed blocks for the next "
-                                     "step instead of returning them to the kernel (glibc; "
+    keep_host_memory: bool = F(True, "CPU processes (train, score, sample): malloc keeps "
+                                     "freed blocks for the next step or batch instead of "
+                                     "returning them to the kernel (glibc; "
                                      "no page faults on each step's fresh activations; the "
                                      "process holds its peak). Changes no result.")
     mixed_precision: Literal["auto", "bf16", "fp32"] = F(

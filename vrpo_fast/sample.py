@@ -22,6 +22,7 @@ from vrpo_fast import shards
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.host_memory import keep_freed_memory
 from vrpo_fast.models import model_from_config, tokenizer_from_config
 from vrpo_fast.provenance import build_provenance, ids_fingerprint
 from vrpo_fast.samplers import (
@@ -108,6 +109,8 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
                 "max_new_tokens": s.max_new_tokens, "seed": s.seed, "backend": backend,
                 "stop_token_ids": stop_token_ids(tokenizer, ref.generation_config)}
     on_gpu = torch.cuda.is_available()
+    if not on_gpu and cfg.train.keep_host_memory:
+        keep_freed_memory()         # vrpo_fast/host_memory.py: each batch's logits reuse memory
     runtime = {"device": "cuda" if on_gpu else "cpu",
                "dtype": "auto" if backend == "vllm" else ("bfloat16" if on_gpu else "float32"),
                "batch_size": s.batch_size if backend == "transformers" else None,

@@ -35,6 +35,7 @@ import torch
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.data.tokenize import tokenize_example
 from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.host_memory import keep_freed_memory
 from vrpo_fast.judge import load_judge, pairs_of
 from vrpo_fast.logprobs import sequence_logps
 from vrpo_fast.models import (
@@ -193,6 +194,8 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     def setup():
         nonlocal ref, aux
         device = _device()
+        if device.type == "cpu" and cfg.train.keep_host_memory:
+            keep_freed_memory()     # vrpo_fast/host_memory.py: each batch's logits reuse memory
         ref = ref.to(device).eval()
         if aux is not None and judge is None:     # the judge placed its model itself
             aux = aux.to(device).eval()
