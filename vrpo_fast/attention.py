@@ -28,13 +28,15 @@ On a GPU with flash-attn installed the same decomposition runs as one varlen ker
 layer (`varlen_attention_forward`, attention="flash"): every segment is a sequence of its own,
 its queries the segment's tokens, its keys and values the segment's for a prompt and the
 prompt's followed by the response's for a response (gathered once per layer by one index,
-`VarlenLayout.kv_index`; its backward sums a prompt's K copies). flash-attn aligns the causal
-mask of a sequence with more keys than queries at the bottom right, which is exactly the
+`VarlenLayout.kv_index`; its backward sums a prompt's K copies). The copies cost memory, not
+FLOPs: each response's gathered keys and values hold its prompt's again. flash-attn aligns the
+causal mask of a sequence with more keys than queries at the bottom right, which is exactly the
 response's (query i sees keys 0 .. P + i), and its window (w - 1, 0) is the model's sliding
 window. flash-attn is imported only when that path runs.
 
-The functions are registered with transformers' AttentionInterface under `NAME`; `packed_body`
-sets a model to it and passes the layout (`CascadeLayout`) as the `vrpo_cascade` keyword, which
+The functions are registered with transformers' AttentionInterface under `NAME` and
+`VARLEN_NAME`; `packed_body` sets a model to one and passes the layout (`CascadeLayout`,
+`VarlenLayout`) as the `vrpo_cascade` (`vrpo_varlen`) keyword, which
 transformers hands through the decoder layers to the attention call (and activation
 checkpointing keeps for the recomputed forward). Called without it (generate, a plain forward
 of a model left on this implementation), the function is transformers' own SDPA attention with
@@ -44,6 +46,7 @@ transformers' own mask, so the model stays usable.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -133,12 +136,14 @@ def varlen_layout(batch: PackedBatch, windows: list[int | None]) -> VarlenLayout
             len_k.append(seg.length + (segments[seg.prompt].length if seg.prompt >= 0 else 0))
     q_index = torch.cat(q_parts)
     device = batch.input_ids.device
-    cu = lambda lengths: torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0,
-                                                                            dtype=torch.int32)
+
+    def offsets(lengths):
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(device)
+
     return VarlenLayout(
         q_index=None if len(q_index) == R * T else q_index.to(device),
-        kv_index=torch.cat(kv_parts).to(device), cu_q=cu(len_q).to(device),
-        cu_k=cu(len_k).to(device), max_q=max(len_q), max_k=max(len_k), windows=tuple(windows))
+        kv_index=torch.cat(kv_parts).to(device), cu_q=offsets(len_q), cu_k=offsets(len_k),
+        max_q=max(len_q), max_k=max(len_k), windows=tuple(windows))
 
 
 def flash_varlen_func():
