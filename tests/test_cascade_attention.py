@@ -283,3 +283,18 @@ def test_flash_without_flash_attn_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)      # import flash_attn fails
     with pytest.raises(ImportError, match=r"attention='flash' needs flash-attn.*\[flash\]"):
         packed_body(model, pack_groups([[3, 4]], [[[5], [6, 7]]]), attention="flash")
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_attention_sinks_are_refused(attention, flash_standin):
+    """GPT-OSS hands its sinks to the attention function as `s_aux`: ignoring them would give
+    wrong log-probs without a word."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    config = GptOssConfig(vocab_size=259, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          intermediate_size=32, num_local_experts=2, num_experts_per_tok=1,
+                          sliding_window=8, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"GptOssAttention has attention sinks \(s_aux\)"):
+        packed_body(model, pack_groups([[3, 4]], [[[5], [6, 7]]]), attention=attention)

@@ -181,11 +181,18 @@ def register_varlen() -> str:
     return VARLEN_NAME
 
 
-def _refuse_softcap(module, kwargs) -> None:
+def _refuse_unsupported(module, kwargs) -> None:
+    """Attention the packed paths would compute wrongly, refused: logit softcapping (Gemma 2)
+    and attention sinks (`s_aux`: GPT-OSS and others), which transformers hands over as
+    keywords this implementation would otherwise ignore."""
     if kwargs.get("softcap") is not None:
         raise ValueError(f"model: {type(module).__name__} softcaps its attention logits, which "
                          f"the packed attention does not support (attention='sdpa' does not "
                          f"either; use the model's eager attention outside the packed path)")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"model: {type(module).__name__} has attention sinks (s_aux), which "
+                         f"the packed attention does not support (use the model's eager "
+                         f"attention outside the packed path)")
 
 
 def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -202,7 +209,7 @@ def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    _refuse_softcap(module, kwargs)
+    _refuse_unsupported(module, kwargs)
     window = vrpo_cascade.windows[module.layer_idx]
     seen = vrpo_cascade.additive(window, query.dtype)
     sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
@@ -247,7 +254,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    _refuse_softcap(module, kwargs)
+    _refuse_unsupported(module, kwargs)
     layout = vrpo_varlen
     R, H, T, d = query.shape
     # (R, H, T, d) -> (R * T, H, d): flash-attn's packed layout, heads after tokens.
