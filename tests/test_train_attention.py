@@ -62,18 +62,19 @@ def test_attention_that_cannot_train_here_is_one_line(tmp_path, capsys, attentio
 
 def test_flash_needs_bf16_and_flash_attn(monkeypatch):
     """On a GPU: fp32 compute, then a missing flash-attn, each named (checked without one)."""
-    import importlib.util
+    import sys
 
+    import vrpo_fast.attention
     from vrpo_fast.errors import UserError
     from vrpo_fast.train.loop import check_attention
 
     cuda = torch.device("cuda")
     with pytest.raises(UserError, match="flash computes in bf16 only; set train.mixed_precision"):
         check_attention("flash", cuda, bf16=False)
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "flash_attn" else object())
-    with pytest.raises(UserError, match=r"flash needs flash-attn: pip install -e '\.\[flash\]'"):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)      # import flash_attn fails
+    with pytest.raises(UserError, match=r"train.attention: attention='flash' needs flash-attn "
+                                        r".*pip install -e '\.\[flash\]' \(or use auto\)"):
         check_attention("flash", cuda, bf16=True)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(vrpo_fast.attention, "flash_varlen_func", lambda: object())
     check_attention("flash", cuda, bf16=True)          # installed: accepted
     check_attention("flex", cuda, bf16=False)

@@ -157,28 +157,35 @@ def flash_varlen_func():
 
 
 @functools.cache
+def _register(name: str, function) -> str:
+    """Register an attention function with transformers under `name` (once per process), with
+    SDPA's mask function for the plain forwards that carry no layout; returns the name, for
+    `model.set_attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    return name
+
+
 def register() -> str:
-    """Register the cascade attention with transformers (once per process); returns its name,
-    for `model.set_attn_implementation`. Its mask function is SDPA's, for the plain forwards
-    that carry no layout."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(NAME, cascade_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    return NAME
+    """The cascade attention registered; its name."""
+    return _register(NAME, cascade_attention_forward)
 
 
-@functools.cache
 def register_varlen() -> str:
-    """Register the varlen attention with transformers (once per process); returns its name.
-    Plain forwards without the layout run as SDPA, as the cascade's do."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    """The varlen (flash-attn) attention registered; its name."""
+    return _register(VARLEN_NAME, varlen_attention_forward)
 
-    AttentionInterface.register(VARLEN_NAME, varlen_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_NAME, sdpa_mask)
-    return VARLEN_NAME
+
+def _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """A forward without a packed layout (generate, a plain padded forward): transformers' own
+    SDPA attention with its own mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
 
 
 def _refuse_unsupported(module, kwargs) -> None:
@@ -205,10 +212,7 @@ def cascade_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     None). `attention_mask` is ignored when the layout is given (`packed_body` passes a
     placeholder so that transformers builds no mask)."""
     if vrpo_cascade is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
+        return _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _refuse_unsupported(module, kwargs)
     window = vrpo_cascade.windows[module.layer_idx]
     seen = vrpo_cascade.additive(window, query.dtype)
@@ -250,10 +254,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     flash-attn varlen call over the layout's sequences (grouped-query heads are flash-attn's
     own); pads' outputs are zero."""
     if vrpo_varlen is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
+        return _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _refuse_unsupported(module, kwargs)
     layout = vrpo_varlen
     R, H, T, d = query.shape

@@ -45,6 +45,7 @@ import time
 
 import torch
 
+from vrpo_fast.attention import flash_varlen_func
 from vrpo_fast.bench.env import Unavailable, device
 from vrpo_fast.bench.layouts import (
     build_model,
@@ -211,10 +212,9 @@ def make_step(shape: dict, variant: str):
             raise Unavailable("vrpo_fast_online_flash: flash-attn's kernels are CUDA only "
                               "(GPU-only provider)")
         try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise Unavailable("vrpo_fast_online_flash: flash-attn is not installed "
-                              "(pip install vrpo-fast[flash])") from None
+            flash_varlen_func()
+        except ImportError as err:
+            raise Unavailable(f"vrpo_fast_online_flash: {err}") from None
     policy, ref, opt, prompts, responses, g, M, budget = build(shape, variant)
     if variant == "trl_dpo":
         step, _, keep = trl_dpo_step(policy, ref, prompts, responses, BETA)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import importlib.util
 import math
 import random
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import vrpo_fast.attention as packed_attention
 from vrpo_fast.config import Config
 from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
 from vrpo_fast.errors import UserError
@@ -92,9 +92,10 @@ def check_attention(attention: str, device: torch.device, *, bf16: bool) -> None
         if not bf16:
             raise UserError("train.attention: flash computes in bf16 only; set "
                             "train.mixed_precision to auto or bf16 (or model.dtype=bfloat16)")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise UserError("train.attention: flash needs flash-attn: pip install -e "
-                            "'.[flash]' (or use auto)")
+        try:
+            packed_attention.flash_varlen_func()
+        except ImportError as err:
+            raise UserError(f"train.attention: {err} (or use auto)") from None
 
 
 def cosine_lr(step: int, cfg) -> float:
