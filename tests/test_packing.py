@@ -209,6 +209,10 @@ def test_trainer_budget_is_one_row_unless_set():
     b = pack_groups(prompts, responses, max_tokens=trainer_budget(None, "cpu", prompts,
                                                                    responses))
     assert b.shape == (1, 35) and bool((b.group >= 0).all())
+    # The dense mask pays for every pair of its row: rows of at most the longest group.
+    assert trainer_budget(None, "cpu", prompts, responses, "sdpa") == 14
+    assert trainer_budget(40, "cpu", prompts, responses, "sdpa") == 40
+    assert trainer_budget(None, "cuda", prompts, responses, "flash") is None
 
 
 def test_row_segments_walk_each_row_as_the_token_tensors_describe_it():
@@ -301,8 +305,11 @@ def test_bucketed_widths_of_a_run_are_few():
     assert len(shapes[False]) > 16 and len(shapes[True]) <= 4
 
 
-def test_row_padding_per_device():
-    assert row_padding("cpu") == {}
+def test_row_padding_per_device_and_attention():
+    assert row_padding("cpu") == {} == row_padding("cpu", "flex")
+    # Only FlexAttention's compiled kernel wants whole blocks and few widths.
+    assert row_padding("cuda", "flash") == {} == row_padding("cuda", "cascade")
+    assert row_padding("cuda", "flex") == row_padding("cuda")
     cuda = row_padding("cuda")
     b = pack_groups([[3, 4]], [[[5], [6, 7]]], **cuda)
     assert b.shape == (1, 128)

@@ -166,11 +166,12 @@ class TrainConfig:
     batch_groups: int = F(8, "Prompt groups per optimizer step, over all ranks.")
     micro_batch_groups: int = F(8, "Prompt groups per forward/backward on one rank.")
     max_tokens: int | None = F(None, "Packing budget: tokens per packed row (None: one row per "
-                                     "micro-batch on a GPU, rows of at most the longest group "
-                                     "on the CPU). On a GPU the row width is rounded up to "
-                                     "128 x {1, 2, 3, 4, 6, 8, ...} tokens, at most the budget "
-                                     "rounded up to 128 (few shapes: FlexAttention is compiled "
-                                     "per shape).")
+                                     "micro-batch; with train.attention=sdpa, whose dense mask "
+                                     "scores every pair of a row, rows of at most the longest "
+                                     "group). With FlexAttention (a GPU's auto) the row width "
+                                     "is rounded up to 128 x {1, 2, 3, 4, 6, 8, ...} tokens, at "
+                                     "most the budget rounded up to 128 (few shapes: "
+                                     "FlexAttention is compiled per shape).")
     lr: float = F(5e-7, "Peak learning rate.")
     min_lr_ratio: float = F(0.1, "Cosine schedule floor, as a fraction of lr.")
     warmup_steps: int = F(10, "Linear warmup steps.")

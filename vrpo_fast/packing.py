@@ -294,27 +294,34 @@ def bucket_width(tokens: int, multiple: int) -> int:
     return (three if 4 <= power and blocks <= three else power) * multiple
 
 
-def row_padding(device: torch.device | str) -> dict:
-    """`pack_groups` keywords for the rows a model on `device` runs on.
+def row_padding(device: torch.device | str, attention: str = "auto") -> dict:
+    """`pack_groups` keywords for the rows a model on `device` runs on with `attention`
+    (`vrpo_fast.logprobs.packed_body`'s; "auto" is FlexAttention on CUDA).
 
-    CUDA: widths in whole 128-token blocks (FlexAttention's compiled kernel switches to a
+    FlexAttention on CUDA: widths in whole 128-token blocks (its compiled kernel switches to a
     decoding kernel, without a training path, for rows under 128 tokens; whole blocks also keep
     the BlockMask exact), rounded up to a `bucket_width`. transformers compiles FlexAttention
     for training with dynamic=False, so each new (rows, width) shape is a fresh compile (minutes
     with max-autotune), and past torch._dynamo's recompile limit (8) FlexAttention falls back
     to eager, which materialises every attention score. Buckets keep the shapes of a run few.
-    Elsewhere (dense SDPA mask): no padding.
+    Elsewhere (the cascade, flash-attn's varlen kernel, a dense SDPA mask): no padding, which
+    only the body would run through.
     """
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and attention in ("auto", "flex"):
         return {"pad_to_multiple": 128, "bucket_widths": True}
     return {}
 
 
-def trainer_budget(max_tokens: int | None, device, prompt_ids, response_ids) -> int | None:
+def trainer_budget(max_tokens: int | None, device, prompt_ids, response_ids,
+                   attention: str = "auto") -> int | None:
     """The packing budget of a training micro-batch: `max_tokens` (None: the whole micro-batch
-    in one row). No attention the trainer runs pays for the pairs between groups (FlexAttention
-    skips their blocks on CUDA, the cascade attention never forms them on the CPU), so one row
-    costs nothing there and leaves no tail padding for the body to run through."""
+    in one row). The packed attentions (FlexAttention skipping blocks on CUDA, the cascade on
+    the CPU, flash-attn's varlen sequences) do not pay for the pairs between groups, so one row
+    costs nothing there and leaves no tail padding for the body to run through. The dense mask
+    (attention "sdpa") scores every pair of its row: unset, its rows hold at most the longest
+    group."""
+    if max_tokens is None and attention == "sdpa":
+        return max(len(p) + sum(map(len, rs)) for p, rs in zip(prompt_ids, response_ids))
     return max_tokens
 
 

@@ -100,8 +100,8 @@ def build(shape: dict, variant: str):
     # Fused AdamW on both devices (the CPU has a fused kernel too): the optimizer is the same
     # fixed cost in every variant, kept as small as it can be.
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)
-    # The trainer's packing budget (shape["budget"] plays train.max_tokens): unset, one row on
-    # CUDA and rows no longer than the longest group on the CPU (dense mask).
+    # The trainer's packing budget (shape["budget"] plays train.max_tokens): unset, one row
+    # (the dense-mask variant's own, set in make_step: rows no longer than the longest group).
     budget = trainer_budget(shape["budget"], device(), prompts, responses)
     return policy, ref, opt, prompts, responses, g, M, budget
 
@@ -149,7 +149,7 @@ def online_loss(policy, ref, prompts, responses, g, budget, attention="auto"):
     batch, the reference's log-probs without grad, then the policy's LM head and the VRPO loss
     in one sweep (`SequenceVRPOLoss`)."""
     batch = pack_groups(prompts, responses, max_tokens=budget,
-                        **row_padding(device())).to(device())
+                        **row_padding(device(), attention)).to(device())
     with torch.no_grad():
         ref_logps = packed_logps(ref, batch, attention=attention)
     total, _ = SequenceVRPOLoss(policy, attention=attention)(
@@ -222,8 +222,7 @@ def make_step(shape: dict, variant: str):
     if variant.startswith("vrpo_fast_online"):
         attention = {"vrpo_fast_online_dense": "sdpa",
                      "vrpo_fast_online_flash": "flash"}.get(variant, "auto")
-        if attention == "sdpa":      # a dense mask pays for every pair of its row
-            budget = max(len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses))
+        budget = trainer_budget(shape["budget"], device(), prompts, responses, attention)
 
         def loss_fn():
             return online_loss(policy, ref, prompts, responses, g, budget, attention)

@@ -397,9 +397,9 @@ class Trainer:
         in one sweep or in two passes (`lm_head`): the same maths."""
         cfg = self.cfg
         budget = trainer_budget(cfg.train.max_tokens, self.device, groups.prompt_ids,
-                                groups.response_ids)
+                                groups.response_ids, cfg.train.attention)
         batch = pack_groups(groups.prompt_ids, groups.response_ids, max_tokens=budget,
-                            **row_padding(self.device)).to(self.device)
+                            **row_padding(self.device, cfg.train.attention)).to(self.device)
         # pi_ref and g first: neither depends on the policy's pass, and the one sweep needs
         # both before the policy's LM head runs.
         if cfg.ref.source == "cache":

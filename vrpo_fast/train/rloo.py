@@ -128,9 +128,10 @@ class RLOOTrainer(Trainer):
         rl = self.cfg.rl
         samples = self._draw(groups.prompt_ids)
         budget = trainer_budget(self.cfg.train.max_tokens, self.device, groups.prompt_ids,
-                                samples)
+                                samples, self.cfg.train.attention)
         batch = pack_groups(groups.prompt_ids, samples, max_tokens=budget,
-                            **row_padding(self.device)).to(self.device)
+                            **row_padding(self.device, self.cfg.train.attention)
+                            ).to(self.device)
         logps = self.policy(batch)                                    # (G, k)
         with torch.no_grad():
             ref = self.ref(batch)
