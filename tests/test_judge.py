@@ -154,10 +154,12 @@ def test_score_with_a_judge_records_it_and_refuses_another_template(tmp_path):
     assert score_stage(cfg, progress=False) == out          # the same judge resumes
 
 
-def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch, attention):
     """Online g: for every micro-batch, the g the loss receives (the one-sweep LM head's, g
     its 8th argument, or the two-pass loss's) is the judge's g of the micro-batch's decoded
-    texts, from one float64 forward per pair and order."""
+    texts, from one float64 forward per pair and order; the judge attends as train.attention
+    says."""
     import vrpo_fast.train.loop as loop
     from vrpo_fast.config import load_config
 
@@ -169,8 +171,11 @@ def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch):
         "--train.batch_groups=4", "--train.micro_batch_groups=2", "--aux.mode=judge",
         f"--aux.path={path}", f"--aux.judge_template={template}", "--aux.judge_chat=false",
         "--model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
-        "intermediate_size: 64}"])
-    loop.Trainer(cfg, quiet=True).fit()
+        "intermediate_size: 64}", f"--train.attention={attention}"])
+    trainer = loop.Trainer(cfg, quiet=True)
+    trainer.fit()
+    impl = {"auto": "vrpo_cascade", "sdpa": "sdpa"}[attention]
+    assert trainer.aux.model.config._attn_implementation == impl
     assert len(seen) == 2
     tok = byte_tokenizer()
     model64 = judge_model(7, 3.0, torch.float64)

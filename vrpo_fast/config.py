@@ -193,8 +193,8 @@ class TrainConfig:
                 "loss.dro_tau and loss.group_dro_eta couple the groups of a step), else "
                 "two_pass. The same maths either way.")
     attention: Literal["auto", "cascade", "flex", "flash", "sdpa"] = F(
-        "auto", "Attention over the packed rows of the policy, pi_ref and g's LM or reward "
-                "model (aux.mode=judge keeps auto). auto: "
+        "auto", "Attention over the packed rows of every model of a training step (policy, "
+                "pi_ref, g's LM, reward model or judge). auto: "
                 "FlexAttention's BlockMask on a GPU, cascade on the CPU; cascade: SDPA per "
                 "prompt and per response, no T x T mask (vrpo_fast/attention.py); flash: the "
                 "same as one flash-attn varlen call per layer (a GPU with flash-attn installed, "

@@ -36,7 +36,7 @@ from vrpo_fast.config import JUDGE_TEMPLATE as DEFAULT_TEMPLATE
 from vrpo_fast.errors import UserError
 from vrpo_fast.logprobs import lm_head_weight, packed_body
 from vrpo_fast.models import load_causal_lm, load_tokenizer
-from vrpo_fast.packing import pack_groups, row_padding
+from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import packed_scores
 
 DEFAULT_LABELS = ("A", "B")
@@ -83,6 +83,7 @@ class PairJudge:
         if chat and not has_chat:
             raise UserError(f"{what}.judge_chat: the judge's tokenizer has no chat template")
         self.model, self.tokenizer = model, tokenizer
+        self.attention = "auto"       # the packed passes' attention (`packed_body`'s)
         self.template, self.labels = template, tuple(labels)
         self.chat = has_chat if chat is None else bool(chat)
         ids = []
@@ -153,7 +154,8 @@ class PairJudge:
     def label_margins(self, groups, max_tokens: int) -> list[list[float]]:
         """z_A - z_B at the end of every context of `groups` (see `label_margins`)."""
         try:
-            return label_margins(self.model, self.label_ids, groups, max_tokens)
+            return label_margins(self.model, self.label_ids, groups, max_tokens,
+                                 attention=self.attention)
         except ValueError as err:     # e.g. a token id outside the judge's vocabulary
             raise UserError(f"aux.path: the judge cannot read these contexts: {err}") from None
 
@@ -184,18 +186,21 @@ class PairJudge:
 
 
 @torch.no_grad()
-def label_margins(model, label_ids: list[int], groups, max_tokens: int) -> list[list[float]]:
+def label_margins(model, label_ids: list[int], groups, max_tokens: int, *,
+                  attention: str = "auto") -> list[list[float]]:
     """z_A - z_B (the two label tokens' logits) after every context of `groups` [(prefix ids,
     [remainder ids, ...])], in order: packed no-grad passes of at most `max_tokens` tokens (a
     larger group alone), each context's prefix once; the LM head meets only the two label rows
-    at each context's last token."""
+    at each context's last token. attention: `vrpo_fast.logprobs.packed_body`'s."""
     device = next(model.parameters()).device
     rows = lm_head_weight(model)[label_ids]                                    # (2, D)
 
     def margins(prompt_ids, response_ids, budget):
+        if attention == "sdpa":     # a dense mask scores every pair of its row
+            budget = trainer_budget(None, device, prompt_ids, response_ids, attention)
         batch = pack_groups(prompt_ids, response_ids, max_tokens=budget,
-                            **row_padding(device)).to(device)
-        last = packed_body(model, batch).flatten(0, 1)[batch.last_index]       # (G * K, D)
+                            **row_padding(device, attention)).to(device)
+        last = packed_body(model, batch, attention=attention).flatten(0, 1)[batch.last_index]
         z = (last @ rows.T).float()                                            # (G * K, 2)
         return (z[:, 0] - z[:, 1]).reshape(batch.num_groups, batch.group_size)
 

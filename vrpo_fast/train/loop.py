@@ -324,7 +324,9 @@ class Trainer:
                 path, "aux.path", mixed)
         if mode == "judge":
             # Unsharded and unwrapped: each rank judges its own micro-batches, no grad.
-            return load_judge(self.cfg.aux, self.device)
+            judge = load_judge(self.cfg.aux, self.device)
+            judge.attention = self.cfg.train.attention
+            return judge
         if mode == "lagged":
             # The policy's copy: built empty like the policy, its values copied from it.
             if self._empty_policy:
