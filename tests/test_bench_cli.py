@@ -121,6 +121,8 @@ def test_rows_record_the_host_allocator_setting(installed):
     (["step", "--lengths", "120"], "--lengths: expected hh, long or P,R"),
     (["step", "--M", "0"], "--M: must be >= 1, got 0"),
     (["--plot", "chart.svg"], "--plot: expected a .png file name"),
+    (["--quick", "step"], "--quick: the tiny shapes of a run without a sub-command"),
+    (["--providers", "eager", "suite"], "--providers: not an option of `bench suite`"),
 ])
 def test_wrong_shapes_and_flags_are_one_line_errors(args, message, capsys):
     assert main(["bench", *args]) == 1
@@ -155,6 +157,17 @@ def test_vrpo_loss_rows_carry_the_check_and_skip_ours_on_the_cpu(capsys, monkeyp
     assert eager["full"]["lower_bound_bytes"] == (2 * 32 + 16 + 4 + 32) * 4
     (ours,) = [r for r in rows if r["provider"] == "ours"]
     assert "eager formula" in ours["note"]
+
+
+def test_options_before_the_sub_command_are_kept(capsys):
+    """`bench --providers eager vrpo-loss ...` measures eager alone, as after the name."""
+    before = json_rows(capsys, ["--providers", "eager", "--rounds", "1", "vrpo-loss",
+                                "--groups", "2", "--pairs", "1", "--rep-ms", "1", "--no-memory"])
+    after = json_rows(capsys, ["vrpo-loss", "--groups", "2", "--pairs", "1", "--providers",
+                               "eager", "--rounds", "1", "--rep-ms", "1", "--no-memory"])
+    assert {r["provider"] for r in before} == {r["provider"] for r in after} == {"eager"}
+    assert len(before) == len(after) == 3          # fwd, bwd, full
+    assert all("peak_bytes" not in r for r in before)
 
 
 def test_step_of_a_model_folder_counts_the_useful_tokens_of_fixed_lengths(capsys, tmp_path):

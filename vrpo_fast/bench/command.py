@@ -74,26 +74,29 @@ SYSTEM_MALLOC = ("CPU: leave malloc as the system sets it (default: freed blocks
                  "reuse, as `vrpo-fast train` does: train.keep_host_memory)")
 
 
-def _common(parser) -> None:
-    parser.add_argument("--providers", default=None,
-                        help="comma-separated subset (linear-logprob: eager, compile, liger, "
-                             "cce, ours; vrpo-loss: eager, compile, ours; step: "
-                             "reference_layout, dpo_naive, vrpo_fast); default: all")
-    parser.add_argument("--passes", default=None,
-                        help="comma-separated subset of fwd, bwd, full, and score (the forward "
-                             "without gradient; linear-logprob only) (kernels; default all)")
-    parser.add_argument("--rounds", default=None,
-                        help="the fewest timed calls (default 5; the step 3)")
-    parser.add_argument("--warmup", default="1", help="untimed calls first on the CPU")
-    parser.add_argument("--rep-ms", default=None,
-                        help="the least time of timed calls, ms (default 500; the step 3000; "
-                             "--quick 50)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--system-malloc", action="store_true", help=SYSTEM_MALLOC)
-    parser.add_argument("--json", default=None, metavar="FILE",
-                        help="write the rows as JSON lines to FILE ('-': stdout, no table)")
-    parser.add_argument("--plot", default=None, metavar="FILE.png",
-                        help="bar chart: time and peak memory per provider and pass")
+def _common(parser, sub: bool = False) -> None:
+    """The options every measuring sub-command takes. On a sub-command (`sub`) they default to
+    nothing, so that one given before the sub-command's name (`bench --providers x step`) is
+    kept, not reset by the sub-command's default."""
+    def add(*flags, default=None, **kw):
+        parser.add_argument(*flags, default=argparse.SUPPRESS if sub else default, **kw)
+
+    add("--providers", help="comma-separated subset (linear-logprob: eager, compile, liger, "
+                            "cce, ours; vrpo-loss: eager, compile, ours; step: "
+                            "reference_layout, dpo_naive, vrpo_fast, ...); default: all")
+    add("--passes", help="comma-separated subset of fwd, bwd, full, and score (the forward "
+                         "without gradient; linear-logprob only) (kernels; default all)")
+    add("--rounds", help="the fewest timed calls (default 5; the step 3)")
+    add("--warmup", default="1", help="untimed calls first on the CPU")
+    add("--rep-ms", help="the least time of timed calls, ms (default 500; the step 3000; "
+                         "--quick 50)")
+    add("--no-memory", default=False, action="store_true",
+        help="skip the peak-memory probes")
+    add("--system-malloc", default=False, action="store_true", help=SYSTEM_MALLOC)
+    add("--json", metavar="FILE",
+        help="write the rows as JSON lines to FILE ('-': stdout, no table)")
+    add("--plot", metavar="FILE.png",
+        help="bar chart: time and peak memory per provider and pass")
 
 
 def add_arguments(parser) -> None:
@@ -101,7 +104,7 @@ def add_arguments(parser) -> None:
     parser.description = ("benchmark the fused kernels and one training step at any shape:\n"
                           "eager, torch.compile, Liger-Kernel and Cut Cross-Entropy beside "
                           "ours.\nWithout a sub-command: all three at default shapes (options "
-                          "go after a sub-command).")
+                          "go before or after a sub-command's name).")
     parser.epilog = METHOD
     parser.add_argument("--quick", action="store_true",
                         help="(without a sub-command) tiny shapes, seconds on a CPU")
@@ -118,12 +121,12 @@ def add_arguments(parser) -> None:
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 GPU, "
                                                  "fp32 CPU)")
     p.add_argument("--temperature", default="1.0", help="logits are divided by it")
-    _common(p)
+    _common(p, sub=True)
     p = sub.add_parser("vrpo-loss", help="VRPO loss on (B, 2 + 2M) log-probs", **kw)
     p.add_argument("--groups", "-B", default="64", help="B prompts (default 64)")
     p.add_argument("--pairs", "--M", dest="M", default="2", help="M Monte Carlo pairs "
                                                                  "(default 2)")
-    _common(p)
+    _common(p, sub=True)
     p = sub.add_parser("step", help="one optimizer step: reference layout, naive DPO, ours",
                        **kw)
     p.add_argument("--model", default=None,
@@ -139,9 +142,9 @@ def add_arguments(parser) -> None:
                         "long (160 / 60-120) or P,R (fixed)")
     p.add_argument("--cap", default=None, help="P,R: the most tokens of an hh prompt / "
                                                "response (default 256,128 CPU, 512,256 GPU)")
-    _common(p)
+    _common(p, sub=True)
     p = sub.add_parser("suite", help="the pytest-benchmark suites of a source checkout")
-    p.add_argument("--quick", action="store_true",
+    p.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
                    help="smoke mode: tiny shapes, one round, nothing recorded")
     p.add_argument("--only", action="append", default=None, metavar="NAME",
                    help="one benchmark file, e.g. train_step, linear_logprob, vrpo_loss, "
@@ -150,7 +153,8 @@ def add_arguments(parser) -> None:
                    help="the suites' folder (default: ./benchmarks)")
     p.add_argument("--results-dir", default=None,
                    help="where the rows go (default: DIR/results; --quick: nowhere)")
-    p.add_argument("--system-malloc", action="store_true", help=SYSTEM_MALLOC)
+    p.add_argument("--system-malloc", action="store_true", default=argparse.SUPPRESS,
+                   help=SYSTEM_MALLOC)
 
 
 # --- argument checks: one line each -------------------------------------------------------------
@@ -379,9 +383,21 @@ OPS = {"linear-logprob": bench_linear_logprob, "vrpo-loss": bench_vrpo_loss,
 
 # --- the command ------------------------------------------------------------------------------
 
+SUITE_IGNORES = ("providers", "passes", "rounds", "rep_ms", "no_memory", "json", "plot")
+
+
 def run(args) -> int:
     if args.what == "suite":
+        given = [name for name in SUITE_IGNORES
+                 if getattr(args, name) not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UserError(f"{flag}: not an option of `bench suite` (it runs the pytest "
+                            f"suites at their own settings)")
         return run_suite(args)
+    if args.quick and args.what is not None:
+        raise UserError(f"--quick: the tiny shapes of a run without a sub-command (or `suite "
+                        f"--quick`); `{args.what}` takes its shape from its own flags")
     if args.plot and not args.plot.endswith(".png"):
         raise UserError(f"--plot: expected a .png file name, got {args.plot!r}")
     to_stdout = args.json == "-"
