@@ -139,6 +139,23 @@ MUTANTS = [
            "abs(record.get(\"margin\", 0.0)) > 50",
            "abs(record.get(\"margin\", 0.0)) > 5e9",
            (TRAIN, "-k", "exploding")),
+    Mutant("labelled_stats_per_micro_batch",
+           "the logged labelled statistics averaged over micro-batches, not labelled prompts",
+           "vrpo_fast/train/loop.py",
+           "w = n_labelled if k in LABELLED_STATS else len(idx)",
+           "w = len(idx)",
+           (TRAIN, "-k", "micro_batches")),
+    Mutant("stats_mean_of_rank_means",
+           "the logged statistics a mean of the ranks' means, not over the global batch",
+           "vrpo_fast/train/loop.py",
+           "*(torch.as_tensor(stat_sums[k], dtype=torch.float64, device=self.device)\n"
+           "              for k in keys),\n"
+           "            *(torch.tensor(float(stat_weights[k]), dtype=torch.float64, "
+           "device=self.device)\n",
+           "*(torch.as_tensor(stat_sums[k] / max(stat_weights[k], 1), dtype=torch.float64,\n"
+           "                              device=self.device) for k in keys),\n"
+           "            *(torch.tensor(1.0, dtype=torch.float64, device=self.device)\n",
+           (TRAIN, "-k", "another_number_of_processes")),
     Mutant("varlen_window_off_by_one", "the flash-attn path's window one key too wide",
            "vrpo_fast/attention.py",
            "window_size=(-1, -1) if window is None else (window - 1, 0))",

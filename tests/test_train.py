@@ -171,8 +171,9 @@ def test_resume_restores_the_random_streams_and_keeps_the_last_checkpoints(tmp_p
 def test_micro_batches_do_not_change_the_maths(tmp_path, unlabelled):
     """One micro-batch of 4 groups, two of 2, four of 1: the same loss, gradient norm and
     statistics at every step (the loss is normalised by the step's groups, not a micro-batch's).
-    With unlabelled prompts among them, the labelled terms are a mean over the labelled prompts
-    of the step's whole batch, not of each micro-batch."""
+    With unlabelled prompts among them, the labelled terms, in the loss and in the logged
+    statistics, are means over the labelled prompts of the step's whole batch, not averages of
+    each micro-batch's mean (a micro-batch without labelled prompts has none)."""
     data = []
     if unlabelled:
         # Every third row loses its labelled pair (g keeps its 0.5 placeholder there).
@@ -184,17 +185,40 @@ def test_micro_batches_do_not_change_the_maths(tmp_path, unlabelled):
                       *data, name=f"micro{micro}")
         run_train(cfg)
         runs[micro] = read_metrics(cfg.train.output_dir)
-    keys = ["loss", "grad_norm", "tokens", "mean_g", "term_mc"]
-    if not unlabelled:
-        # Means over a micro-batch's labelled prompts: with unlabelled ones among them the
-        # micro-batches hold different counts, and the logged average of means differs.
-        keys += ["margin", "accuracy", "term_dpo", "term_label"]
+    keys = ["loss", "grad_norm", "tokens", "mean_g", "term_mc", "margin", "accuracy", "term_dpo",
+            "term_label", "reward_chosen", "reward_rejected"]
     want = torch.tensor([[r[k] for k in keys] for r in runs[4]], dtype=torch.float64)
     assert want[:, 1].min() > 0
+    # Step 1 runs at the policy pi_ref: every margin is 0, so each labelled pair's sigmoid
+    # loss, and its expectation under g, is ln 2 whatever g is.
+    for micro in (4, 2, 1):
+        first = runs[micro][0]
+        assert first["term_dpo"] == pytest.approx(math.log(2), abs=1e-5), micro
+        assert first["term_label"] == pytest.approx(math.log(2), abs=1e-5), micro
     for micro in (2, 1):
         got = torch.tensor([[r[k] for k in keys] for r in runs[micro]], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, n=micro: f"micro {n}, {keys}: {m}")
+
+
+def test_a_step_without_labelled_prompts_logs_no_labelled_statistics(tmp_path):
+    """Statistics over labelled prompts are left out of a step that has none (not logged as 0);
+    the Monte Carlo term, over all prompts, is there, and the next step has them all."""
+    import json
+
+    rows = [json.loads(line) for line in (ROOT / "configs/data/tiny.jsonl").open()]
+    for row in rows[:4]:                        # step 1 in data order: no labelled pair
+        del row["chosen"], row["rejected"]
+        row["aux_prefs"][0] = 0.5
+    path = tmp_path / "first_unlabelled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = cfg_for(tmp_path, "--train.max_steps=2", "--train.save_every=0", "--train.shuffle=false",
+                  f"--data.path={path}")
+    run_train(cfg)
+    first, second = read_metrics(cfg.train.output_dir)
+    labelled = {"term_dpo", "term_label", "reward_chosen", "reward_rejected", "margin", "accuracy"}
+    assert not labelled & set(first) and math.isfinite(first["term_mc"])
+    assert labelled <= set(second)
 
 
 def test_exploding_margin_warns_once(tmp_path, monkeypatch):
@@ -465,13 +489,15 @@ def test_checkpoints_resume_on_another_number_of_processes(tmp_path, monkeypatch
     1: each finished run logs every step once, with the loss, gradient norm, token count and
     every statistic of an uninterrupted one-process run (up to the order of gradient
     reductions). The one-process run accumulates 2 micro-batches per step, each of the 2
-    processes 1: a loss normalised by anything but the step's groups shows."""
+    processes 1: a loss normalised by anything but the step's groups shows. Every third prompt
+    is unlabelled, so the ranks hold different counts of labelled prompts: the labelled
+    statistics are means over the step's labelled prompts all the same."""
     import shutil
 
     from vrpo_fast.train.loop import Trainer
 
     common = [*SMALL, "--train.max_steps=4", "--train.save_every=2", "--aux.mode=lagged",
-              "--aux.refresh_every=3"]
+              "--aux.refresh_every=3", f"--data.path={mixed_data(tmp_path)}"]
     straight = cfg_for(tmp_path, *common, name="straight")
     run_train(straight)
     want = read_metrics(straight.train.output_dir)

@@ -23,6 +23,11 @@ import torch.nn.functional as F
 LOSS_TYPES = ("sigmoid", "ramp", "ipo", "hinge")
 ESTIMATORS = ("vrpo", "dpo")
 REDUCTIONS = ("mean", "sum", "none")
+# The statistics that are means over a batch's labelled prompts (with `labelled`); the rest
+# are means over all its prompts. A caller averaging them over batches weighs each batch by
+# its count of the one kind or the other.
+LABELLED_STATS = frozenset({"term_dpo", "term_label", "reward_chosen", "reward_rejected",
+                            "margin", "accuracy"})
 
 
 def pairwise_loss(u: torch.Tensor, loss_type: str, beta: float = 1.0) -> torch.Tensor:

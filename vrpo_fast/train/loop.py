@@ -47,7 +47,7 @@ from vrpo_fast.models import (
     tokenizer_from_config,
     weight_files,
 )
-from vrpo_fast.objective import implicit_preference, reward_preference, vrpo_loss
+from vrpo_fast.objective import LABELLED_STATS, implicit_preference, reward_preference, vrpo_loss
 from vrpo_fast.ops import dispatch_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceLogps, SequenceRewards, SequenceVRPOLoss
@@ -510,9 +510,10 @@ class Trainer:
             domains = [self.groups.domain_ids[i] for i in self.stream.global_indices(self.step)]
         self.dro.begin(domains)
 
-    def _dro_end(self, stat_sums: dict) -> None:
+    def _dro_end(self, stat_sums: dict, stat_weights: dict) -> None:
         """Update the DRO state from the step's global batch (one collective) and add it to
-        the step's statistics (the same on every rank, so the ranks' mean is the value)."""
+        the step's statistics (the same on every rank, weight 1 each: the ranks' mean is the
+        value)."""
         world, rank = self.dist.world_size, self.dist.rank
 
         def gather(t):                          # (k,) per rank -> (world, k), one all-reduce
@@ -521,10 +522,12 @@ class Trainer:
             return all_reduce_(slots)
 
         self.dro.update(gather)
-        stat_sums["dro_objective"] = self.dro.objective().float()
+        stat_sums["dro_objective"] = self.dro.objective().double()
+        stat_weights["dro_objective"] = 1
         if isinstance(self.dro, GroupDRO):
             for name, q in zip(self.groups.domain_names, self.dro.domain_weights()):
-                stat_sums[f"dro_weight/{name}"] = q.float()
+                stat_sums[f"dro_weight/{name}"] = q.double()
+                stat_weights[f"dro_weight/{name}"] = 1
 
     def train_step(self) -> dict:
         """One optimizer step: this rank's share of the step's `train.batch_groups` groups in
@@ -535,8 +538,10 @@ class Trainer:
 
         Returns the step's record for metrics.jsonl: step, loss (the global mean), lr,
         grad_norm, tokens (over all ranks), tokens_per_s, skipped, skipped_total, the loss's
-        statistics averaged over micro-batches and ranks, and mfu on a GPU. One host sync for
-        the skip decision and one for the record."""
+        statistics as means over the step's global batch (each micro-batch's mean weighed by its
+        prompts, or by its labelled prompts for `LABELLED_STATS`; those are left out of a step
+        without labelled prompts), and mfu on a GPU. One host sync for the skip decision and
+        one for the record."""
         cfg, t = self.cfg, self.cfg.train
         self.policy.train()
         lr = cosine_lr(self.step, cfg)
@@ -546,7 +551,10 @@ class Trainer:
         micro = [indices[i:i + t.micro_batch_groups]
                  for i in range(0, len(indices), t.micro_batch_groups)]
         loss_sum = torch.zeros((), device=self.device)
+        # Each statistic as (sum of micro-batch means x their weights, sum of the weights).
         stat_sums: dict[str, torch.Tensor] = {}
+        stat_weights: dict[str, float] = {}
+        labelled = getattr(self.groups, "labelled", None)
         tokens = 0
         start = time.perf_counter()
         if self.dro is not None:
@@ -560,11 +568,14 @@ class Trainer:
             loss, stats, ntok = self.micro_step(self.groups.select(idx))
             loss.backward()
             loss_sum += loss.detach()
+            n_labelled = len(idx) if labelled is None else sum(labelled[j] for j in idx)
             for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, 0) + v.float() / len(micro)
+                w = n_labelled if k in LABELLED_STATS else len(idx)
+                stat_sums[k] = stat_sums.get(k, 0) + v.detach().double() * w
+                stat_weights[k] = stat_weights.get(k, 0) + w
             tokens += ntok
         if self.dro is not None:
-            self._dro_end(stat_sums)
+            self._dro_end(stat_sums, stat_weights)
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -586,18 +597,23 @@ class Trainer:
             self._refresh_lagged()
         elapsed = time.perf_counter() - start
         # One collective (on the step's device: NCCL has no CPU tensors) and one host copy for
-        # the step's counters: tokens summed over ranks, statistics averaged.
+        # the step's counters: tokens summed over ranks, statistics' sums and weights too.
         keys = list(stat_sums)
         totals = all_reduce_(torch.stack([
             torch.tensor(float(tokens), dtype=torch.float64, device=self.device),
-            *(stat_sums[k].detach().double() for k in keys)]))
+            *(torch.as_tensor(stat_sums[k], dtype=torch.float64, device=self.device)
+              for k in keys),
+            *(torch.tensor(float(stat_weights[k]), dtype=torch.float64, device=self.device)
+              for k in keys)]))
         total_tokens, *stat_values = totals.tolist()
+        stat_values, weights = stat_values[:len(keys)], stat_values[len(keys):]
         record = {"step": self.step, "loss": loss_sum.item(), "lr": lr,
                   "grad_norm": grad_norm.item(), "tokens": int(total_tokens),
                   "tokens_per_s": total_tokens / max(elapsed, 1e-9),
                   "skipped": int(not finite), "skipped_total": self.skipped_total}
-        for k, v in zip(keys, stat_values):
-            record[k] = v / self.dist.world_size
+        for k, v, w in zip(keys, stat_values, weights):
+            if w > 0:
+                record[k] = v / w
         if self._peak_flops:
             # 6 N per token for forward + backward of the policy (reference passes not counted).
             record["mfu"] = 6 * self._n_params * record["tokens_per_s"] / (
