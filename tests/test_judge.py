@@ -93,6 +93,26 @@ def test_judge_refuses_bad_labels_and_templates():
     assert not math.isnan(judge.preferences([("p", [("x", "y")])])[0][0])
 
 
+def test_judge_refuses_a_context_longer_than_its_positions():
+    """A judging context past the judge's max_position_embeddings is one UserError naming the
+    lengths and the prompt; a context of exactly that length is judged (float64 reference)."""
+    tok = byte_tokenizer()
+    template = "{prompt}|{response_a}|{response_b}|"
+    fits = ("p>", [("abc", "de")])         # 10 bytes a context, and the tokenizer's BOS
+    length = len(tok(template.replace("{prompt}", "p>").replace("{response_a}", "abc")
+                     .replace("{response_b}", "de"))["input_ids"])
+    model = build_tiny_causal_lm(seed=2, max_position_embeddings=length, **TINY)
+    judge = PairJudge(model, tok, template=template, chat=False, source="aux.path")
+    model64 = build_tiny_causal_lm(seed=2, max_position_embeddings=length, dtype=torch.float64,
+                                   **TINY)
+    assert judge.preferences([fits])[0][0] == pytest.approx(
+        naive_g(model64, tok, template, "p>", "abc", "de", chat=False), abs=2e-5)
+    with pytest.raises(UserError, match=rf"^aux\.path: a judging context of {length + 1} tokens "
+                       rf".* max_position_embeddings = {length}, for the prompt starting "
+                       rf"'q>'"):
+        judge.preferences([fits, ("q>", [("abc", "d"), ("abcd", "de")])])   # one byte more
+
+
 def judge_folder(tmp_path, seed=5):
     path = tmp_path / "judge"
     judge_model(seed, 3.0).save_pretrained(path)

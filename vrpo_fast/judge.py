@@ -67,11 +67,13 @@ class PairJudge:
     template: a string holding {prompt}, {response_a} and {response_b} (filled by plain
     replacement, so other braces are literal); labels: the two answer strings; chat: wrap the
     filled template as one user message in the tokenizer's chat template with the generation
-    prompt (None: when the tokenizer has one). `what` names the config key in errors.
+    prompt (None: when the tokenizer has one). `what` names the config key in errors, `source`
+    where the judge came from (default `what`.path).
     """
 
     def __init__(self, model, tokenizer, *, template: str = DEFAULT_TEMPLATE,
-                 labels=DEFAULT_LABELS, chat: bool | None = None, what: str = "aux"):
+                 labels=DEFAULT_LABELS, chat: bool | None = None, what: str = "aux",
+                 source: str | None = None):
         missing = [f for f in FIELDS if f not in template]
         if missing:
             raise UserError(f"{what}.judge_template: must hold {', '.join(FIELDS)}; "
@@ -83,6 +85,10 @@ class PairJudge:
         if chat and not has_chat:
             raise UserError(f"{what}.judge_chat: the judge's tokenizer has no chat template")
         self.model, self.tokenizer = model, tokenizer
+        self.source = source or f"{what}.path"
+        # The longest context the judge takes (None when its config does not say).
+        n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_context = n if isinstance(n, int) and n > 0 else None
         self.attention = "auto"       # the packed passes' attention (`packed_body`'s)
         self.template, self.labels = template, tuple(labels)
         self.chat = has_chat if chat is None else bool(chat)
@@ -151,6 +157,21 @@ class PairJudge:
             return [(c[:1], [c[1:]]) for c in contexts], where
         return [(contexts[0][:common], [c[common:] for c in contexts])], where
 
+    def _check_context(self, jobs, prompt) -> None:
+        """Refuse a judging context longer than the judge's max_position_embeddings: past it
+        the judge's positions are out of its training range (or out of its table), and its g
+        would be noise that nothing reports."""
+        if self.max_context is None or not jobs:
+            return
+        longest = max(len(prefix) + len(rest) for prefix, rests in jobs for rest in rests)
+        if longest > self.max_context:
+            start = as_text(prompt)[:60]
+            raise UserError(f"{self.source}: a judging context of {longest} tokens (template, "
+                            f"prompt and two responses) is longer than the judge's "
+                            f"max_position_embeddings = {self.max_context}, for the prompt "
+                            f"starting {start!r}: shorten that prompt or its responses, or use "
+                            f"a judge with a longer context")
+
     def label_margins(self, groups, max_tokens: int) -> list[list[float]]:
         """z_A - z_B at the end of every context of `groups` (see `label_margins`)."""
         try:
@@ -165,6 +186,7 @@ class PairJudge:
         plans, groups = [], []
         for prompt, pairs in items:
             jobs, where = self.jobs(prompt, pairs)
+            self._check_context(jobs, prompt)
             plans.append((len(groups), len(jobs), where))
             groups += jobs
         flat = self.label_margins(groups, max_tokens) if groups else []
@@ -216,7 +238,7 @@ def load_judge(aux, device=None, *, what: str = "aux.path") -> PairJudge:
     model.requires_grad_(False)
     tokenizer = load_tokenizer(aux.judge_tokenizer or aux.path, "aux.judge_tokenizer")
     return PairJudge(model, tokenizer, template=aux.judge_template, labels=aux.judge_labels,
-                     chat=aux.judge_chat)
+                     chat=aux.judge_chat, source=what)
 
 
 def pairs_of(responses: list) -> list[tuple]:
