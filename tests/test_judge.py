@@ -174,6 +174,30 @@ def test_score_with_a_judge_records_it_and_refuses_another_template(tmp_path):
     assert score_stage(cfg, progress=False) == out          # the same judge resumes
 
 
+def test_score_refused_before_its_first_shard_leaves_the_folder_open(tmp_path):
+    """A judge whose context is too short for the data stops `score` at the first shard (one
+    UserError, no shard written); the same output folder then takes another judge: the record
+    of a run that computed nothing does not hold the folder."""
+    from vrpo_fast import shards
+    from vrpo_fast.score import score_stage
+
+    short = tmp_path / "short"
+    build_tiny_causal_lm(seed=5, max_position_embeddings=8, **TINY).save_pretrained(short)
+    byte_tokenizer().save_pretrained(short)
+    cfg = score_config(tmp_path, **{"aux.mode": "judge", "aux.path": short,
+                                    "aux.judge_template": T1, "aux.judge_chat": "false"})
+    with pytest.raises(UserError, match=r"^aux\.path: a judging context of \d+ tokens .* "
+                       r"max_position_embeddings = 8"):
+        score_stage(cfg, progress=False)
+    out = tmp_path / "scored"
+    assert (out / "provenance.json").is_file() and not shards.read_shards(out)
+    cfg.aux.path = str(judge_folder(tmp_path))
+    assert score_stage(cfg, progress=False) == out
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["scoring"]["aux_path"] == cfg.aux.path
+    assert len(shards.read_shards(out)) == len(ROWS)
+
+
 @pytest.mark.parametrize("attention", ["auto", "sdpa"])
 def test_train_with_a_judge_gives_the_loss_the_judges_g(tmp_path, monkeypatch, attention):
     """Online g: for every micro-batch, the g the loss receives (the one-sweep LM head's, g

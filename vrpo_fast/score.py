@@ -51,10 +51,9 @@ from vrpo_fast.provenance import (
     check_provenance,
     ids_fingerprint,
     library_versions,
-    read_provenance,
     weights_fingerprint,
 )
-from vrpo_fast.stage import run_sharded_stage, shard_count
+from vrpo_fast.stage import run_sharded_stage, shard_count, started_record
 
 
 def stored_g(g_row: list[float], labelled: bool) -> list[float]:
@@ -132,7 +131,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     record["scoring_run"] = {"input": str(source), "rows": len(examples),
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": library_versions(), "max_tokens": sc.max_tokens}
-    existing = read_provenance(out)
+    existing = started_record(out)
     if existing is not None and existing.get("scoring", {}).get("aux_judge") is not None and (
             existing["scoring"]["aux_judge"] != scoring["aux_judge"]
             or existing["scoring"]["aux_weights_sha256"] != scoring["aux_weights_sha256"]):

@@ -2,6 +2,7 @@
 stage that turns N input items into Parquet shards of `shard_size` items each.
 
     provenance: the folder's record must match this run's (else one UserError), or is written
+                (also over the record of a run that stopped before writing any shard)
     pending: this rank's shards r, r + W, r + 2W, ... not yet on disk (vrpo_fast.shards)
     announce:   the stage's own header line, with how many of this rank's shards are done
     set-up:     only when something is left (loading a sampler or models costs time)
@@ -26,6 +27,15 @@ from vrpo_fast.provenance import identity_mismatch, read_provenance, write_prove
 ShardRows = Callable[[int, int, int], list[dict]]
 
 
+def started_record(out: Path) -> dict | None:
+    """The provenance of the stage's folder `out` when some shard is on disk, else None: a
+    run that stopped before its first shard (a refused row, a model that could not read the
+    data) left a record of settings nothing was computed with, which the next run replaces."""
+    if not any(Path(out).glob("shard_*.parquet")):
+        return None
+    return read_provenance(out)
+
+
 def shard_count(num_items: int, shard_size: int) -> int:
     """Shards of `shard_size` items holding `num_items` (the last one may be shorter)."""
     return -(-num_items // shard_size)
@@ -42,7 +52,7 @@ def run_sharded_stage(out: Path, record: dict, *, num_items: int, shard_size: in
         record: this run's provenance; an existing folder's record must agree on its identity
             (`provenance.identity_mismatch`), else UserError naming `key` (the output's config
             key), what the folder `holds` ("samples") and `differs_hint`, what such a
-            difference usually means.
+            difference usually means. A folder without shards takes this run's record.
         num_items, shard_size: the stage's input size and items per shard.
         announce: announce(done, mine) prints the stage's header: `done` of this rank's
             `mine` shards are on disk already.
@@ -51,7 +61,7 @@ def run_sharded_stage(out: Path, record: dict, *, num_items: int, shard_size: in
         progress: show a progress bar of items (`desc`, `unit`; the rank is appended under
             several ranks).
     """
-    existing = read_provenance(out)
+    existing = started_record(out)
     if existing is not None:
         differs = identity_mismatch(existing, record)
         if differs:
