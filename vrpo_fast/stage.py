@@ -91,12 +91,14 @@ def run_sharded_stage(out: Path, record: dict, *, num_items: int, shard_size: in
         bar = tqdm(total=total, initial=total - sum(size(i) for i in todo),
                    desc=desc + (f" rank {rank}" if world > 1 else ""), unit=unit,
                    dynamic_ncols=True)
-    for index in todo:
-        lo, hi = index * shard_size, min((index + 1) * shard_size, num_items)
-        rows = compute(index, lo, hi)
-        shards.write_shard(out, index, rows)
-        if bar is not None:
-            bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
+    try:
+        for index in todo:
+            lo, hi = index * shard_size, min((index + 1) * shard_size, num_items)
+            rows = compute(index, lo, hi)
+            shards.write_shard(out, index, rows)
+            if bar is not None:
+                bar.update(hi - lo)
+    finally:
+        if bar is not None:     # closed on an error too: its message starts a line of its own
+            bar.close()
     return out
