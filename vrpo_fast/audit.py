@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from vrpo_fast.data.load import load_preference_data
-from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.errors import UserError, check_output, renamed
 from vrpo_fast.estimate import reliability_plot
 from vrpo_fast.judge import load_judge, pairs_of
 
@@ -210,6 +210,7 @@ def audit_stage(cfg, *, progress: bool = True) -> Path:
         raise UserError("audit.data: no held-out labelled pairs given (set audit.data or "
                         "data.path)")
     out = Path(cfg.audit.output or Path(cfg.train.output_dir) / "audit")
+    check_output(out, "audit.output" if cfg.audit.output else "train.output_dir")
     try:
         examples, _ = load_preference_data(str(source), on_bad_row=cfg.data.on_bad_row,
                                            split=cfg.data.split)

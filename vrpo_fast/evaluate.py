@@ -36,7 +36,7 @@ from vrpo_fast.config import AuxConfig, add_config_arguments, load_config
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.dro import describe_domains, domains_of, per_domain
-from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.errors import UserError, check_output, renamed
 from vrpo_fast.estimate import Estimate
 from vrpo_fast.judge import load_judge
 from vrpo_fast.logprobs import sequence_logps
@@ -315,6 +315,8 @@ def eval_stage(cfg) -> Path | None:
 
     e = cfg.eval
     _check(e)
+    if e.output:
+        check_output(e.output, "eval.output")
     try:
         examples, _ = load_preference_data(e.prompts, on_bad_row=cfg.data.on_bad_row,
                                            split=cfg.data.split, prompts_only=True)

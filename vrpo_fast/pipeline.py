@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vrpo_fast.config import Config, add_config_arguments, config_from_args
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, check_output
 from vrpo_fast.evaluate import eval_settings, eval_stage
 from vrpo_fast.sample import sample_stage
 from vrpo_fast.score import score_stage
@@ -113,6 +113,7 @@ def plan(cfg: Config) -> list[Step]:
         key, path = step.output
         if not path:
             raise UserError(f"{key}: not set; the {step.name} stage writes there")
+        check_output(path, key)
     if "eval" in names and not cfg.eval.judge:
         raise UserError("eval.judge: not set; the eval stage needs a judge (synthetic, "
                         "reward_model:PATH or python:module:function)")

@@ -226,8 +226,10 @@ def run(args) -> int:
     a plan that does not fit is one error line naming the component that breaks the budget."""
     if args.gpus < 1:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
-    if not args.gpu_memory > 0:
-        raise UserError(f"--gpu-memory: must be > 0, got {args.gpu_memory}")
+    if not 0 < args.gpu_memory < math.inf:
+        raise UserError(f"--gpu-memory: must be a number of GiB > 0, got {args.gpu_memory}")
+    if args.tokens is not None and args.tokens < 1:
+        raise UserError(f"--tokens: must be >= 1, got {args.tokens}")
     if args.group_tokens is not None and args.group_tokens < 1:
         raise UserError(f"--group-tokens: must be >= 1, got {args.group_tokens}")
     cfg = config_from_args(args)

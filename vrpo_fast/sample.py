@@ -21,7 +21,7 @@ from pathlib import Path
 from vrpo_fast import shards
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.data.tokenize import tokenize_prompt
-from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.errors import UserError, check_output, renamed
 from vrpo_fast.host_memory import keep_freed_memory
 from vrpo_fast.models import model_from_config, tokenizer_from_config
 from vrpo_fast.provenance import build_provenance, ids_fingerprint
@@ -90,6 +90,7 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
         raise UserError("sample.input: no prompts given (sample reads sample.input; data.path "
                         "is what train reads)")
     out = Path(s.output)
+    check_output(out, "sample.output")
     tokenizer = tokenizer_from_config(cfg)
     try:
         examples, report = load_preference_data(s.input, on_bad_row=cfg.data.on_bad_row,

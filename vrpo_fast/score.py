@@ -34,7 +34,7 @@ import torch
 
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.data.tokenize import tokenize_example
-from vrpo_fast.errors import UserError, renamed
+from vrpo_fast.errors import UserError, check_output, renamed
 from vrpo_fast.host_memory import keep_freed_memory
 from vrpo_fast.judge import load_judge, pairs_of
 from vrpo_fast.logprobs import sequence_logps
@@ -84,6 +84,7 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
     if not sc.output:
         raise UserError("score.output: no output folder given")
     out = Path(sc.output)
+    check_output(out, "score.output")
     src_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     if out.resolve() == src_dir.resolve():
         raise UserError(f"score.output: {out} is the input's folder; scored shards need a "

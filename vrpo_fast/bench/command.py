@@ -28,7 +28,7 @@ from vrpo_fast.bench.env import Unavailable, device, session, timestamp
 from vrpo_fast.bench.layouts import parse_lengths
 from vrpo_fast.bench.memory import peak_memory
 from vrpo_fast.bench.timing import summary, time_calls
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, check_output
 
 METHOD = """\
 method:
@@ -401,6 +401,11 @@ def run(args) -> int:
     if args.plot and not args.plot.endswith(".png"):
         raise UserError(f"--plot: expected a .png file name, got {args.plot!r}")
     to_stdout = args.json == "-"
+    # Checked before the benchmark runs, not when its results are written.
+    if args.json and not to_stdout:
+        check_output(args.json, "--json", folder=False)
+    if args.plot:
+        check_output(args.plot, "--plot", folder=False)
     if args.what is None:
         todo = [(fn, args.quick) for fn in OPS.values()]
         if args.providers:
@@ -423,6 +428,7 @@ def run(args) -> int:
         if to_stdout:
             sys.stdout.write(text)
         else:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(text)
     if not to_stdout:
         print(f"\n{shared['device']}; " + ", ".join(f"{k} {v}" for k, v in

@@ -400,5 +400,6 @@ def run_chart(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{op} {shape_text(shape)} on {timed[0]['device']}", fontsize=10)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -31,7 +31,7 @@ import torch
 import vrpo_fast.attention as packed_attention
 from vrpo_fast.config import Config
 from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
-from vrpo_fast.errors import UserError
+from vrpo_fast.errors import UserError, check_output
 from vrpo_fast.host_memory import keep_freed_memory
 from vrpo_fast.judge import load_judge, pairs_of
 from vrpo_fast.models import (
@@ -61,7 +61,7 @@ from vrpo_fast.train.distributed import (
     broadcast_object,
     init_distributed,
 )
-from vrpo_fast.train.metrics import MetricsLogger, peak_flops, read_metrics
+from vrpo_fast.train.metrics import MetricsLogger, check_loggers, peak_flops, read_metrics
 from vrpo_fast.train.modules import needs_fsdp, shard, shard_empty
 
 # cv_gap: steps in the window of its interval, and steps before its warning may fire.
@@ -148,6 +148,9 @@ class Trainer:
         bf16 = t.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" or (
             t.mixed_precision == "auto" and self.device.type == "cuda")
         check_attention(t.attention, self.device, bf16=bf16)
+        check_loggers(t)
+        if cfg.data.cache_dir:      # else <train.output_dir>/cache, which the lock checks
+            check_output(cfg.data.cache_dir, "data.cache_dir")
         if t.keep_host_memory and self.device.type == "cpu":
             keep_freed_memory()     # vrpo_fast/host_memory.py: no page faults on each step
         world = self.dist.world_size

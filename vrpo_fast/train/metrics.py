@@ -12,6 +12,20 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L
               "A10G": 125e12, "4090": 165e12}
 
 
+def check_loggers(train) -> None:
+    """The optional loggers train.tensorboard / train.wandb_project ask for are installed:
+    checked before a run writes anything, not when its first step is logged."""
+    from importlib.util import find_spec
+
+    from vrpo_fast.errors import UserError
+
+    for key, on, module in [("train.tensorboard", train.tensorboard, "tensorboard"),
+                            ("train.wandb_project", train.wandb_project, "wandb")]:
+        if on and find_spec(module) is None:
+            raise UserError(f"{key}: needs the {module} package (pip install {module}), "
+                            f"which is not installed")
+
+
 def peak_flops(device_name: str) -> float | None:
     for key, flops in PEAK_FLOPS.items():
         if key in device_name:
