@@ -14,6 +14,7 @@ Unknown keys, wrong types and impossible combinations are one-line `UserError`s 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -420,6 +421,31 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int):
+        super().__init__(f"duplicate key {key!r} (line {line})")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key given twice in one mapping (plain YAML keeps the last one, so
+    a second `train:` section would silently drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor` may repeat
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:                 # an unhashable key: SafeLoader reports it
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply overrides, check every key and type, chain each stage's input
     to the previous stage's output where it is not given, then check the combinations."""
@@ -429,7 +455,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"--config: no such file {str(p)!r}")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as err:
+            raise UserError(f"--config: {p}: {err}") from None
         except UnicodeDecodeError as err:
             raise UserError(f"--config: {p} is not UTF-8 text (byte {err.start})") from None
         except OSError as err:
@@ -501,6 +529,12 @@ def validate(cfg: Config) -> None:
         for f in dataclasses.fields(values):
             if (bad := _non_finite(getattr(values, f.name), f"{section.name}.{f.name}")):
                 raise UserError(f"{bad[0]}: must be a finite number, got {bad[1]}")
+    # An empty path would silently be the current directory.
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and not value.strip():
+            raise UserError(f"{key}: empty path")
     t, loss, aux = cfg.train, cfg.loss, cfg.aux
     d, s, sc, rl = cfg.data, cfg.sample, cfg.score, cfg.rl
     for key, value in [("train.max_steps", t.max_steps), ("train.batch_groups", t.batch_groups),
@@ -514,7 +548,11 @@ def validate(cfg: Config) -> None:
                        ("audit.max_pairs", cfg.audit.max_pairs),
                        ("aux.judge_max_tokens", aux.judge_max_tokens),
                        ("data.max_prompt_length", d.max_prompt_length),
-                       ("data.max_response_length", d.max_response_length)]:
+                       ("data.max_response_length", d.max_response_length),
+                       ("eval.num_samples", cfg.eval.num_samples),
+                       ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+                       ("eval.batch_size", cfg.eval.batch_size),
+                       ("eval.num_prompts", cfg.eval.num_prompts)]:
         if value is not None and value < 1:
             raise UserError(f"{key}: must be >= 1, got {value}")
     for key, value in [("train.save_every", t.save_every), ("train.warmup_steps", t.warmup_steps),
@@ -527,7 +565,8 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise UserError(f"{key}: must be > 0, got {value}")
     for key, value in [("train.seed", t.seed), ("model.seed", cfg.model.seed),
-                       ("sample.seed", s.seed)]:
+                       ("sample.seed", s.seed), ("eval.seed", cfg.eval.seed),
+                       ("audit.seed", cfg.audit.seed)]:
         if not 0 <= value < 2**32:   # numpy's seed range
             raise UserError(f"{key}: must be in [0, 2**32), got {value}")
     for key, value in [("data.max_length", d.max_length), ("score.max_tokens", sc.max_tokens)]:
@@ -594,7 +633,112 @@ def validate(cfg: Config) -> None:
                         f"{rl.num_samples}")
     if rl.max_new_tokens < 1:
         raise UserError(f"rl.max_new_tokens: must be >= 1, got {rl.max_new_tokens}")
+    _validate_eval(cfg)
+    _validate_tiny(cfg)
     _validate_lora(cfg)
+
+
+# Keys naming a file, folder or hub model, in pipeline order (a stage's input defaults to the
+# output before it: an empty output is named, not the input it was copied to).
+PATH_KEYS = ("model.path", "model.tokenizer", "ref.path", "aux.path", "aux.judge_tokenizer",
+             "sample.input", "sample.output", "score.input", "score.output", "data.path",
+             "data.cache_dir", "train.output_dir", "rl.reward_model", "eval.policy",
+             "eval.prompts", "eval.baseline", "eval.output", "audit.data", "audit.output")
+
+
+def _validate_eval(cfg: Config) -> None:
+    """What the eval stage would refuse only after the stages before it ran."""
+    e = cfg.eval
+    temps = e.temperatures
+    if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0
+                            for t in temps):
+        raise UserError(f"eval.temperatures: expected a list of numbers > 0, got {temps}")
+    # The specs vrpo_fast.evaluate.make_judge builds; a python: judge is imported only then.
+    prefixes = ("reward_model:", "lm:", "python:")
+    if e.judge is not None and e.judge != "synthetic" and \
+            not any(e.judge.startswith(p) and e.judge[len(p):].strip() for p in prefixes):
+        raise UserError(f"eval.judge: unknown judge {e.judge!r}; expected synthetic, "
+                        f"reward_model:PATH, lm:PATH or python:module:function")
+
+
+# model.tiny: the integer sizes of vrpo_fast.models.tiny_llama_config, the transformers config
+# class of each arch, and the keys tiny_llama_config sets itself (with the model.tiny key that
+# sets them, if any).
+TINY_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+              "intermediate_size", "max_position_embeddings")
+TINY_ARCHS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
+TINY_FIXED = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+              "num_key_value_heads": "num_kv_heads", "bos_token_id": None, "eos_token_id": None,
+              "pad_token_id": None}
+BYTE_VOCAB = 259   # the byte tokenizer: 256 bytes + <s>, </s>, <pad>
+
+
+@functools.cache
+def _tiny_keys(arch: str) -> tuple[frozenset, dict]:
+    """The keys model.tiny may hold with `arch` (tiny_llama_config's parameters and what its
+    transformers config class takes: __init__'s parameters, a default config's attributes,
+    settable properties) and tiny_llama_config's defaults."""
+    import inspect
+
+    import transformers
+
+    from vrpo_fast.models import tiny_llama_config
+
+    params = inspect.signature(tiny_llama_config).parameters.values()
+    defaults = {p.name: p.default for p in params if p.kind is not p.VAR_KEYWORD}
+    cls = getattr(transformers, TINY_ARCHS[arch])
+    keys = set(defaults) | set(vars(cls())) | set(getattr(cls, "attribute_map", {}))
+    for c in cls.__mro__:
+        if "__init__" in vars(c):
+            keys |= {p.name for p in inspect.signature(c.__init__).parameters.values()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        keys |= {k for k, v in vars(c).items() if isinstance(v, property) and v.fset}
+    keys.add("rope_theta")   # transformers >= 5 takes it into rope_parameters
+    return frozenset(k for k in keys if not k.startswith("_") and k != "self"), defaults
+
+
+def _validate_tiny(cfg: Config) -> None:
+    """model.tiny's keys and sizes, before tiny_llama_config (or the model) fails on them."""
+    tiny = cfg.model.tiny
+    if tiny is None:
+        return
+    if not isinstance(tiny, dict):
+        raise UserError(f"model.tiny: expected a mapping of model config keys, got {tiny!r}")
+    arch = tiny.get("arch", "llama")
+    if not isinstance(arch, str) or arch not in TINY_ARCHS:
+        raise UserError(f"model.tiny.arch: unknown architecture {arch!r} (expected "
+                        f"{' or '.join(TINY_ARCHS)})")
+    known, defaults = _tiny_keys(arch)
+    for key in tiny:
+        if key in TINY_FIXED:
+            use = f"; use model.tiny.{TINY_FIXED[key]}" if TINY_FIXED[key] else ""
+            raise UserError(f"model.tiny.{key}: set by tiny_llama_config itself{use}")
+        if key not in known:
+            close = _closest(str(key), known)
+            hint = f" (did you mean model.tiny.{close}?)" if close else ""
+            raise UserError(f"model.tiny.{key}: unknown key for arch {arch}{hint}")
+    for key in TINY_SIZES:
+        value = tiny.get(key, defaults[key])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"model.tiny.{key}: expected a positive integer, got {value!r}")
+    if not isinstance(tiny.get("tie_word_embeddings", False), bool):
+        raise UserError(f"model.tiny.tie_word_embeddings: expected true or false, got "
+                        f"{tiny['tie_word_embeddings']!r}")
+    size = {k: tiny.get(k, defaults[k]) for k in TINY_SIZES}
+    hidden, heads, kv = size["hidden_size"], size["num_heads"], size["num_kv_heads"]
+    # Name the key the user gave (the other may be the default).
+    key = "num_heads" if "num_heads" in tiny and "hidden_size" not in tiny else "hidden_size"
+    if hidden % heads:
+        raise UserError(f"model.tiny.{key}: hidden_size = {hidden} is not a multiple of "
+                        f"num_heads = {heads}")
+    if "head_dim" not in tiny and (hidden // heads) % 2:   # RoPE rotates pairs of dimensions
+        raise UserError(f"model.tiny.{key}: hidden_size / num_heads = {hidden // heads} "
+                        f"per head; RoPE needs an even head size")
+    if heads % kv:
+        raise UserError(f"model.tiny.num_kv_heads: {kv} does not divide num_heads = {heads}")
+    if cfg.model.tokenizer in (None, "byte") and size["vocab_size"] < BYTE_VOCAB:
+        raise UserError(f"model.tiny.vocab_size: must be >= {BYTE_VOCAB} (the byte "
+                        f"tokenizer's tokens), got {size['vocab_size']}")
 
 
 def _validate_lora(cfg: Config) -> None:
