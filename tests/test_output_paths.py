@@ -92,3 +92,19 @@ def test_a_logger_that_is_not_installed_is_refused_before_the_run(tmp_path, caps
                                   f"--train.output_dir={tmp_path / 'run'}", f"--{key}={value}"])
     assert f"{key}: needs the {module} package (pip install {module})" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--model.tiny=null", "--model.path={tmp}/nope"], "model.path: no such folder '{tmp}/nope'"),
+    (["--aux.mode=lm", "--aux.path={tmp}/afile"], "aux.path: {tmp}/afile is a file, not a model "
+                                                   "folder"),
+])
+def test_a_model_path_that_cannot_be_a_model_is_refused_before_the_run(tmp_path, capsys,
+                                                                        overrides, message):
+    """Before the lock, the data and its tokenized cache are written."""
+    (tmp_path / "afile").write_text("x")
+    err = one_line_error(capsys, ["train", "--config", TINY, f"--data.path={DATA}",
+                                  f"--train.output_dir={tmp_path / 'run'}",
+                                  *[o.format(tmp=tmp_path) for o in overrides]])
+    assert message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "run").exists()

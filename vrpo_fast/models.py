@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -111,6 +112,66 @@ def check_weight_files(path: str, what: str = "model.path") -> None:
                             f"{8 + n + end} (an interrupted copy or download?)")
 
 
+# Files one of which a tokenizer folder holds (AutoTokenizer reads one of these kinds).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tekken.json")
+
+
+def check_model_path(path: str, what: str = "model.path") -> None:
+    """A path that cannot be a model is one line naming `what` before any loader sees it: a
+    regular file, or a missing path that looks local (absolute, starting with . or ~, or not of
+    the hub's `name` / `namespace/name` form). The loaders would try the hub with it, with
+    retries, and then say the hub name is malformed or the config is not JSON. A hub name is
+    left to the loaders."""
+    p = Path(path)
+    if p.is_dir():
+        return
+    if p.exists():
+        raise UserError(f"{what}: {path} is a file, not a model folder")
+    if _looks_local(str(path)):
+        hint = " (a ~ is not expanded: write the full path)" if str(path).startswith("~") else ""
+        raise UserError(f"{what}: no such folder {str(path)!r}{hint}")
+
+
+def _looks_local(path: str) -> bool:
+    if path.startswith((".", "~")) or os.path.isabs(path) or path.count("/") > 1:
+        return True
+    if os.sep != "/" and os.sep in path:
+        return True
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(path)
+    except ImportError:
+        return False
+    except ValueError:   # HFValidationError: a name the hub cannot hold
+        return True
+    return False
+
+
+def _reason(err: BaseException) -> str:
+    """An exception's text on one line (a loader's message often spans several)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def _missing_head(model, loaded: set[str] | None, missing=()) -> list[str]:
+    """The parameters of `model`'s head (those outside its base model: lm_head, score) that its
+    weights lack: `missing` (loading info) or, for an empty model, the ones not among the
+    `loaded` tensor names (None: names unknown, nothing checked). Buffers do not count, nor a
+    head tied to the embeddings (one parameter, named in the body)."""
+    prefix = model.base_model_prefix + "."
+    head = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+    if loaded is not None:
+        return [n for n in head if n not in loaded]
+    return [n for n in head if n in set(missing)]
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def weight_files(path: str | None) -> dict[str, Path] | None:
     """Tensor name -> safetensors file of a local model folder (one `model.safetensors`, or the
     shards of `model.safetensors.index.json`); None for anything else (a hub name, .bin
@@ -162,17 +223,26 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "m
     (`vrpo_fast.train.modules.materialize`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_model_path(path, what)
     check_weight_files(path, what)
     try:
         if empty:
             config = AutoConfig.from_pretrained(path)
             with parameters_on_meta():
-                return AutoModelForCausalLM.from_config(
+                model = AutoModelForCausalLM.from_config(
                     config, dtype=dtype, attn_implementation="sdpa").eval()
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            files = weight_files(path)
+            missing = _missing_head(model, None if files is None else set(files))
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation="sdpa", output_loading_info=True)
+            missing = _missing_head(model, None, info.get("missing_keys", ()))
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what}: cannot load a causal LM from {path!r}: {first}") from None
+        raise UserError(f"{what}: cannot load a causal LM from {path!r}: {_reason(err)}") from None
+    # A reward model's folder (a score head, no lm_head) would load with a random LM head.
+    if missing:
+        raise UserError(f"{what}: {path} is not a causal LM (its weights lack {_few(missing)})")
+    return model
 
 
 def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = False,
@@ -186,6 +256,7 @@ def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = Fal
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    check_model_path(path, what)
     check_weight_files(path, what)
     extra = {"num_labels": 1} if new_head else {}
     try:
@@ -194,12 +265,20 @@ def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = Fal
             with parameters_on_meta():
                 model = AutoModelForSequenceClassification.from_config(
                     config, attn_implementation="sdpa").eval()
+            files = weight_files(path)
+            missing = _missing_head(model, None if files is None else set(files))
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, attn_implementation="sdpa", **extra)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, attn_implementation="sdpa", output_loading_info=True, **extra)
+            missing = _missing_head(model, None, info.get("missing_keys", ()))
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what}: cannot load a reward model from {path!r}: {first}") from None
+        raise UserError(f"{what}: cannot load a reward model from {path!r}: "
+                        f"{_reason(err)}") from None
+    # A causal LM's folder (no score head) would load with a random head, unless new_head asks
+    # for exactly that.
+    if missing and not new_head:
+        raise UserError(f"{what}: {path} is not a reward model (its weights lack the score "
+                        f"head: {_few(missing)})")
     if model.config.num_labels != 1:
         raise UserError(f"{what}: a reward model has one output (num_labels = 1); {path} has "
                         f"{model.config.num_labels}")
@@ -225,11 +304,12 @@ def model_context(path: str, what: str = "model.path") -> int | None:
     """max_position_embeddings of the model at `path` (its config only is read)."""
     from transformers import AutoConfig
 
+    check_model_path(path, what)
     try:
         return _positions(AutoConfig.from_pretrained(path))
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what}: cannot read a model config from {path!r}: {first}") from None
+        raise UserError(f"{what}: cannot read a model config from {path!r}: "
+                        f"{_reason(err)}") from None
 
 
 def _positions(config) -> int | None:
@@ -243,11 +323,15 @@ def load_tokenizer(name: str | None, what: str = "model.tokenizer"):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
+    check_model_path(name, what)
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{what}: {name} holds no tokenizer files (tokenizer.json, "
+                        f"tokenizer_config.json, ...)")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what}: cannot load a tokenizer from {name!r}: {first}") from None
+        raise UserError(f"{what}: cannot load a tokenizer from {name!r}: {_reason(err)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -38,6 +38,7 @@ from vrpo_fast.models import (
     adapters_off,
     add_lora,
     check_dtype,
+    check_model_path,
     load_causal_lm,
     load_reward_model,
     lora_initial_value,
@@ -149,6 +150,13 @@ class Trainer:
             t.mixed_precision == "auto" and self.device.type == "cuda")
         check_attention(t.attention, self.device, bf16=bf16)
         check_loggers(t)
+        # Model paths that cannot be models: refused before the lock, the data and its cache.
+        for key, path in [("model.path", cfg.model.path),
+                          ("ref.path", cfg.ref.path if cfg.ref.source == "online" else None),
+                          ("aux.path", cfg.aux.path if cfg.aux.mode in ("lm", "reward_model",
+                                                                        "judge") else None)]:
+            if path:
+                check_model_path(path, key)
         if cfg.data.cache_dir:      # else <train.output_dir>/cache, which the lock checks
             check_output(cfg.data.cache_dir, "data.cache_dir")
         if t.keep_host_memory and self.device.type == "cpu":
