@@ -242,3 +242,19 @@ def test_a_jsonl_file_is_read_line_by_line_even_if_a_line_is_an_array(tmp_path):
     examples, report = load_preference_data(str(path), on_bad_row="skip")
     assert [str(p) for p in report.problems] == ["line 1: expected a JSON object, got list"]
     assert [e.row for e in examples] == [2]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_stray_byte_in_one_line_is_that_rows_problem(tmp_path, suffix):
+    """A byte that is not UTF-8 inside line 3 makes line 3 a bad row (skippable, named by its
+    line), not the whole file unreadable; the rows around it read as before."""
+    lines = [json.dumps(r).encode() for r in (ROWS[0], ROWS[1], ROWS[0], ROWS[1])]
+    lines[2] = lines[2].replace(b'"prompt": "', b'"prompt": "\xff', 1)
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    examples, report = load_preference_data(str(path), on_bad_row="skip")
+    assert [str(p) for p in report.problems] == ["line 3: not UTF-8 text (byte 12)"]
+    assert [e.row for e in examples] == [1, 2, 4]
+    with pytest.raises(UserError, match="line 3: not UTF-8 text"):
+        load_preference_data(str(path))

@@ -116,11 +116,25 @@ def _json_array(path: Path) -> Iterator:
 
 
 def _jsonl_rows(path: Path) -> Iterator:
+    import gzip
+
+    seen = False
     try:
-        with _open_text(path) as f:
-            for number, line in enumerate(f, start=1):
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else
+              open(path, "rb")) as f:
+            # Lines decoded one by one: a stray byte in one row is that row's problem.
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    if not seen:     # from its first line on: not a text file at all
+                        raise UserError(f"data.path: cannot read {path}: not UTF-8 text (line "
+                                        f"{number}, byte {err.start})") from None
+                    yield number, UnparsableRow(f"not UTF-8 text (byte {err.start})")
+                    continue
                 if not line.strip():
                     continue
+                seen = True
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
