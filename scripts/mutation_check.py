@@ -148,13 +148,10 @@ MUTANTS = [
     Mutant("stats_mean_of_rank_means",
            "the logged statistics a mean of the ranks' means, not over the global batch",
            "vrpo_fast/train/loop.py",
-           "*(torch.as_tensor(stat_sums[k], dtype=torch.float64, device=self.device)\n"
-           "              for k in keys),\n"
-           "            *(torch.tensor(float(stat_weights[k]), dtype=torch.float64, "
-           "device=self.device)\n",
-           "*(torch.as_tensor(stat_sums[k] / max(stat_weights[k], 1), dtype=torch.float64,\n"
-           "                              device=self.device) for k in keys),\n"
-           "            *(torch.tensor(1.0, dtype=torch.float64, device=self.device)\n",
+           "counts = torch.tensor([tokens, *(stat_weights[k] for k in keys)], "
+           "dtype=torch.float64,\n",
+           "stat_sums = {k: v / max(stat_weights[k], 1) for k, v in stat_sums.items()}\n"
+           "        counts = torch.tensor([tokens, *(1 for k in keys)], dtype=torch.float64,\n",
            (TRAIN, "-k", "another_number_of_processes")),
     Mutant("varlen_window_off_by_one", "the flash-attn path's window one key too wide",
            "vrpo_fast/attention.py",

@@ -1,5 +1,8 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
+import os
+from pathlib import Path
+
 
 class UserError(Exception):
     """A mistake in something the user gave (config, data, path, flag), naming what and where."""
@@ -18,9 +21,6 @@ def check_output(path, key: str, *, folder: bool = True) -> None:
     `key` can be written: it is not a file where a folder goes (nor a folder where a file goes),
     no folder above it is a file, and the nearest existing one is writable. Else one UserError
     naming the key, instead of a traceback after the work is done."""
-    import os
-    from pathlib import Path
-
     p = Path(path).expanduser()
     if p.exists() and p.is_dir() != folder:
         kind = "a file, not a folder" if folder else "a folder, not a file"

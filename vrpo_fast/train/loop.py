@@ -610,14 +610,11 @@ class Trainer:
         # One collective (on the step's device: NCCL has no CPU tensors) and one host copy for
         # the step's counters: tokens summed over ranks, statistics' sums and weights too.
         keys = list(stat_sums)
-        totals = all_reduce_(torch.stack([
-            torch.tensor(float(tokens), dtype=torch.float64, device=self.device),
-            *(torch.as_tensor(stat_sums[k], dtype=torch.float64, device=self.device)
-              for k in keys),
-            *(torch.tensor(float(stat_weights[k]), dtype=torch.float64, device=self.device)
-              for k in keys)]))
-        total_tokens, *stat_values = totals.tolist()
-        stat_values, weights = stat_values[:len(keys)], stat_values[len(keys):]
+        counts = torch.tensor([tokens, *(stat_weights[k] for k in keys)], dtype=torch.float64,
+                              device=self.device)                 # one host-to-device copy
+        totals = all_reduce_(torch.cat([counts, *(stat_sums[k].reshape(1) for k in keys)]))
+        total_tokens, *rest = totals.tolist()
+        weights, stat_values = rest[:len(keys)], rest[len(keys):]
         record = {"step": self.step, "loss": loss_sum.item(), "lr": lr,
                   "grad_norm": grad_norm.item(), "tokens": int(total_tokens),
                   "tokens_per_s": total_tokens / max(elapsed, 1e-9),
