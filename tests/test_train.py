@@ -563,6 +563,14 @@ def test_resume_refuses_settings_that_move_the_data_order_and_notes_the_others(t
         with pytest.raises(UserError, match=rf"^{key}: .*step_00000002 was written under other "
                                             rf"settings .*start a new train.output_dir"):
             run_train(cfg_for(tmp_path, "--train.max_steps=3", override))
+    # Fewer steps than the checkpoint holds: final/ would be a step-2 model under max_steps 1.
+    final = Path(first.train.output_dir) / "final"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in final.iterdir())
+    with pytest.raises(UserError, match=r"^train\.max_steps: 1, but .* holds a checkpoint at "
+                                        r"step 2; raise train\.max_steps"):
+        run_train(cfg_for(tmp_path, "--train.max_steps=1"))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in final.iterdir()) == before
+    capsys.readouterr()
     assert [r["step"] for r in read_metrics(first.train.output_dir)] == [1, 2]
     assert (Path(first.train.output_dir) / "config.yaml").read_text() == written
     run_train(cfg_for(tmp_path, "--train.max_steps=3", "--train.lr=0.001",

@@ -803,6 +803,11 @@ class Trainer:
         t = self.cfg.train
         try:
             self.resume_if_possible()
+            if self.step > t.max_steps:
+                # final/ would be the step-N model under a config that asked for fewer steps.
+                raise UserError(f"train.max_steps: {t.max_steps}, but {self.out} holds a "
+                                f"checkpoint at step {self.step}; raise train.max_steps to "
+                                f"train on from it, or choose a new train.output_dir")
             self.metrics.start(self.step, t.max_steps, self._summary())
             while self.step < t.max_steps:
                 record = self.train_step()
