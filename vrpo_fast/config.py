@@ -304,6 +304,49 @@ class RunConfig:
     stages: list = F(["sample", "score", "train", "eval"],
                      "Stages `vrpo-fast run` runs, in this order: any of sample, score, "
                      "train-reward, train, train-rl, eval.")
+    rounds: int = F(0, "0: run.stages once. N >= 1: N on-policy rounds (vrpo_fast.rounds, "
+                       "docs/rounds.md): round r samples its own slice of sample.input from "
+                       "pi_ref_r (round 0: model.path; round r: round r - 1's trained policy), "
+                       "labels the first two responses of each prompt with the labeller "
+                       "(label.*), then runs the other stages of run.stages (score, train, "
+                       "eval) against pi_ref_r, each in rounds.output/r<r>/. Raising it later "
+                       "adds rounds to a finished run.")
+
+
+@dataclass
+class RoundsConfig:
+    output: str = F("runs/rounds", "Folder of the on-policy rounds (run.rounds): r0/, r1/, ... "
+                                   "each holding round.json (its settings and the weights of "
+                                   "its pi_ref), prompts.jsonl, sampled/, labelled/, scored/, "
+                                   "train/ and eval/.")
+    prompts_per_round: int | None = F(None, "Prompts of each round: round r takes the r-th "
+                                            "slice of this many prompts of sample.input (in "
+                                            "order, or shuffled by rounds.seed), no prompt in "
+                                            "two rounds (None: the prompts split evenly over "
+                                            "run.rounds).")
+    shuffle: bool = F(False, "Shuffle the prompt set (seeded by rounds.seed) before slicing it.")
+    seed: int = F(0, "Seed of the shuffle; each round's sampling seed is derived from "
+                     "sample.seed and the round.")
+
+
+@dataclass
+class LabelConfig:
+    mode: Literal["truth", "python", "judge", "reward"] = F(
+        "truth", "Who labels each round's pair (vrpo_fast.label): the synthetic task's true "
+                 "preference (truth), a Python function (python: label.function), a pairwise "
+                 "LLM judge in both orders (judge: label.path, aux.judge_* template and "
+                 "labels), or a reward model, p = sigmoid(r(y) - r(y')) (reward: label.path). "
+                 "The labeller answers P(first preferred) or a hard label; one Bernoulli draw "
+                 "per pair makes the label. With aux.mode = given, g is the labeller's own p on "
+                 "every pair.")
+    function: str | None = F(None, "label.mode python: module:function, called as "
+                                   "function(prompt, y, y2) -> P(y preferred) in [0, 1], or "
+                                   "1 / True (y) / 0 / False (y2).")
+    path: str | None = F(None, "label.mode judge / reward: the labelling model's path.")
+    seed: int = F(0, "Seed of the label draws: one per pair, from (label.seed, round, prompt "
+                     "id), so a resumed round draws the same labels.")
+
+
 
 
 @dataclass
@@ -321,6 +364,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -636,6 +681,7 @@ def validate(cfg: Config) -> None:
     _validate_eval(cfg)
     _validate_tiny(cfg)
     _validate_lora(cfg)
+    _validate_rounds(cfg)
 
 
 # Keys naming a file, folder or hub model, in pipeline order (a stage's input defaults to the
@@ -643,7 +689,8 @@ def validate(cfg: Config) -> None:
 PATH_KEYS = ("model.path", "model.tokenizer", "ref.path", "aux.path", "aux.judge_tokenizer",
              "sample.input", "sample.output", "score.input", "score.output", "data.path",
              "data.cache_dir", "train.output_dir", "rl.reward_model", "eval.policy",
-             "eval.prompts", "eval.baseline", "eval.output", "audit.data", "audit.output")
+             "eval.prompts", "eval.baseline", "eval.output", "audit.data", "audit.output",
+             "rounds.output", "label.path")
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -760,6 +807,44 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.ref.path:
         raise UserError("ref.path: with lora.enabled pi_ref is the policy's own base weights "
                         "(adapters off); unset ref.path or lora.enabled")
+
+
+def _validate_rounds(cfg: Config) -> None:
+    """run.rounds and the rounds / label sections (the prompt count is checked when the rounds
+    start: it needs the prompt file)."""
+    r, lab, n = cfg.rounds, cfg.label, cfg.run.rounds
+    if n < 0:
+        raise UserError(f"run.rounds: must be >= 0, got {n}")
+    if r.prompts_per_round is not None and r.prompts_per_round < 1:
+        raise UserError(f"rounds.prompts_per_round: must be >= 1, got {r.prompts_per_round}")
+    for key, value in [("rounds.seed", r.seed), ("label.seed", lab.seed)]:
+        if not 0 <= value < 2**32:
+            raise UserError(f"{key}: must be in [0, 2**32), got {value}")
+    if lab.mode == "python" and not (lab.function and ":" in lab.function):
+        raise UserError(f"label.function: label.mode python needs module:function, got "
+                        f"{lab.function!r}")
+    if lab.mode in ("judge", "reward") and not lab.path:
+        raise UserError(f"label.path: required with label.mode = {lab.mode}")
+    if n == 0:
+        return
+    stages = cfg.run.stages
+    for needed in ("sample", "train"):
+        if needed not in stages:
+            raise UserError(f"run.stages: rounds (run.rounds = {n}) sample and train in every "
+                            f"round; {stages} has no {needed}")
+    other = [st for st in stages if st in ("train-reward", "train-rl")]
+    if other:
+        raise UserError(f"run.stages: rounds train the policy (train); {other[0]} has no "
+                        f"round of its own")
+    if cfg.ref.path:
+        raise UserError("ref.path: in rounds pi_ref is model.path (round 0), then each round's "
+                        "trained policy; unset ref.path")
+    if cfg.lora.enabled:
+        raise UserError("lora.enabled: a round's pi_ref is the previous round's whole model; "
+                        "LoRA's final/ holds an adapter only (unset lora.enabled)")
+    if cfg.ref.source == "cache" and "score" not in stages:
+        raise UserError("ref.source: 'cache' reads the ref_logps the score stage writes; add "
+                        "score to run.stages or set ref.source = online")
 
 
 def model_missing(cfg: Config) -> bool:

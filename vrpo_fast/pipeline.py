@@ -22,6 +22,9 @@ Then each stage runs, continuing what an earlier run left: sample and score skip
 shards, a trainer resumes from its latest checkpoint (and is skipped when <train.output_dir>/final
 was written at train.max_steps), eval is skipped when its results.json holds this config's
 settings. Re-running the same command after a crash finishes the recipe.
+
+With run.rounds = N >= 1 the stages run N times as on-policy rounds, each sampling and labelling
+its own pairs from the previous round's policy (vrpo_fast.rounds, docs/rounds.md).
 """
 
 from __future__ import annotations
@@ -235,6 +238,10 @@ def run_stage(cfg: Config, name: str, *, progress: bool = True):
 def run_pipeline(cfg: Config, *, progress: bool = True) -> list[tuple[str, Path | None]]:
     """Check the chain, then run every stage of run.stages in order: [(stage, output), ...]
     (output None: the stage was done already)."""
+    if cfg.run.rounds:
+        from vrpo_fast.rounds import run_rounds   # imports this module
+
+        return run_rounds(cfg, progress=progress)
     steps = plan(cfg)
     done = []
     for i, step in enumerate(steps):
