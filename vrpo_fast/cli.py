@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 
+from vrpo_fast.environment import check_environment
 from vrpo_fast.errors import UserError
 
 # name -> (module, one-line help). Order is the order of the pipeline.
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
+    try:
+        check_environment()
+    except UserError as err:
+        print(f"vrpo-fast {name}: error: {err}", file=sys.stderr)
+        return 1
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"vrpo-fast {name}", description=help_text)
     stage = getattr(module, "STAGE", None)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vrpo_fast.environment import check_environment
 from vrpo_fast.errors import UserError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -79,6 +80,7 @@ def tiny_llama_config(vocab_size: int = 259, hidden_size: int = 64, num_layers: 
 
 def build_tiny_causal_lm(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
     """A randomly initialised tiny causal LM (deterministic under `seed`)."""
+    check_environment()
     from transformers import AutoModelForCausalLM
 
     config = tiny_llama_config(**config_kwargs)
@@ -221,6 +223,7 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "m
     empty: only its config is read and the model built with parameters on the meta device
     (`parameters_on_meta`), in eval mode as a loaded one is; the caller fills them
     (`vrpo_fast.train.modules.materialize`)."""
+    check_environment()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_path(path, what)
@@ -254,6 +257,7 @@ def load_reward_model(path: str, what: str = "aux.path", *, new_head: bool = Fal
     gets a fresh one-output head; otherwise the checkpoint must already be a one-output model.
     empty: as in `load_causal_lm` (not with new_head: a fresh head is not in the files).
     """
+    check_environment()
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     check_model_path(path, what)
@@ -321,6 +325,7 @@ def load_tokenizer(name: str | None, what: str = "model.tokenizer"):
     """'byte' (or None with a tiny model) gives the built-in tokenizer; else AutoTokenizer."""
     if name in (None, "byte"):
         return byte_tokenizer()
+    check_environment()
     from transformers import AutoTokenizer
 
     check_model_path(name, what)
