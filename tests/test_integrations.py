@@ -52,9 +52,10 @@ def test_padded_batch_matches_full_logits_in_float64(layout, shifted):
         torch.arange(B).view(K, G).T.reshape(-1)        # row of response k of group g
     want, _ = vrpo_loss(rows[order].view(G, K), ref, aux, beta=0.5, estimator="vrpo")
     want_grads = torch.autograd.grad(want, (hidden, weight))
-    # The fused operation returns float32 sums (its documented output); the reference stays
-    # float64 throughout.
-    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-7)
+    # The fused operation computes in float32 (fp32 GEMMs, float32 sums: its documented
+    # output); the reference stays float64 throughout. Over 240 seeded cases its loss was within
+    # 1.8e-6 of the reference (a bound of 1e-7 held on one CPU's reduction order, not another's).
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-6)
 
