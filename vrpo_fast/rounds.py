@@ -278,7 +278,7 @@ def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, progress: boo
         print(f"rounds: label: {len(rows)} pairs by {labeller.identity()['mode']}, {done} of "
               f"{mine} shards done")
 
-    def setup():
+    def labels() -> list[dict]:
         items = [(row["prompt"], row["samples"][0], row["samples"][1]) for row in rows]
         if _g_from_labeller(cfg_r) and M > 0:
             items += [(row["prompt"], a, b) for row in rows
@@ -297,11 +297,15 @@ def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, progress: boo
             if row.get("domain") is not None:
                 new["domain"] = row["domain"]
             labelled.append(new)
-        return lambda index, lo, hi: labelled[lo:hi]
+        return labelled
 
+    # Every label is drawn and checked before the folder is made: a labeller's bad answer
+    # leaves nothing of the labelled set on disk.
+    labelled = labels() if shards.pending_shards(out, shard_count(len(rows), size)) else []
     return run_sharded_stage(
         out, record, num_items=len(rows), shard_size=size, key="rounds.output",
-        holds="labels", differs_hint="other samples", announce=announce, setup=setup,
+        holds="labels", differs_hint="other samples", announce=announce,
+        setup=lambda: lambda index, lo, hi: labelled[lo:hi],
         progress=progress, desc="label", unit="pair")
 
 
