@@ -9,11 +9,16 @@ prompt set of LABELS prompts (4 per prompt type, shuffled by the seed). Every ar
 same LABELS labels, draws the same number of Monte Carlo responses (M per labelled prompt; none
 for DPO) and takes the same total number of optimizer steps, through the project's own rounds
 driver (`vrpo_fast.rounds`: sample -> label -> score -> train per round); the labeller is the
-task's true preference (one Bernoulli draw per pair) and g, for VRPO, the same truth:
+task's true preference (one Bernoulli draw per pair) and g, for VRPO, either the same truth
+(the labeller's own p: VRPO then distils the truth, docs/rounds.md) or a biased judge that
+models the majority annotators alone (`majority_g`, label.g_function):
 
-    iterative VRPO   ROUNDS rounds of LABELS / ROUNDS fresh prompts, pi_ref_r = round r-1's policy
-    iterative DPO    the same rounds with the DPO estimator
-    fixed VRPO       one round of all LABELS prompts from pi_ref_0 (the offline recipe)
+    iterative VRPO          ROUNDS rounds of LABELS / ROUNDS fresh prompts, pi_ref_r = round
+                            r-1's policy, g = the truth
+    iterative DPO           the same rounds with the DPO estimator
+    fixed VRPO              one round of all LABELS prompts from pi_ref_0 (the offline recipe)
+    iterative VRPO judge g  iterative VRPO with the biased g
+    fixed VRPO judge g      fixed VRPO with the biased g
 
 Each arm's final policy is judged under the true preference on all 12 prompt types: expected
 true reward and KL(pi || pi_ref_0) from EVAL_SAMPLES samples per prompt. A run whose KL passes
@@ -32,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -54,12 +60,29 @@ SETTINGS = {
     "max_new_tokens": 8,
     "eval_samples": 16,
 }
-# name -> (rounds, estimator)
-ARMS = {"iterative VRPO": (ROUNDS, "vrpo"), "iterative DPO": (ROUNDS, "dpo"),
-        "fixed VRPO": (1, "vrpo")}
-ORDER = ["iterative VRPO", "iterative DPO", "fixed VRPO"]
+# name -> (rounds, estimator, g: the labeller's own p (the truth) or the majority judge's)
+ARMS = {"iterative VRPO": (ROUNDS, "vrpo", "truth"), "iterative DPO": (ROUNDS, "dpo", None),
+        "fixed VRPO": (1, "vrpo", "truth"),
+        "iterative VRPO judge g": (ROUNDS, "vrpo", "judge"),
+        "fixed VRPO judge g": (1, "vrpo", "judge")}
+ORDER = list(ARMS)
 PAIRS = [("iterative VRPO", "iterative DPO"), ("iterative VRPO", "fixed VRPO"),
-         ("fixed VRPO", "iterative DPO")]
+         ("fixed VRPO", "iterative DPO"), ("iterative VRPO judge g", "iterative DPO"),
+         ("iterative VRPO judge g", "fixed VRPO judge g")]
+
+
+def majority_g(prompt: str, y: str, y2: str) -> float:
+    """A biased, informative g (label.g_function of the judge-g arms): the majority
+    population's Bradley-Terry preference alone, the systematic error a judge or reward model
+    would make (studies/study_regime.py's `judge`). The labels stay the truth's."""
+    import math
+
+    from vrpo_fast.synthetic import SyntheticTask
+
+    task = SyntheticTask()
+    a, _ = task.rewards(prompt, y)
+    b, _ = task.rewards(prompt, y2)
+    return 1 / (1 + math.exp(-task.sharpness * (a - b)))
 
 
 def prepare(root: Path, seed: int) -> None:
@@ -92,7 +115,7 @@ def arm_config(root: Path, seed: int, name: str):
     from vrpo_fast.config import load_config
 
     s = SETTINGS
-    rounds, estimator = ARMS[name]
+    rounds, estimator, g = ARMS[name]
     steps = s["steps_per_label_round"] * ROUNDS // rounds
     over = {"model.path": root / "ref", "model.tokenizer": "byte",
             "sample.input": root / "prompts.jsonl", "sample.num_samples": 2 * s["M"],
@@ -108,6 +131,10 @@ def arm_config(root: Path, seed: int, name: str):
             "train.micro_batch_groups": s["batch_groups"], "train.lr": s["lr"],
             "train.warmup_steps": 1, "run.rounds": rounds,
             "run.stages": "[sample, score, train]"}
+    if g == "judge":
+        if str(HERE) not in sys.path:          # label.g_function imports this script
+            sys.path.insert(0, str(HERE))
+        over["label.g_function"] = "study_rounds:majority_g"
     return load_config(None, [f"--{k}={v}" for k, v in over.items()])
 
 
@@ -234,7 +261,7 @@ def summarise() -> str:
                      f"{nd.mean:+.3f} [{nd.lo:+.3f}, {nd.hi:+.3f}] (n={nd.n}) | "
                      f"{c.kl.mean:+.2f} [{c.kl.lo:+.2f}, {c.kl.hi:+.2f}] | {c.drift_a} "
                      f"[{wa[0]:.2f}, {wa[1]:.2f}] / {c.drift_b} [{wb[0]:.2f}, {wb[1]:.2f}] |")
-    gaps = [g for r in rows for name in ("iterative VRPO", "fixed VRPO") if name in r["arms"]
+    gaps = [g for r in rows for name in ARMS if ARMS[name][1] == "vrpo" and name in r["arms"]
             for g in [x["mean_term_gap"] for x in r["arms"][name]["rounds"]] if g is not None]
     if gaps:
         lines.append(f"term_label - term_mc, mean over each VRPO round's steps: "

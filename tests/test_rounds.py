@@ -412,3 +412,28 @@ def test_dpo_rounds_draw_the_labelled_pair_only(tmp_path):
     rows = read(out / "r0" / "labelled")
     assert all(row["samples"] == [] and row.get("aux_prefs") is None for row in rows)
     assert (out / "r0" / "train" / "final" / "model.safetensors").is_file()
+
+
+def test_g_from_label_g_function_with_the_truths_labels(tmp_path, monkeypatch):
+    """label.g_function gives g on every pair (the labelled pair in chosen-rejected order);
+    the labels are still the labeller's (the truth's) draws."""
+    from vrpo_fast.synthetic import SyntheticTask
+
+    (tmp_path / "quarter.py").write_text("def g(prompt, y, y2):\n    return 0.25\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "g"
+    run(config(tmp_path, out, **{"label.g_function": "quarter:g", "run.rounds": 1,
+                                 "run.stages": "[sample, score, train]", "train.max_steps": 1,
+                                 "sample.max_new_tokens": 3}))
+    task = SyntheticTask()
+    for pid, (s, lab) in enumerate(zip(read(out / "r0" / "sampled"),
+                                       read(out / "r0" / "labelled"))):
+        y1, y2 = s["samples"][:2]
+        digest = hashlib.sha256(f"label:3:0:{pid}".encode()).digest()
+        u = random.Random(int.from_bytes(digest[:8], "little") >> 1).random()
+        p = 0.5 if y1 == y2 else task.preference(lab["prompt"], y1, y2)
+        assert (lab["chosen"], lab["rejected"]) == ((y1, y2) if u < p else (y2, y1))
+        g_pair = 0.5 if y1 == y2 else (0.25 if lab["chosen"] == y1 else 0.75)
+        mc = [0.5 if a == b else 0.25 for a, b in zip(lab["samples"][0::2],
+                                                      lab["samples"][1::2])]
+        assert lab["aux_prefs"] == [g_pair, *mc]

@@ -343,6 +343,10 @@ class LabelConfig:
                                    "function(prompt, y, y2) -> P(y preferred) in [0, 1], or "
                                    "1 / True (y) / 0 / False (y2).")
     path: str | None = F(None, "label.mode judge / reward: the labelling model's path.")
+    g_function: str | None = F(None, "With aux.mode given in rounds: g of every pair from this "
+                                     "Python function (module:function, the labeller's "
+                                     "contract), e.g. a cheaper judge than the labeller "
+                                     "(None: g is the labeller's own p).")
     seed: int = F(0, "Seed of the label draws: one per pair, from (label.seed, round, prompt "
                      "id), so a resumed round draws the same labels.")
 
@@ -823,6 +827,8 @@ def _validate_rounds(cfg: Config) -> None:
     if lab.mode == "python" and not (lab.function and ":" in lab.function):
         raise UserError(f"label.function: label.mode python needs module:function, got "
                         f"{lab.function!r}")
+    if lab.g_function is not None and ":" not in lab.g_function:
+        raise UserError(f"label.g_function: expected module:function, got {lab.g_function!r}")
     if lab.mode in ("judge", "reward") and not lab.path:
         raise UserError(f"label.path: required with label.mode = {lab.mode}")
     if n == 0:

@@ -119,18 +119,20 @@ class TruthLabeller(Labeller):
 
 
 class FunctionLabeller(Labeller):
-    key = "label.function"
+    """function(prompt, y, y2) -> p or a hard label; `key` names it in errors (label.function,
+    or label.g_function for a g of the same contract)."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, key: str = "label.function"):
+        self.key = key
         module, _, name = spec.rpartition(":")
         if not module or not name:
-            raise UserError(f"label.function: expected module:function, got {spec!r}")
+            raise UserError(f"{key}: expected module:function, got {spec!r}")
         try:
             self.fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError, ValueError) as err:
-            raise UserError(f"label.function: cannot import {spec!r}: {err}") from None
+            raise UserError(f"{key}: cannot import {spec!r}: {err}") from None
         if not callable(self.fn):
-            raise UserError(f"label.function: {spec} is not a function")
+            raise UserError(f"{key}: {spec} is not a function")
         self.spec = spec
 
     def probabilities(self, items):

@@ -49,7 +49,7 @@ from vrpo_fast import shards
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.errors import UserError, check_output, renamed
-from vrpo_fast.label import draw_label, draw_seed, make_labeller
+from vrpo_fast.label import FunctionLabeller, draw_label, draw_seed, make_labeller
 from vrpo_fast.models import model_from_config, tokenizer_from_config
 from vrpo_fast.pipeline import run_stage
 from vrpo_fast.provenance import (
@@ -111,6 +111,7 @@ class Plan:
     per_round: int
     settings: dict
     labeller: object
+    g_function: object            # label.g_function's labeller, or None
 
     def prompt_ids(self, r: int) -> list[int]:
         return self.order[r * self.per_round:(r + 1) * self.per_round]
@@ -150,7 +151,9 @@ def plan_rounds(cfg) -> Plan:
     settings = flat_settings(cfg, per_round)
     for r in range(n):
         _check_record(round_dir(cfg, r), settings, None)
-    return Plan(examples, order, per_round, settings, make_labeller(cfg))
+    g_function = None if cfg.label.g_function is None else \
+        FunctionLabeller(cfg.label.g_function, key="label.g_function")
+    return Plan(examples, order, per_round, settings, make_labeller(cfg), g_function)
 
 
 def _check_record(folder: Path, settings: dict, previous: dict | None) -> None:
@@ -262,10 +265,12 @@ def sample_round(cfg_r, examples, engine: Engine, *, progress: bool) -> Path:
         announce=announce, setup=setup, progress=progress, desc="sample", unit="prompt")
 
 
-def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, progress: bool) -> Path:
+def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, g_function=None,
+                progress: bool) -> Path:
     """The labelled set of round r: the first two responses of each prompt labelled by one
-    draw from the labeller's p, the others the Monte Carlo samples. Every label is computed
-    and checked before the first shard is written."""
+    draw from the labeller's p, the others the Monte Carlo samples; with aux.mode given, g
+    (aux_prefs) of every pair from `g_function` (label.g_function) or the labeller's own p.
+    Every label is computed and checked before the first shard is written."""
     sampled, out = Path(cfg_r.sample.output), Path(cfg_r.score.input)
     rows = shards.read_shards(sampled)
     record = {**read_provenance(sampled), "labelling": {
@@ -273,6 +278,9 @@ def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, progress: boo
         "g": "labeller" if _g_from_labeller(cfg_r) else None}}
     size = cfg_r.sample.shard_size
     M = num_mc_pairs(cfg_r)
+    g_source = labeller if g_function is None else g_function
+    if g_source is not labeller and _g_from_labeller(cfg_r):
+        record["labelling"]["g"] = g_source.identity()
 
     def announce(done: int, mine: int) -> None:
         print(f"rounds: label: {len(rows)} pairs by {labeller.identity()['mode']}, {done} of "
@@ -280,10 +288,14 @@ def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, progress: boo
 
     def labels() -> list[dict]:
         items = [(row["prompt"], row["samples"][0], row["samples"][1]) for row in rows]
-        if _g_from_labeller(cfg_r) and M > 0:
-            items += [(row["prompt"], a, b) for row in rows
-                      for a, b in zip(row["samples"][2::2], row["samples"][3::2])]
-        p = labeller.judge(items)
+        mc_items = [(row["prompt"], a, b) for row in rows
+                    for a, b in zip(row["samples"][2::2], row["samples"][3::2])]
+        if g_source is labeller and _g_from_labeller(cfg_r):
+            p = labeller.judge(items + mc_items)
+        else:
+            p = labeller.judge(items)
+            if _g_from_labeller(cfg_r):     # g of label.g_function, in the same layout
+                p += g_source.judge(items + mc_items)
         labelled = []
         for i, (row, pid) in enumerate(zip(rows, prompt_ids)):
             y1, y2 = row["samples"][:2]
@@ -292,8 +304,10 @@ def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, progress: boo
                    "rejected": y2 if first else y1, "samples": row["samples"][2:],
                    "sample_ids": row["sample_ids"][2:]}
             if _g_from_labeller(cfg_r):
-                mc = p[len(rows) + i * M:len(rows) + (i + 1) * M] if M else []
-                new["aux_prefs"] = [p[i] if first else 1.0 - p[i], *mc]
+                g = p[len(rows):] if g_source is labeller else p[2 * len(rows):]
+                g_pair = p[i] if g_source is labeller else p[len(rows) + i]
+                mc = g[i * M:(i + 1) * M]
+                new["aux_prefs"] = [g_pair if first else 1.0 - g_pair, *mc]
             if row.get("domain") is not None:
                 new["domain"] = row["domain"]
             labelled.append(new)
@@ -365,6 +379,7 @@ def run_rounds(cfg, *, progress: bool = True) -> list[tuple[str, Path | None]]:
                             "sha256": prompts_sha}})
         done.append((f"r{r}/sample", sample_round(cfg_r, examples, engine, progress=progress)))
         done.append((f"r{r}/label", label_round(cfg_r, r, ids, plan.labeller,
+                                                g_function=plan.g_function,
                                                 progress=progress)))
         for stage in cfg.run.stages:
             if stage == "sample":
