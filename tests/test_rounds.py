@@ -349,7 +349,7 @@ def test_labeller_contract_hard_labels_ties_and_equal_responses(tmp_path, monkey
     calls = []
     labeller.probabilities = lambda items: calls.append(items) or [1.0] * len(items)
     # equal responses are not shown to the labeller: p = 1/2
-    assert labeller.judge([("ab>", "a", "a"), ("ab>", "aa", "b")]) == [0.5, 1.0]
+    assert labeller.ask([("ab>", "a", "a"), ("ab>", "aa", "b")]) == [0.5, 1.0]
     assert calls == [[("ab>", "aa", "b")]]
     # a hard label fixes the draw; p = 1/2 is a fair coin
     assert all(draw_label(1.0, s) for s in range(200))
@@ -437,3 +437,68 @@ def test_g_from_label_g_function_with_the_truths_labels(tmp_path, monkeypatch):
         mc = [0.5 if a == b else 0.25 for a, b in zip(lab["samples"][0::2],
                                                       lab["samples"][1::2])]
         assert lab["aux_prefs"] == [g_pair, *mc]
+
+
+def truth_free_labels_hold(out: Path, r: int, p_of) -> None:
+    """Every labelled pair of round r is the documented draw from p_of(prompt, y1, y2)."""
+    for pid, (s, lab) in enumerate(zip(read(out / f"r{r}" / "sampled"),
+                                       read(out / f"r{r}" / "labelled"))):
+        y1, y2 = s["samples"][:2]
+        p = 0.5 if y1 == y2 else p_of(lab["prompt"], y1, y2)
+        digest = hashlib.sha256(f"label:3:{r}:{pid + r * PER_ROUND}".encode()).digest()
+        u = random.Random(int.from_bytes(digest[:8], "little") >> 1).random()
+        assert (lab["chosen"], lab["rejected"]) == ((y1, y2) if u < p else (y2, y1))
+
+
+def test_a_reward_model_labels_with_sigmoid_of_its_reward_difference(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from vrpo_fast.models import byte_tokenizer, tiny_llama_config
+
+    torch.manual_seed(1)
+    conf = tiny_llama_config(**yaml.safe_load(TINY_YAML), num_labels=1, initializer_range=0.5)
+    AutoModelForSequenceClassification.from_config(conf).save_pretrained(tmp_path / "rm")
+    tok = byte_tokenizer()
+    tok.save_pretrained(tmp_path / "rm")
+    rm64 = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").double().eval()
+
+    def p_of(prompt, y, y2):        # a float64 naive forward of prompt + response each
+        def r(text):
+            with torch.no_grad():
+                return rm64(input_ids=torch.tensor([tok(text)["input_ids"]])).logits[0, 0]
+        return torch.sigmoid(r(prompt + y) - r(prompt + y2)).item()
+
+    out = tmp_path / "rm-rounds"
+    run(config(tmp_path, out, **{"label.mode": "reward", "label.path": str(tmp_path / "rm"),
+                                 "run.rounds": 1, "run.stages": "[sample, score, train]",
+                                 "train.max_steps": 1, "sample.max_new_tokens": 3}))
+    labelled = read(out / "r0" / "labelled")
+    assert any(row["aux_prefs"][0] not in (0.5,) for row in labelled)
+    for row in labelled:      # g = the labeller's p, which the naive forward reproduces
+        assert row["aux_prefs"][0] == pytest.approx(
+            p_of(row["prompt"], row["chosen"], row["rejected"]), abs=1e-4)
+    truth_free_labels_hold(out, 0, p_of)
+
+
+def test_a_judge_labels_with_its_both_orders_preference(tmp_path):
+    from vrpo_fast.judge import PairJudge
+    from vrpo_fast.models import build_tiny_causal_lm, byte_tokenizer, load_causal_lm
+
+    template = "Q: {prompt}\nA) {response_a}\nB) {response_b}\nBest:"
+    build_tiny_causal_lm(seed=5, initializer_range=0.3, **yaml.safe_load(TINY_YAML)) \
+        .save_pretrained(tmp_path / "judge")
+    byte_tokenizer().save_pretrained(tmp_path / "judge")
+    judge = PairJudge(load_causal_lm(str(tmp_path / "judge")).eval(), byte_tokenizer(),
+                      template=template, chat=False)
+
+    def p_of(prompt, y, y2):
+        return judge.preferences([(prompt, [(y, y2)])])[0][0]
+
+    out = tmp_path / "judged"
+    run(config(tmp_path, out, **{"label.mode": "judge", "label.path": str(tmp_path / "judge"),
+                                 "aux.judge_template": template, "aux.judge_chat": False,
+                                 "run.rounds": 1, "run.stages": "[sample, score, train]",
+                                 "train.max_steps": 1, "sample.max_new_tokens": 3}))
+    truth_free_labels_hold(out, 0, p_of)
+    record = json.loads((out / "r0" / "labelled" / "provenance.json").read_text())
+    assert record["labelling"]["labeller"]["judge"]["template"] == template

@@ -73,8 +73,9 @@ def as_probability(value, who: str, prompt) -> float:
 
 
 class Labeller:
-    """probabilities(items) -> [P(y preferred to y') for (prompt, y, y') in items]; `key` names
-    the config key errors point at; identity() is recorded with the round's labels."""
+    """A labeller implements probabilities(items) -> [P(y preferred to y') or a hard label,
+    for (prompt, y, y') in items] and identity() (recorded with the round's labels); callers
+    use ask(), which checks every answer. `key` names the config key errors point at."""
 
     key = "label.mode"
 
@@ -84,7 +85,7 @@ class Labeller:
     def identity(self) -> dict:
         raise NotImplementedError
 
-    def judge(self, items: list[tuple]) -> list[float]:
+    def ask(self, items: list[tuple]) -> list[float]:
         """probabilities() of the pairs of distinct responses, each answer checked; equal
         responses get 1/2 without asking."""
         ask = [i for i, (_, y, y2) in enumerate(items) if y != y2]

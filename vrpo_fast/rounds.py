@@ -291,11 +291,11 @@ def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, g_function=No
         mc_items = [(row["prompt"], a, b) for row in rows
                     for a, b in zip(row["samples"][2::2], row["samples"][3::2])]
         if g_source is labeller and _g_from_labeller(cfg_r):
-            p = labeller.judge(items + mc_items)
+            p = labeller.ask(items + mc_items)
         else:
-            p = labeller.judge(items)
+            p = labeller.ask(items)
             if _g_from_labeller(cfg_r):     # g of label.g_function, in the same layout
-                p += g_source.judge(items + mc_items)
+                p += g_source.ask(items + mc_items)
         labelled = []
         for i, (row, pid) in enumerate(zip(rows, prompt_ids)):
             y1, y2 = row["samples"][:2]
