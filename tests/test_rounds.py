@@ -404,9 +404,10 @@ def test_an_engine_that_stays_up_gets_each_rounds_weights_in_place(monkeypatch):
 
 
 def test_dpo_rounds_draw_the_labelled_pair_only(tmp_path):
+    """(and pi_ref_r's log-probs computed in the trainer: ref.source online, no score stage)"""
     out = tmp_path / "dpo"
     run(config(tmp_path, out, **{"loss.estimator": "dpo", "run.rounds": 1,
-                                 "run.stages": "[sample, score, train]",
+                                 "run.stages": "[sample, train]", "ref.source": "online",
                                  "train.max_steps": 1, "sample.max_new_tokens": 3}))
     assert all(len(row["samples"]) == 2 for row in read(out / "r0" / "sampled"))
     rows = read(out / "r0" / "labelled")
@@ -502,3 +503,18 @@ def test_a_judge_labels_with_its_both_orders_preference(tmp_path):
     truth_free_labels_hold(out, 0, p_of)
     record = json.loads((out / "r0" / "labelled" / "provenance.json").read_text())
     assert record["labelling"]["labeller"]["judge"]["template"] == template
+
+
+def test_the_shipped_rounds_config_runs_every_round(tmp_path, monkeypatch):
+    """configs/rounds/tiny-rounds.yaml as shipped, smaller: every round writes its stages."""
+    monkeypatch.chdir(ROOT)          # the config's relative paths are the repository's
+    out = tmp_path / "shipped"
+    cfg = load_config(ROOT / "configs" / "rounds" / "tiny-rounds.yaml", [
+        f"--rounds.output={out}", "--rounds.prompts_per_round=8", "--train.max_steps=2",
+        "--eval.num_prompts=4", "--eval.num_samples=2"])
+    done = dict(run(cfg))
+    for r in range(cfg.run.rounds):
+        assert done[f"r{r}/eval"] == out / f"r{r}" / "eval"
+        assert (out / f"r{r}" / "eval" / "results.json").is_file()
+    assert json.loads((out / "r1" / "round.json").read_text())["pi_ref"]["path"] == \
+        str(out / "r0" / "train" / "final")
