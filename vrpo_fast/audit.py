@@ -14,8 +14,12 @@ judge the judge scores them here) it reports
                    mean-zero only then): logp_gap, the labelled responses' mean log pi_ref minus
                    the samples' (needs ref_logps), and g_gap, the labelled pairs' mean |2g - 1|
                    minus the Monte Carlo pairs'; both have mean zero for on-policy labels
-and the same per domain when every row has one. Output: audit.json, report.md, reliability.png
-in audit.output (default <train.output_dir>/audit).
+and the same per domain when every row has one. The on-policy gaps are t intervals over the
+rows' values (each labelled row once) at level 1 - audit.gap_alpha / k, k the number of gap
+intervals of the report (gaps x slices, Bonferroni): on-policy labels make any of them exclude
+zero with probability at most audit.gap_alpha; `on_policy` in audit.json says which do, and a
+warning names them. Output: audit.json, report.md, reliability.png in audit.output (default
+<train.output_dir>/audit).
 
 The variance ratio. At pi = pi_ref every margin is 0, so for any loss l the per-prompt gradients
 are l'(0) beta times (h_p: pair p's log-ratio margin, grad h_p = grad log pi(y) - grad log pi(y'))
@@ -42,10 +46,12 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from vrpo_fast.cv_gap import excludes_zero, interval_of
 from vrpo_fast.data.load import load_preference_data
 from vrpo_fast.errors import UserError, check_output, renamed
 from vrpo_fast.estimate import reliability_plot
@@ -169,20 +175,40 @@ def calibration(g0) -> dict:
     return {"ece": float(ece), "reliability": table}
 
 
-def audit_pairs(examples, g_rows, *, ms=MS, bootstrap: int = 1000, seed: int = 0) -> dict:
-    """The audit of one set of labelled rows (see the module doc)."""
+def audit_pairs(examples, g_rows, *, ms=MS, bootstrap: int = 1000, seed: int = 0,
+                gap_level: float = 0.95) -> dict:
+    """The audit of one set of labelled rows (see the module doc); the on-policy gaps' t
+    intervals at `gap_level`."""
     g0 = [g[0] for g in g_rows]
     report = {"pairs": len(examples),
               "agreement": _interval([1.0 if v > 0.5 else 0.5 if v == 0.5 else 0.0 for v in g0]),
               **calibration(g0),
               "variance_ratio": variance_ratio(examples, g_rows, ms, bootstrap=bootstrap,
                                                seed=seed)}
-    report["g_gap"] = _interval([abs(2 * g[0] - 1) - np.mean([abs(2 * v - 1) for v in g[1:]])
-                                 for g in g_rows])
+    report["g_gap"] = interval_of([abs(2 * g[0] - 1) - np.mean([abs(2 * v - 1) for v in g[1:]])
+                                   for g in g_rows], gap_level)
     if all(ex.ref_logps is not None for ex in examples):
-        report["logp_gap"] = _interval([np.mean(ex.ref_logps[:2]) - np.mean(ex.ref_logps[2:])
-                                        for ex in examples])
+        report["logp_gap"] = interval_of([np.mean(ex.ref_logps[:2]) - np.mean(ex.ref_logps[2:])
+                                          for ex in examples], gap_level)
     return report
+
+
+GAPS = ("g_gap", "logp_gap")
+
+
+def gap_intervals(examples, domains) -> int:
+    """k: the on-policy gap intervals a report of these rows holds (its gaps x its slices)."""
+    gaps = 1 + all(ex.ref_logps is not None for ex in examples)
+    split = None not in domains and len(set(domains)) > 1
+    return gaps * (1 + (len(set(domains)) if split else 0))
+
+
+def on_policy_verdict(report: dict, alpha: float, k: int) -> dict:
+    """Which of the report's k gap intervals (each at level 1 - alpha / k) exclude zero."""
+    slices = [("", report)] + [(f"{name}/", r) for name, r in report.get("by_domain", {}).items()]
+    excluded = [f"{prefix}{gap}" for prefix, r in slices for gap in GAPS
+                if gap in r and excludes_zero(r[gap]["lo"], r[gap]["hi"])]
+    return {"alpha": alpha, "intervals": k, "level": 1 - alpha / k, "excludes_zero": excluded}
 
 
 def _markdown(report: dict) -> str:
@@ -196,11 +222,24 @@ def _markdown(report: dict) -> str:
                 f"{ratios} | {gaps} |")
 
     rows = [line("all", report)] + [line(k, v) for k, v in report.get("by_domain", {}).items()]
-    return ("# Audit of g\n\n"
+    text = ("# Audit of g\n\n"
             "Variance ratio: Var(grad VRPO) / Var(grad DPO) at pi_ref (below 1: VRPO pays). "
             "On-policy gaps: mean zero when the labelled pairs were drawn from pi_ref.\n\n"
             "| slice | pairs | agreement | ECE | variance ratio | on-policy gaps |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    if "on_policy" in report:
+        text += f"\n{_verdict_line(report['on_policy'])}\n"
+    return text
+
+
+def _verdict_line(v: dict) -> str:
+    intervals = (f"{v['intervals']} gap intervals, each at level {v['level']:.4g} "
+                 f"(audit.gap_alpha = {v['alpha']:g} spread over them)")
+    if not v["excludes_zero"]:
+        return f"On-policy: no gap excludes zero ({intervals})."
+    return (f"On-policy: {', '.join(v['excludes_zero'])} excludes zero ({intervals}): the "
+            f"labelled pairs do not look drawn from pi_ref like the Monte Carlo pairs, so VRPO's "
+            f"correction is not mean-zero on this data (docs/judge.md, the on-policy recipe).")
 
 
 def audit_stage(cfg, *, progress: bool = True) -> Path:
@@ -230,14 +269,18 @@ def audit_stage(cfg, *, progress: bool = True) -> Path:
                             f"the set first (vrpo-fast score) or set aux.mode=judge")
         g_rows = [ex.aux_prefs for ex in examples]
     audit = cfg.audit
-    report = audit_pairs(examples, g_rows, bootstrap=audit.bootstrap, seed=audit.seed)
     domains = [ex.domain for ex in examples]
+    k = gap_intervals(examples, domains)
+    level = 1 - audit.gap_alpha / k
+    report = audit_pairs(examples, g_rows, bootstrap=audit.bootstrap, seed=audit.seed,
+                         gap_level=level)
     if None not in domains and len(set(domains)) > 1:
         report["by_domain"] = {
             name: audit_pairs([e for e in examples if e.domain == name],
                               [g for e, g in zip(examples, g_rows) if e.domain == name],
-                              bootstrap=audit.bootstrap, seed=audit.seed)
+                              bootstrap=audit.bootstrap, seed=audit.seed, gap_level=level)
             for name in sorted(set(domains))}
+    report["on_policy"] = on_policy_verdict(report, audit.gap_alpha, k)
     report["source"] = str(source)
     report["aux_mode"] = cfg.aux.mode
     out.mkdir(parents=True, exist_ok=True)
@@ -246,6 +289,8 @@ def audit_stage(cfg, *, progress: bool = True) -> Path:
     reliability_plot(report, out / "reliability.png", what="g")
     if progress:
         print(_markdown(report))
+    if report["on_policy"]["excludes_zero"]:
+        warnings.warn(_verdict_line(report["on_policy"]), stacklevel=1)
     return out
 
 

@@ -221,6 +221,13 @@ class TrainConfig:
                                        "path); refused otherwise, since the remaining steps "
                                        "would see other rows than the run's data order "
                                        "promised.")
+    cv_gap_alpha: float = F(0.05, "cv_gap's error budget, in (0, 1): the chance that a run "
+                                  "whose labelled pairs were drawn like its Monte Carlo pairs "
+                                  "warns anyway is at most this (vrpo_fast.cv_gap).")
+    cv_gap_looks: int = F(4, "cv_gap's looks: evenly spaced steps of the run's first pass over "
+                             "the data where its interval over the first pass's labelled "
+                             "prompts so far is checked, each at level 1 - cv_gap_alpha / "
+                             "looks.")
 
 
 @dataclass
@@ -297,6 +304,10 @@ class AuditConfig:
     bootstrap: int = F(1000, "Bootstrap resamples (over prompts) of the variance ratio's "
                              "interval.")
     seed: int = F(0, "Seed of the bootstrap.")
+    gap_alpha: float = F(0.05, "Error budget, in (0, 1), of the on-policy gaps (g_gap, "
+                               "logp_gap, over all slices): on-policy labels make any of "
+                               "their intervals exclude zero with probability at most this "
+                               "(vrpo_fast.cv_gap).")
 
 
 @dataclass
@@ -590,6 +601,7 @@ def validate(cfg: Config) -> None:
                        ("train.micro_batch_groups", t.micro_batch_groups),
                        ("train.keep_last", t.keep_last), ("train.max_bad_steps", t.max_bad_steps),
                        ("train.log_every", t.log_every), ("sample.num_samples", s.num_samples),
+                       ("train.cv_gap_looks", t.cv_gap_looks),
                        ("sample.batch_size", s.batch_size), ("sample.shard_size", s.shard_size),
                        ("sample.tensor_parallel_size", s.tensor_parallel_size),
                        ("score.shard_size", sc.shard_size),
@@ -621,6 +633,10 @@ def validate(cfg: Config) -> None:
     for key, value in [("data.max_length", d.max_length), ("score.max_tokens", sc.max_tokens)]:
         if value is not None and value < 2:   # a prompt token and a response token
             raise UserError(f"{key}: must be >= 2, got {value}")
+    for key, value in [("train.cv_gap_alpha", t.cv_gap_alpha),
+                       ("audit.gap_alpha", cfg.audit.gap_alpha)]:
+        if not 0 < value < 1:
+            raise UserError(f"{key}: must be in (0, 1), got {value}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise UserError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     if len(t.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1

@@ -27,7 +27,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # are means over all its prompts. A caller averaging them over batches weighs each batch by
 # its count of the one kind or the other.
 LABELLED_STATS = frozenset({"term_dpo", "term_label", "reward_chosen", "reward_rejected",
-                            "margin", "accuracy"})
+                            "margin", "accuracy", "cv_gap_step", "cv_gap_step_sq"})
 
 
 def pairwise_loss(u: torch.Tensor, loss_type: str, beta: float = 1.0) -> torch.Tensor:
@@ -80,8 +80,9 @@ def vrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
 
     Returns:
         (loss, stats): stats holds detached tensors (no host sync): the estimator's three terms,
-        implicit rewards and margin of chosen/rejected, preference accuracy, mean g, and the DRO
-        weights' effective sample size.
+        implicit rewards and margin of chosen/rejected, preference accuracy, mean g, the DRO
+        weights' effective sample size, and with M >= 1 the mean and mean square over labelled
+        prompts of d = term_label - term_mc (cv_gap_step, cv_gap_step_sq; float64).
     """
     _check_float(policy_logps, "policy_logps")
     if policy_logps.dim() != 2:
@@ -208,6 +209,12 @@ def _estimate(rewards, aux_prefs, *, beta, loss_type, estimator, dro_tau, labell
         "mean_g": g.mean(),
         "dro_ess": ess.detach(),
     }
+    if M > 0:
+        # cv_gap's sufficient statistics (vrpo_fast.cv_gap): the mean over labelled prompts of
+        # d = term_label - term_mc, and of d^2, in float64.
+        d = (term_label - term_mc).detach().double()
+        stats["cv_gap_step"] = _masked_mean(d, lab_mask)
+        stats["cv_gap_step_sq"] = _masked_mean(d * d, lab_mask)
     return loss, stats
 
 

@@ -17,7 +17,6 @@ and ranks change neither the weights nor the objective, and the state is checkpo
 from __future__ import annotations
 
 import atexit
-import collections
 import math
 import random
 import shutil
@@ -30,6 +29,7 @@ import torch
 
 import vrpo_fast.attention as packed_attention
 from vrpo_fast.config import Config
+from vrpo_fast.cv_gap import GapCheck
 from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
 from vrpo_fast.errors import UserError, check_output
 from vrpo_fast.host_memory import keep_freed_memory
@@ -64,21 +64,6 @@ from vrpo_fast.train.distributed import (
 )
 from vrpo_fast.train.metrics import MetricsLogger, check_loggers, peak_flops, read_metrics
 from vrpo_fast.train.modules import needs_fsdp, shard, shard_empty
-
-# cv_gap: steps in the window of its interval, and steps before its warning may fire.
-CV_GAP_WINDOW = 50
-CV_GAP_MIN_STEPS = 10
-
-
-def cv_gap_interval(values) -> tuple[float, float, float]:
-    """Mean and 95 % interval (normal, from the spread of the values) of per-step cv_gap values;
-    the interval is the mean itself for fewer than two values."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, mean, mean
-    half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-    return mean, mean - half, mean + half
 
 
 def check_attention(attention: str, device: torch.device, *, bf16: bool) -> None:
@@ -631,32 +616,42 @@ class Trainer:
         return record
 
     def _track_cv_gap(self, record) -> None:
-        """cv_gap = term_label - term_mc of the step (OBJECTIVE.md, "Is the control variate
-        centred?"): its mean is zero at any policy when the labelled pairs were drawn from pi_ref
-        like the Monte Carlo pairs. Logged as the mean over the last CV_GAP_WINDOW steps with a
-        95 % interval from the spread of the steps' values (each step an independent batch of
-        prompts); a warning, once, when the interval excludes zero. A resumed run takes up the
-        window from the steps already in metrics.jsonl, so resuming does not change it."""
-        if self.cfg.loss.estimator != "vrpo" or self.M == 0 or "term_label" not in record:
+        """cv_gap's test (vrpo_fast.cv_gap): the step's labelled prompts' d = term_label -
+        term_mc (their mean and mean square, reduced like every labelled statistic) go into a
+        test over the first pass's labelled prompts, each once, at train.cv_gap_looks fixed
+        steps with train.cv_gap_alpha spread over them; its fields join the record and it warns
+        once. A resumed run replays the steps already in metrics.jsonl, so resuming changes
+        neither the values nor the verdict."""
+        if self.cfg.loss.estimator != "vrpo" or self.M == 0 or "term_mc" not in record:
             return
-        if not hasattr(self, "_cv_gaps"):
-            earlier = read_metrics(self.out) if hasattr(self, "out") else []
-            self._cv_gaps = collections.deque(
-                (r["term_label"] - r["term_mc"] for r in earlier
-                 if r.get("step", 0) < record["step"] and "term_label" in r),
-                maxlen=CV_GAP_WINDOW)
-            self._warned_cv_gap = False
-        self._cv_gaps.append(record["term_label"] - record["term_mc"])
-        mean, lo, hi = cv_gap_interval(self._cv_gaps)
-        record.update(cv_gap=mean, cv_gap_lo=lo, cv_gap_hi=hi)
-        if not self._warned_cv_gap and len(self._cv_gaps) >= CV_GAP_MIN_STEPS and (
-                lo > 0 or hi < 0):
-            self._warned_cv_gap = True
-            warnings.warn(f"step {record['step']}: cv_gap = {mean:.3g} [{lo:.3g}, {hi:.3g}] over "
-                          f"the last {len(self._cv_gaps)} steps excludes zero: the labelled "
-                          f"pairs do not look drawn from pi_ref, so VRPO's correction is not "
-                          f"mean-zero (it trades bias for variance); see docs/judge.md for the "
-                          f"on-policy recipe", stacklevel=1)
+        if not hasattr(self, "_cv_gap"):
+            self._cv_gap = self._new_cv_gap_check(record["step"])
+        fields, message = self._cv_gap_add(self._cv_gap, record)
+        record.update(fields)
+        if message and self.dist.is_main:
+            warnings.warn(message, stacklevel=1)
+
+    def _new_cv_gap_check(self, step: int) -> GapCheck:
+        """The run's GapCheck, with the steps before `step` (a resumed run's) replayed from
+        metrics.jsonl; their warning, if any, was given then."""
+        t = self.cfg.train
+        check = GapCheck(min(t.max_steps, len(self.groups) // t.batch_groups), t.cv_gap_looks,
+                         t.cv_gap_alpha)
+        for r in read_metrics(self.out) if step > 1 else []:
+            if r.get("step", 0) < step and "term_mc" in r:
+                self._cv_gap_add(check, r)
+        return check
+
+    def _cv_gap_add(self, check: GapCheck, record: dict):
+        """Feed step record["step"] to `check`: its count of labelled prompts from the data
+        order, the mean and mean square of their d from the record."""
+        step = record["step"]
+        labelled = getattr(self.groups, "labelled", None)
+        batch = self.stream.global_indices(step - 1)
+        n = len(batch) if labelled is None else sum(labelled[i] for i in batch)
+        if "cv_gap_step" not in record:          # no labelled prompt in the step
+            n = 0
+        return check.add(step, n, record.get("cv_gap_step"), record.get("cv_gap_step_sq"))
 
     def _check_margins(self, record) -> None:
         # With the sigmoid loss the VRPO objective is bounded below only through the Monte
