@@ -97,7 +97,7 @@ def reference(tmp_path_factory):
 
 
 def test_two_rounds_end_to_end(reference):
-    out, cfg = reference["out"], reference["cfg"]
+    out = reference["out"]
     assert [name for name, _ in reference["first"]] == [
         f"r{r}/{s}" for r in range(2) for s in ("sample", "label", "score", "train", "eval")]
     for r in range(2):
@@ -178,7 +178,7 @@ def test_crashed_in_each_stage_in_turn_resumes_to_the_uninterrupted_result(refer
     class Crash(Exception):
         pass
 
-    real_write, real_save, real_report = shards.write_shard, Trainer.save, evaluate.write_report
+    real_write, real_save = shards.write_shard, Trainer.save
 
     def shard_crash(stage):
         def write_shard(directory, index, rows):

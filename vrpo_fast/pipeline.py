@@ -239,7 +239,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> list[tuple[str, Path 
     """Check the chain, then run every stage of run.stages in order: [(stage, output), ...]
     (output None: the stage was done already)."""
     if cfg.run.rounds:
-        from vrpo_fast.rounds import run_rounds   # imports this module
+        from vrpo_fast.rounds import run_rounds  # imports this module
 
         return run_rounds(cfg, progress=progress)
     steps = plan(cfg)

@@ -57,7 +57,6 @@ from vrpo_fast.provenance import (
     files_fingerprint,
     ids_fingerprint,
     read_provenance,
-    weights_fingerprint,
 )
 from vrpo_fast.sample import choose_backend, make_sampler, sample_row, shard_seed
 from vrpo_fast.samplers import stop_token_ids
