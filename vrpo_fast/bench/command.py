@@ -3,6 +3,7 @@
     vrpo-fast bench [--quick]                      # all three at default (or tiny) shapes
     vrpo-fast bench linear-logprob --tokens 8192 --preset llama3-8b --dtype bf16
     vrpo-fast bench vrpo-loss --groups 64 --pairs 2
+    vrpo-fast bench fused-vrpo --tokens 8192 --hidden 4096 --vocab 128256 --dtype bf16
     vrpo-fast bench step --model qwen2.5-0.5b --M 2 --lengths hh
     vrpo-fast bench suite [--quick] --dir benchmarks   # the pytest suites of a source checkout
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from vrpo_fast import host_memory
-from vrpo_fast.bench import linear_logprob, presets, report, step, vrpo_loss
+from vrpo_fast.bench import fused_vrpo, linear_logprob, presets, report, step, vrpo_loss
 from vrpo_fast.bench.env import Unavailable, device, session, timestamp
 from vrpo_fast.bench.layouts import parse_lengths
 from vrpo_fast.bench.memory import peak_memory
@@ -109,7 +110,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="(without a sub-command) tiny shapes, seconds on a CPU")
     _common(parser)
-    sub = parser.add_subparsers(dest="what", metavar="{linear-logprob,vrpo-loss,step,suite}")
+    sub = parser.add_subparsers(dest="what",
+                                metavar="{linear-logprob,vrpo-loss,fused-vrpo,step,suite}")
     kw = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=METHOD)
     p = sub.add_parser("linear-logprob", help="fused LM-head log-prob (N, D) x (V, D)", **kw)
     p.add_argument("--tokens", "-N", default=None, help="N (default: 1024 CPU, 8192 GPU)")
@@ -127,12 +129,27 @@ def add_arguments(parser) -> None:
     p.add_argument("--pairs", "--M", dest="M", default="2", help="M Monte Carlo pairs "
                                                                  "(default 2)")
     _common(p, sub=True)
+    p = sub.add_parser("fused-vrpo", help="LM head + VRPO loss from (N, D) hidden states, "
+                                          "forward + backward: eager, Liger, two-pass, one "
+                                          "sweep", **kw)
+    p.add_argument("--tokens", "-N", default=None, help="N (default: 1024 CPU, 8192 GPU)")
+    p.add_argument("--hidden", "-D", default=None, help="D (default: 512 CPU, 4096 GPU)")
+    p.add_argument("--vocab", "-V", default=None, help="V (default: 32000 CPU, 128256 GPU)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 GPU, "
+                                                 "fp32 CPU)")
+    p.add_argument("--pairs", "--M", dest="M", default="2", help="M Monte Carlo pairs: "
+                                                                 "K = 2 + 2M responses a group")
+    _common(p, sub=True)
     p = sub.add_parser("step", help="one optimizer step: reference layout, naive DPO, ours",
                        **kw)
     p.add_argument("--model", default=None,
                    help="a preset (random weights of its shape) or a local model folder "
                         "(default: a small Llama-style model)")
     p.add_argument("--layers", default=None, help="fewer decoder layers than the preset's")
+    p.add_argument("--hidden", default=None, help="the default model's hidden size (default "
+                                                  "256 CPU, 1024 GPU; not with --model)")
+    p.add_argument("--vocab", default=None, help="the default model's vocabulary (default "
+                                                 "32000 CPU, 128256 GPU; not with --model)")
     p.add_argument("--M", "--pairs", dest="M", default="2", help="Monte Carlo pairs "
                                                                  "(default 2)")
     p.add_argument("--groups", "-G", default=None, help="prompts per step (default 4 CPU, "
@@ -295,6 +312,51 @@ def bench_vrpo_loss(args, quick: bool = False) -> list[dict]:
     return [dict(r, command=command) for r in rows]
 
 
+def bench_fused_vrpo(args, quick: bool = False) -> list[dict]:
+    """The one-sweep LM head + VRPO loss beside eager, torch.compile, Liger / CCE as the LM
+    head and the two-pass head (vrpo_fast/bench/fused_vrpo.py), forward + backward."""
+    dtype = getattr(args, "dtype", None) or linear_logprob.default_dtype()
+    if dtype not in linear_logprob.DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(linear_logprob.DTYPES)}, got "
+                        f"{dtype!r}")
+    head = DEFAULT_HEAD[device()]
+    shape = dict(N=_int(getattr(args, "tokens", None) or DEFAULT_TOKENS[device()], "--tokens"),
+                 D=_int(getattr(args, "hidden", None) or head["D"], "--hidden"),
+                 V=_int(getattr(args, "vocab", None) or head["V"], "--vocab", 2),
+                 M=_int(getattr(args, "M", None) or 2, "--pairs"))
+    providers = _subset(args.providers, "--providers", fused_vrpo.PROVIDERS)
+    passes = _subset(args.passes, "--passes", fused_vrpo.DIRECTIONS)
+    timing = _timing(args, rounds=5, rep_ms=500)
+    N, D, V = shape["N"], shape["D"], shape["V"]
+    _progress("fused_vrpo", shape)
+    common = dict(op="fused_vrpo", shape=shape, dtype=dtype)
+    rows = []
+    for provider in providers:
+        try:
+            fn = fused_vrpo.provider_fn(provider)
+        except Unavailable as why:
+            rows.append(dict(common, provider=provider, direction=None, note=str(why)))
+            continue
+        inputs = fused_vrpo.make_inputs(N, D, V, dtype, shape["M"])
+        check = fused_vrpo.check(fn, inputs, dtype)
+        if not check["ok"]:
+            rows.append(dict(common, provider=provider, direction=None, check=check,
+                             error="correctness check failed: not timed"))
+            continue
+        for direction in passes:
+            out = _measure(fused_vrpo, fn, (inputs,), direction, timing,
+                           dict(provider=provider, dtype=dtype, **shape), not args.no_memory)
+            if "median_s" in out:
+                out["tflops"] = fused_vrpo.tflops(N, D, V, out["median_s"])
+            rows.append(dict(common, provider=provider, direction=direction, check=check,
+                             groups=inputs["G"], lower_bound_bytes=fused_vrpo.
+                             lower_bound_bytes(N, D, V, dtype), **out))
+        del inputs
+    command = (f"vrpo-fast bench fused-vrpo --tokens {N} --hidden {D} --vocab {V} "
+               f"--dtype {dtype} --pairs {shape['M']}")
+    return [dict(r, command=command) for r in rows]
+
+
 def _step_shape(args, quick: bool) -> dict:
     if quick:
         return dict(QUICK["step"], budget=None)
@@ -314,9 +376,14 @@ def _step_shape(args, quick: bool) -> dict:
         shape["cap"] = dev["cap"]
     model = getattr(args, "model", None)
     layers = getattr(args, "layers", None)
+    sizes = {k: getattr(args, k, None) for k in ("hidden", "vocab")}
+    if model is not None and any(sizes.values()):
+        flag = "--hidden" if sizes["hidden"] else "--vocab"
+        raise UserError(f"{flag}: only for the default model (--model {model} has its own)")
     if model is None:
-        shape.update(hidden=dev["hidden"], layers=_int(layers or dev["layers"], "--layers"),
-                     vocab=dev["vocab"])
+        shape.update(hidden=_int(sizes["hidden"] or dev["hidden"], "--hidden", 2),
+                     layers=_int(layers or dev["layers"], "--layers"),
+                     vocab=_int(sizes["vocab"] or dev["vocab"], "--vocab", 4))
     elif model in presets.PRESETS:
         shape.update(preset=model, layers=_int(layers, "--layers") if layers else None)
     elif Path(model).is_dir():
@@ -347,9 +414,11 @@ def bench_step(args, quick: bool = False) -> list[dict]:
             if "check" in row and not row["check"]["ok"]:
                 rows.append(dict(row, error="correctness check failed: not timed"))
                 continue
+            graphs = step.compiled_graphs()
             fn, state = step.make_step(shape, variant)
             probe = step.rate_probe(state)
             out = summary(time_calls(fn, setup=probe, **timing))
+            out["compiled_graphs"] = step.compiled_graphs() - graphs
             out.update(step.bound(variant, state, out["median_s"],
                                   probe.rate() if probe else None))
             loss = fn()
@@ -371,7 +440,8 @@ def bench_step(args, quick: bool = False) -> list[dict]:
     model = (f"--model {shape['preset']}" + (f" --layers {shape['layers']}"
                                               if shape["layers"] else "")
              if shape.get("preset") else f"--model {shape['path']}" if shape.get("path")
-             else f"--layers {shape['layers']}")
+             else f"--layers {shape['layers']} --hidden {shape['hidden']} "
+                  f"--vocab {shape['vocab']}")
     command = (f"vrpo-fast bench step {model} --M {shape['M']} --groups {shape['G']} "
                f"--lengths {shape['lengths']} --cap {shape['cap'][0]},{shape['cap'][1]}")
     return [dict(r, command=command) for r in rows]
@@ -379,6 +449,7 @@ def bench_step(args, quick: bool = False) -> list[dict]:
 
 OPS = {"linear-logprob": bench_linear_logprob, "vrpo-loss": bench_vrpo_loss,
        "step": bench_step}
+SUB_COMMANDS = dict(OPS, **{"fused-vrpo": bench_fused_vrpo})   # OPS: what a bare `bench` runs
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -412,7 +483,7 @@ def run(args) -> int:
             raise UserError("--providers: give it with a sub-command (each has its own "
                             "providers)")
     else:
-        todo = [(OPS[args.what], False)]
+        todo = [(SUB_COMMANDS[args.what], False)]
     if not args.system_malloc and device() == "cpu":
         # Every provider runs in this process with the CPU trainer's allocator setting (no page
         # faults on each call's fresh outputs): the comparison is like for like.

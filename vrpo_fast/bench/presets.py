@@ -50,3 +50,15 @@ def describe() -> str:
     return "\n".join(f"  {name:<16} D={p.hidden:<5} V={p.vocab:<6} {p.layers} layers, "
                      f"{p.heads}/{p.kv_heads} heads, {p.arch}" for name, p in PRESETS.items())
 
+
+def tiny_config(name: str, layers: int | None = None, max_positions: int = 32768) -> dict:
+    """A preset as `model.tiny` keys (vrpo_fast.models.tiny_llama_config): a config that says
+    `model.tiny: <this>` (and `model.tokenizer: byte`) trains a randomly initialised model of the
+    preset's shape, `layers` decoder layers deep (default all), where the real model cannot be
+    downloaded (scripts/gpu_check.sh). Rotary and norm constants stay the defaults: they
+    change no shape and no cost."""
+    p = preset(name)
+    return dict(arch=p.arch, vocab_size=p.vocab, hidden_size=p.hidden,
+                num_layers=layers or p.layers, num_heads=p.heads, num_kv_heads=p.kv_heads,
+                intermediate_size=p.intermediate, tie_word_embeddings=p.tie,
+                max_position_embeddings=max_positions)

@@ -312,7 +312,8 @@ def chart(rows: list[dict], path: Path) -> bool:
 
 # --- one `vrpo-fast bench` run: a table per (op, shape) and a bar chart ----------------------
 
-BASELINE = {"linear_logprob": "eager", "vrpo_loss": "eager", "train_step": "reference_layout"}
+BASELINE = {"linear_logprob": "eager", "vrpo_loss": "eager", "fused_vrpo": "eager",
+            "train_step": "reference_layout"}
 
 
 def _check(row) -> str:

@@ -385,6 +385,15 @@ def bound(variant: str, state: dict, median_s: float, rate: float | None = None)
     return out
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's unique-graph count):
+    the difference around a variant's first and timed steps counts its compilations, on a GPU
+    FlexAttention's and its block masks' (vrpo_fast.packing), once per new shape."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def token_counts(variant: str, state: dict) -> dict:
     """Token positions through the model forwards (padding and the reference forward
     included), through the LM head, and useful ones (each prompt once + every response)."""
