@@ -292,6 +292,13 @@ def test_other_prompts_in_the_prompt_file_are_refused(reference, tmp_path):
         run(config(reference["tmp"], reference["out"], **{"sample.input": str(other)}))
 
 
+def test_missing_eval_prompts_are_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"^eval\.prompts: .*nope\.jsonl does not exist$"):
+        run(config(tmp_path, out, **{"eval.prompts": str(tmp_path / "nope.jsonl")}))
+    assert not out.exists()
+
+
 def test_prompt_slices_that_run_out_are_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"^rounds\.prompts_per_round: 3 rounds x 8 prompts "

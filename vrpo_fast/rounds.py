@@ -51,6 +51,7 @@ from vrpo_fast.data.tokenize import tokenize_prompt
 from vrpo_fast.errors import UserError, check_output, renamed
 from vrpo_fast.label import FunctionLabeller, draw_label, draw_seed, make_labeller
 from vrpo_fast.models import model_from_config, tokenizer_from_config
+from vrpo_fast.pipeline import _hub_name as hub_name
 from vrpo_fast.pipeline import run_stage
 from vrpo_fast.provenance import (
     build_provenance,
@@ -129,6 +130,8 @@ def plan_rounds(cfg) -> Plan:
         if not cfg.eval.prompts:
             raise UserError("eval.prompts: not set; the eval stage of each round needs "
                             "held-out prompts")
+        if not Path(cfg.eval.prompts).exists() and not hub_name(cfg.eval.prompts):
+            raise UserError(f"eval.prompts: {cfg.eval.prompts} does not exist")
     if not s.input:
         raise UserError("sample.input: no prompt set for the rounds to slice")
     try:
