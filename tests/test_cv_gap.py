@@ -310,3 +310,41 @@ def test_audit_on_policy_gaps_hold_their_error_budget_and_find_other_policies():
     assert sum(bool(f) for f in on) <= 4, on
     off = [audit_flags(audit_examples(seed, label_shift=1.5)) for seed in SEEDS]
     assert sum(bool(f) for f in off) >= 30, off
+
+
+@pytest.mark.slow
+def test_train_cv_gap_does_not_depend_on_the_number_of_ranks(tmp_path):
+    """One process and two gloo ranks under torchrun, on the part-labelled rows: the same
+    per-step statistics and the same test (each rank holds half of each step's prompts)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import TINY_YAML
+
+    from vrpo_fast.train.metrics import read_metrics
+
+    data, _ = part_labelled_data(tmp_path)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    common = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.path={data}",
+              "--train.max_steps=7", "--train.save_every=0", "--train.batch_groups=8",
+              "--train.micro_batch_groups=2", "--train.lr=3e-2", "--train.warmup_steps=0",
+              "--train.mixed_precision=fp32", f"--model.tiny={TINY_YAML}"]
+    logs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        launch = ["-m", "vrpo_fast.cli"] if ranks == 1 else [
+            "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
+            "vrpo_fast.cli"]
+        r = subprocess.run([sys.executable, *launch, *common, f"--train.output_dir={out}"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        logs[ranks] = read_metrics(out)
+    keys = ("cv_gap_step", "cv_gap_step_sq", "cv_gap", "cv_gap_n", "cv_gap_lo", "cv_gap_hi")
+    for a, b in zip(logs[1], logs[2], strict=True):
+        assert [k for k in keys if k in a] == [k for k in keys if k in b], a["step"]
+        for k in keys:
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert any("cv_gap_lo" in r for r in logs[2])
