@@ -122,6 +122,9 @@ def test_two_rounds_end_to_end(reference):
             digest = hashlib.sha256(f"label:3:{r}:{pid}".encode()).digest()
             u = random.Random(int.from_bytes(digest[:8], "little") >> 1).random()
             assert (lab["chosen"], lab["rejected"]) == ((y1, y2) if u < p else (y2, y1))
+            # the pair keeps its sampled ids (a cut response is scored without an EOS)
+            ids1, ids2 = s["sample_ids"][:2]
+            assert lab["pair_ids"] == ([ids1, ids2] if u < p else [ids2, ids1])
             # g with aux.mode given: the labeller's own probability on every pair
             pairs = [(lab["chosen"], lab["rejected"])] + list(zip(lab["samples"][0::2],
                                                                  lab["samples"][1::2]))
@@ -525,3 +528,25 @@ def test_the_shipped_rounds_config_runs_every_round(tmp_path, monkeypatch):
         assert (out / f"r{r}" / "eval" / "results.json").is_file()
     assert json.loads((out / "r1" / "round.json").read_text())["pi_ref"]["path"] == \
         str(out / "r0" / "train" / "final")
+
+
+def test_pair_ids_are_the_labelled_pairs_tokens_exactly(tokenizer, tmp_path):
+    """A sampled pair's ids are scored and trained as they are (no EOS appended to a response
+    cut at max_new_tokens); malformed pair_ids are a row's problem."""
+    from vrpo_fast.data.load import load_preference_data
+    from vrpo_fast.data.tokenize import tokenize_example
+
+    cut = tokenizer("aaaa", add_special_tokens=False)["input_ids"]        # no EOS: cut short
+    stopped = tokenizer("b", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rows = [{"prompt": "ab>", "chosen": "aaaa", "rejected": "b", "samples": ["c", "d"],
+             "pair_ids": [cut, stopped]},
+            {"prompt": "ab>", "chosen": "aaaa", "rejected": "b", "samples": ["c", "d"]}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (with_ids, plain), _ = load_preference_data(str(path))
+    assert tokenize_example(with_ids, tokenizer).response_ids[:2] == [cut, stopped]
+    assert tokenize_example(plain, tokenizer).response_ids[0] == cut + [tokenizer.eos_token_id]
+    path.write_text(json.dumps({**rows[0], "pair_ids": [cut]}) + "\n")
+    with pytest.raises(UserError, match=r"line 1: field 'pair_ids': expected one token-id list per "
+                                        r"response \(2\)"):
+        load_preference_data(str(path))

@@ -305,6 +305,10 @@ def label_round(cfg_r, r: int, prompt_ids: list[int], labeller, *, g_function=No
             new = {"prompt": row["prompt"], "chosen": y1 if first else y2,
                    "rejected": y2 if first else y1, "samples": row["samples"][2:],
                    "sample_ids": row["sample_ids"][2:]}
+            # The pair as sampled: a response cut at max_new_tokens is scored without the EOS
+            # its text would get, exactly like the Monte Carlo responses.
+            ids1, ids2 = row["sample_ids"][:2]
+            new["pair_ids"] = [ids1, ids2] if first else [ids2, ids1]
             if _g_from_labeller(cfg_r):
                 g = p[len(rows):] if g_source is labeller else p[2 * len(rows):]
                 g_pair = p[i] if g_source is labeller else p[len(rows) + i]

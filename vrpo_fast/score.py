@@ -69,7 +69,8 @@ def _device():
 
 
 def _example_key(ex) -> list:
-    return [ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.sample_ids, ex.aux_prefs]
+    pair = [ex.pair_ids] if ex.pair_ids is not None else []
+    return [ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.sample_ids, ex.aux_prefs, *pair]
 
 
 def score_stage(cfg, *, progress: bool = True) -> Path:
@@ -183,6 +184,8 @@ def score_stage(cfg, *, progress: bool = True) -> Path:
             row["samples"] = list(ex.samples)
             if ex.sample_ids is not None:
                 row["sample_ids"] = ex.sample_ids
+            if ex.pair_ids is not None:
+                row["pair_ids"] = ex.pair_ids
             row["ref_logps"] = [float(v) for v in lp]
             if gi is not None:
                 row["aux_prefs"] = [float(v) for v in gi]

@@ -22,6 +22,9 @@ class PreferenceExample:
         keeps the first slot as a 0.5 placeholder so every row has 1 + M entries.
     ref_logps: (len(responses),) log pi_ref of each response: 2 + 2M labelled, 2M unlabelled.
     sample_ids: (2M,) the exact token ids that were sampled, when the sampling stage recorded them.
+    pair_ids: (2,) the exact token ids of chosen and rejected, when the pair was itself sampled
+        (the on-policy rounds, vrpo_fast.rounds, record them): scored and trained as sampled,
+        like sample_ids, so a labelled response cut at max_new_tokens gets no EOS either.
     row: the 1-based line number (JSONL) or the 0-based row index (other formats).
     domain: the prompt's domain (a string; an integer column is read as its text), when the
         data has a `domain` column: group DRO weighs domains, evaluation reports each one.
@@ -36,6 +39,7 @@ class PreferenceExample:
     sample_ids: list[list[int]] | None = None
     row: int = 0
     domain: str | None = None
+    pair_ids: list[list[int]] | None = None
 
     @property
     def labelled(self) -> bool:

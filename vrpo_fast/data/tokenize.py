@@ -131,7 +131,9 @@ def tokenize_example(ex: PreferenceExample, tokenizer, *, max_prompt_length: int
                  max_length=max_length)
     prompt_ids = tokenize_prompt(ex.prompt, tokenizer)
     responses = []
-    if ex.labelled:
+    if ex.labelled and ex.pair_ids is not None:     # a sampled pair: exactly as sampled
+        responses += [list(ids) for ids in ex.pair_ids]
+    elif ex.labelled:
         responses += [tokenize_response(ex.prompt, r, tokenizer)
                       for r in (ex.chosen, ex.rejected)]
     for i, s in enumerate(ex.samples):
@@ -192,8 +194,10 @@ def dataset_fingerprint(examples, tokenizer, settings: dict) -> str:
     """Hex digest of the examples (every field), the tokenizer and the tokenization settings."""
     h = hashlib.sha256()
     for ex in examples:
+        pair = [ex.pair_ids] if ex.pair_ids is not None else []   # older caches keep their key
         h.update(json.dumps([ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.aux_prefs,
-                             ex.ref_logps, ex.sample_ids, ex.row], sort_keys=True).encode())
+                             ex.ref_logps, ex.sample_ids, ex.row, *pair],
+                            sort_keys=True).encode())
         h.update(b"\n")
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps({**settings, "version": CACHE_VERSION}, sort_keys=True).encode())
@@ -276,6 +280,8 @@ def preference_examples_to_rows(examples: list[PreferenceExample]) -> list[dict]
         row["samples"] = list(ex.samples)
         if ex.sample_ids is not None:
             row["sample_ids"] = ex.sample_ids
+        if ex.pair_ids is not None:
+            row["pair_ids"] = ex.pair_ids
         if ex.aux_prefs is not None:
             row["aux_prefs"] = ex.aux_prefs
         if ex.ref_logps is not None:

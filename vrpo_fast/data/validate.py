@@ -13,6 +13,8 @@ Accepted columns (TRL's preference format plus VRPO's):
                                        the reference form of g; each pair sums to 1
   ref_logps: [2 + 2M] (2M unlabelled)  reference log-probs (written by `vrpo-fast score`)
   sample_ids: [[ids], ...] (2M)        the exact sampled token ids (written by `vrpo-fast sample`)
+  pair_ids: [[ids], [ids]]             the exact token ids of chosen and rejected when the pair
+                                       was sampled (written by the on-policy rounds)
   domain: a string or an integer       the prompt's domain (group DRO, per-domain evaluation)
 A row without chosen and rejected but with samples is an unlabelled prompt; its g keeps a 0.5
 placeholder in the first slot. Other columns are ignored; a null value counts as absent.
@@ -175,11 +177,13 @@ def check_row(raw, row: int, *, expected_samples: int | None = None, tokenizer=N
     aux = _aux_prefs(raw, M, labelled, bad)
     ref = _ref_logps(raw, M, labelled, bad)
     sample_ids = _sample_ids(raw, len(samples), tokenizer, bad)
+    pair_ids = _sample_ids(raw, 2, tokenizer, bad, key="pair_ids") if labelled else None
     if problems:
         return None, problems, len(samples)
     example = PreferenceExample(prompt=prompt, chosen=chosen if labelled else None,
                                 rejected=rejected if labelled else None, samples=list(samples),
-                                aux_prefs=aux, ref_logps=ref, sample_ids=sample_ids, row=row,
+                                aux_prefs=aux, ref_logps=ref, sample_ids=sample_ids,
+                                pair_ids=pair_ids, row=row,
                                 domain=None if domain is None else str(domain))
     if tokenizer is not None:
         names = (["chosen", "rejected"] if labelled else []) + sample_names
@@ -315,27 +319,29 @@ def _ref_logps(raw, M: int, labelled: bool, bad) -> list[float] | None:
     return [float(v) for v in values] if ok else None
 
 
-def _sample_ids(raw, n_samples: int, tokenizer, bad) -> list[list[int]] | None:
-    if "sample_ids" not in raw:
+def _sample_ids(raw, n_samples: int, tokenizer, bad, key: str = "sample_ids"
+                ) -> list[list[int]] | None:
+    """The token-id lists of column `key` (sample_ids: one per sample; pair_ids: chosen's and
+    rejected's)."""
+    if raw.get(key) is None:
         return None
-    ids = raw["sample_ids"]
+    ids = raw[key]
     if not isinstance(ids, list) or len(ids) != n_samples:
-        bad("sample_ids", f"expected one token-id list per sample ({n_samples}), got "
-                          f"{ids!r:.60}")
+        bad(key, f"expected one token-id list per {'sample' if key == 'sample_ids' else 'response'}"
+                 f" ({n_samples}), got {ids!r:.60}")
         return None
     vocab = len(tokenizer) if tokenizer is not None else None
     for i, seq in enumerate(ids):
         if not isinstance(seq, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
-            bad(f"sample_ids[{i}]", f"expected a list of token ids, got {seq!r:.60}")
+            bad(f"{key}[{i}]", f"expected a list of token ids, got {seq!r:.60}")
             return None
         if not seq:
-            bad(f"sample_ids[{i}]", "no token ids (a sampled response has at least its stop "
-                                    "token)")
+            bad(f"{key}[{i}]", "no token ids (a sampled response has at least its stop token)")
             return None
         if vocab is not None and max(seq) >= vocab:
-            bad(f"sample_ids[{i}]", f"token id {max(seq)} is outside the tokenizer's "
-                                    f"vocabulary ({vocab})")
+            bad(f"{key}[{i}]", f"token id {max(seq)} is outside the tokenizer's vocabulary "
+                               f"({vocab})")
             return None
     return [list(seq) for seq in ids]
 

@@ -248,8 +248,10 @@ def data_fingerprint(rows) -> str:
     came from): the same file moved gives the same value, a file edited in place another."""
     h = hashlib.sha256()
     for ex in rows:
+        pair = [ex.pair_ids] if getattr(ex, "pair_ids", None) is not None else []
         h.update(json.dumps([ex.prompt, ex.chosen, ex.rejected, ex.samples, ex.aux_prefs,
-                             ex.ref_logps, ex.sample_ids, ex.domain], sort_keys=True).encode())
+                             ex.ref_logps, ex.sample_ids, ex.domain, *pair],
+                            sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
 
