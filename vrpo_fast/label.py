@@ -8,7 +8,8 @@ prompt and answers, for each pair (y, y'), either
     a hard label   1 / True: y is preferred, 0 / False: y' is
 
 Anything else (a string, None, NaN, a number outside [0, 1]) is refused in one line naming the
-labeller, the prompt and the value, before anything of the round is written.
+labeller, the prompt and the value, before any of the round's labels is written (its samples,
+finished, stay for the next run).
 
 From p the label is ONE Bernoulli draw per pair: y is chosen when u < p, with u uniform from a
 generator seeded by (label.seed, round, prompt id) (`draw_seed`), so a resumed round draws the
