@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from importlib import metadata
@@ -28,9 +27,8 @@ from vrpo_fast.errors import UserError
 def _from_root(code: str, *flags: str) -> subprocess.CompletedProcess:
     """`python [flags] -c code` with the repository root as the current folder: sys.path[0] is
     then '' (the root), as for a user's `python -c` or `python -m` there."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def _hf_kernels_required() -> bool:
