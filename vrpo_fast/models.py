@@ -3,7 +3,7 @@
 Used by the tests, `configs/tiny.yaml` and `vrpo-fast demo`. Real runs load a model path instead
 (`load_causal_lm`), or, for a model FSDP2 will shard, build it empty (`empty=True`: parameters
 on the meta device) so that each rank fills only its own shard from the weight files
-(`weight_files`, `vrpo_fast.train.modules.materialize`).
+(`weight_files`, `vrpo_fast.train.modules.shard_empty`).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, what: str = "m
 
     empty: only its config is read and the model built with parameters on the meta device
     (`parameters_on_meta`), in eval mode as a loaded one is; the caller fills them
-    (`vrpo_fast.train.modules.materialize`)."""
+    (`vrpo_fast.train.modules.shard_empty`)."""
     check_environment()
     from transformers import AutoConfig, AutoModelForCausalLM
 

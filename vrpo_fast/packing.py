@@ -1,6 +1,6 @@
 """Shared-prefix packing: each prompt once, its K responses behind it, several groups per row.
 
-Layout of one group with K = 4 (ARCHITECTURE.md):
+Layout of one group with K = 4:
 
     [ p0 p1 p2 p3 | c0 c1 c2 | r0 r1 | a0 a1 a2 a3 | b0 b1 ]       tokens
     [ 0  1  2  3  | 4  5  6  | 4  5  | 4  5  6  7  | 4  5  ]       position ids

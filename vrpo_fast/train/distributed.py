@@ -67,7 +67,3 @@ def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
