@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT
+
 from vrpo_fast import environment
 from vrpo_fast.errors import UserError
 

@@ -7,8 +7,8 @@ import re
 import shlex
 
 import yaml
-
 from helpers import ROOT
+
 from vrpo_fast.cli import COMMANDS
 from vrpo_fast.config import load_config
 
