@@ -55,4 +55,5 @@ def test_the_readme_commands_name_real_sub_commands():
             if word.endswith("vrpo-fast") or word == "vrpo_fast.cli":
                 used.append(words[i + 1])
     assert used and all(name in COMMANDS for name in used), used
-    assert "bash scripts/install.sh && .venv/bin/python -m pytest -q -n 2 --dist worksteal" in README
+    tests = "bash scripts/install.sh && .venv/bin/python -m pytest -q -n 2 --dist worksteal"
+    assert tests in README
