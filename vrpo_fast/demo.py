@@ -163,6 +163,10 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
         runs.append((f"VRPO M={M_max}, lagged g", "true_g", "vrpo", M_max, "lagged"))
     if s.rm_g:
         runs.append((f"VRPO M={M_max}, RM g", "rm_g", "vrpo", M_max, "given"))
+    # cv_gap's error budget (vrpo_fast.cv_gap) spread over the demo's VRPO runs, every seed's:
+    # the demo's labelled pairs are drawn from pi_ref, and any of its runs warns in at most 5 %
+    # of demos.
+    vrpo_runs = len(s.seeds) * sum(est == "vrpo" and M > 0 for _, _, est, M, _ in runs)
     finals = {}
     for name, variant, estimator, M, aux in runs:
         run_dir = root / "runs" / name.replace(" ", "_").replace(",", "").replace("=", "")
@@ -173,7 +177,8 @@ def _one_seed(root: Path, seed: int, s: DemoSettings) -> list[dict]:
             "loss.loss_type": s.loss_type, "train.output_dir": run_dir,
             "train.max_steps": s.train_steps, "train.save_every": 0, "train.seed": seed,
             "train.batch_groups": s.batch_groups, "train.micro_batch_groups": s.batch_groups,
-            "train.lr": s.lr, "train.warmup_steps": max(1, s.train_steps // 10)})
+            "train.lr": s.lr, "train.warmup_steps": max(1, s.train_steps // 10),
+            "train.cv_gap_alpha": 0.05 / max(1, vrpo_runs)})
         finals[name] = train(train_cfg, quiet=True)
 
     print(f"[seed {seed}] 6/6 evaluating under the true preference")
