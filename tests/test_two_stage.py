@@ -223,3 +223,30 @@ def test_two_stage_end_to_end_raises_the_true_reward(tmp_path):
             own = [rm(input_ids=torch.tensor([p + (r or [tok.eos_token_id])])).logits[0, 0]
                    .item() for r in per_ids]
             assert b == per_text[max(range(5), key=own.__getitem__)]
+
+
+def test_rloo_reward_model_takes_train_mixed_precision(tmp_path):
+    """train.mixed_precision reaches train-rl's reward model as it reaches the policy (it was
+    derived from the device alone, so bf16 on a CPU left the reward model in float32)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from vrpo_fast.config import load_config
+    from vrpo_fast.train.rloo import RLOOTrainer
+
+    tiny_reward_model().save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ("ab>", "cd>")))
+    trainer = RLOOTrainer(load_config(None, [
+        f"--data.path={tmp_path / 'prompts.jsonl'}", "--model.tokenizer=byte",
+        "--model.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+        "intermediate_size: 64}", f"--rl.reward_model={tmp_path / 'rm'}",
+        "--rl.num_samples=2", "--rl.max_new_tokens=3", "--train.max_steps=1",
+        "--train.batch_groups=2", "--train.micro_batch_groups=2",
+        "--train.mixed_precision=bf16", "--train.save_every=0",
+        f"--train.output_dir={tmp_path / 'rl'}"]), quiet=True)
+
+    def param_dtype(module):
+        assert isinstance(module, FSDPModule), type(module)
+        return module._get_fsdp_state()._mp_policy.param_dtype
+
+    assert param_dtype(trainer.policy) == param_dtype(trainer.reward) == torch.bfloat16

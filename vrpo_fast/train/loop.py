@@ -131,9 +131,12 @@ class Trainer:
         self.dist = dist or init_distributed()
         self.device = self.dist.device
         t = cfg.train
-        bf16 = t.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" or (
+        # bf16 compute under FSDP2's MixedPrecisionPolicy: asked for, or auto on a GPU. Every
+        # model of the run (policy, pi_ref, g's model, train-rl's reward model) takes it.
+        self.mixed = t.mixed_precision == "bf16" or (
             t.mixed_precision == "auto" and self.device.type == "cuda")
-        check_attention(t.attention, self.device, bf16=bf16)
+        check_attention(t.attention, self.device,
+                        bf16=self.mixed or cfg.model.dtype == "bfloat16")
         check_loggers(t)
         # Model paths that cannot be models: refused before the lock, the data and its cache.
         for key, path in [("model.path", cfg.model.path),
@@ -163,8 +166,7 @@ class Trainer:
         self.stream = GroupStream(len(self.groups), t.batch_groups, seed=t.seed,
                                   shuffle=t.shuffle)
 
-        on_gpu = self.device.type == "cuda"
-        mixed = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and on_gpu)
+        mixed = self.mixed
         # A model FSDP2 shards, from a local safetensors folder, is built empty and each rank
         # reads only its own shard (train/modules.py); else it is loaded whole, then sharded.
         policy_files = self._shard_files(cfg.model.path, t.cpu_offload or needs_fsdp(mixed)) \
@@ -201,7 +203,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, cfg, is_main=self.dist.is_main, quiet=quiet)
         self._warned_margin = False
         self._n_params = sum(p.numel() for p in self.lm.parameters())
-        self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_gpu else None
+        self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) \
+            if self.device.type == "cuda" else None
         self.lm_head = self._choose_lm_head()
 
     # -- set-up (extension points: the two-stage trainers override these) ---------------------

@@ -79,7 +79,7 @@ class RLOOTrainer(Trainer):
         self.reward = self._frozen(
             SequenceRewards,
             lambda empty: load_reward_model(path, what="rl.reward_model", empty=empty),
-            path, "rl.reward_model", self.device.type == "cuda")
+            path, "rl.reward_model", self.mixed)
         # The sampler runs on an unsharded copy that receives the policy's weights before each
         # draw, as an inference engine would (generation never goes through FSDP's hooks).
         self.generator = self.build_model().to(self.device).eval().requires_grad_(False)
