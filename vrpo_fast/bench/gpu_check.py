@@ -129,12 +129,13 @@ def sections(dry: bool, lora_layers: int) -> list[Section]:
             expected=[(p, None) for p in STEP_PROVIDERS]))
     out.append(Section("lora", f"LoRA, {'tiny Llama' if dry else 'Llama-3.1-8B'} shape "
                                f"({lora_layers if not dry else DRY_LLAMA['num_layers']} layers), "
-                               f"at the budget `vrpo-fast plan` says fits", 65, inner="lora",
+                               f"at the budget `vrpo-fast plan` says fits", 100, inner="lora",
                        expected=[("lora_train", "plan_vs_measured")]))
     out.append(Section("train", f"`vrpo-fast score` + `train` of configs/{RECIPES['qwen']}, "
-                                f"random same-shape model", 60, inner="train",
+                                f"random same-shape model", 90, inner="train",
                        expected=[("score", "stage"), ("train", "stage")]))
-    return out
+    first = [s for s in out if not s.name.endswith("_b")]
+    return first + [s for s in out if s.name.endswith("_b")]
 
 
 # --- the sections measured in Python (env, lora, train) ---------------------------------------
@@ -170,14 +171,16 @@ def _config(argv: list[str]):
     return config_from_args(args)
 
 
-def write_hh_data(path: Path, rows: int, seed: int = 0) -> int:
+def write_hh_data(path: Path, rows: int, seed: int = 0, fixed: tuple | None = None) -> int:
     """`rows` preference rows (chosen, rejected, 4 samples: M = 2, g given) whose texts have
     HH-RLHF's prompt and response lengths in tokens (vrpo_fast/bench/hh_lengths.json) as
-    characters: under the byte tokenizer one character is one token. Returns the most tokens
-    a group holds (its prompt once and its 6 responses, an end-of-sequence token each)."""
+    characters: under the byte tokenizer one character is one token. fixed = (P, R): every
+    prompt P characters and every response R instead (micro-batches that fill a budget).
+    Returns at least the most tokens a group holds (its prompt once and its 6 responses, two
+    special tokens counted for each)."""
     from vrpo_fast.bench.layouts import hh_lengths
 
-    prompts, responses = hh_lengths()
+    prompts, responses = ([fixed[0]], [fixed[1]]) if fixed else hh_lengths()
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz     "
 
@@ -279,7 +282,10 @@ def run_lora(ctx) -> list[dict]:
     else:
         gpu_gib = ctx.cpu_memory_gib
     data = work / "data.jsonl"
-    largest = write_hh_data(data, rows=8, seed=1)        # the groups' largest, for the plan
+    # Groups of one size, HH's mean prompt and response: a micro-batch of budget // size groups
+    # fills the budget (one row), which is what the plan is for.
+    lengths = (121, 47)
+    largest = write_hh_data(data, rows=8, seed=1, fixed=lengths)
     base = ["--config", str(Path(ctx.configs) / RECIPES["llama"]), "--model.path=",
             f"--model.tiny={json.dumps(tiny)}",
             "--model.tokenizer=byte", f"--model.dtype={'float32' if dry else 'bfloat16'}",
@@ -301,13 +307,12 @@ def run_lora(ctx) -> list[dict]:
     groups = budget // largest
     if groups < 1:
         raise RuntimeError(f"the plan's budget ({budget} tokens) holds no group of {largest}")
-    steps = 2 if dry else 3
-    write_hh_data(data, rows=groups * steps, seed=1)
+    steps = 2
+    write_hh_data(data, rows=groups * steps, seed=1, fixed=lengths)
     budget_flags = [f"--train.max_tokens={budget}", f"--train.micro_batch_groups={groups}",
                     f"--train.batch_groups={groups}"]
     cfg = _config([*base, *budget_flags])
-    predicted = plan_memory(cfg, gpus=1, tokens=budget,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+    predicted = plan_memory(cfg, gpus=1, tokens=budget)    # as `vrpo-fast plan` counts it
     out_dir = work / "run"
     _peak_reset()
     graphs = _compiled_graphs()

@@ -249,6 +249,14 @@ def make_step(shape: dict, variant: str):
     return step, dict(keep=keep, prompts=prompts, responses=responses, budget=budget)
 
 
+def per_group_padded_logps(model, prompts, responses):
+    """`padded_logps` one group at a time -> (G, K): the same naive layout and full logits,
+    but never all groups' at once, which at the trainer's micro-batch on a GPU (16 groups x 18
+    responses x ~768 positions x a 152k vocabulary, in fp32) would not fit in its memory."""
+    return torch.cat([padded_logps(model, prompts[i:i + 1], responses[i:i + 1])
+                      for i in range(len(prompts))])
+
+
 def check_same_maths(shape: dict) -> dict:
     """(a) and (c) on the same model and data: the packed policy log-probs, the cached
     reference log-probs and the loss against the naive layout's, each as the largest
@@ -256,11 +264,12 @@ def check_same_maths(shape: dict) -> dict:
     1e-4 in fp32 and 2e-2 in bf16 (10x that for the loss)."""
     policy, ref, _, prompts, responses, g, M, budget = build(shape, "reference_layout")
     with torch.no_grad():
-        naive = padded_logps(policy, prompts, responses)
-        naive_ref = padded_logps(ref, prompts, responses)
+        naive = per_group_padded_logps(policy, prompts, responses)
+        naive_ref = per_group_padded_logps(ref, prompts, responses)
         cached = cached_ref_logps(ref, prompts, responses, budget)
         packed = sequence_logps(policy, prompts, responses, impl="packed", max_tokens=budget)
-        a = naive_loss(policy, ref, prompts, responses, g, M)
+        a = vrpo_loss(naive, naive_ref, g, beta=BETA, estimator="vrpo" if M else "dpo",
+                      check_inputs=False)[0]           # naive_loss on the same log-probs
         c = fast_loss(policy, cached, prompts, responses, g, budget)
         online = online_loss(policy, ref, prompts, responses, g, budget)
         sweep = one_sweep_loss(policy, cached, prompts, responses, g, budget)
