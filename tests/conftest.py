@@ -38,7 +38,43 @@ def tokenizer():
     return byte_tokenizer()
 
 
+# Tests marked `vllm` run real vLLM. Where vllm is not installed (the main environment) they
+# are deselected, not skipped, and one line says how many and how to run them; in the vLLM
+# environment (`bash scripts/install_vllm.sh`) they run, and `.ci/vllm` fails if one skips.
+VLLM_RUN = "bash scripts/install_vllm.sh && .venv-vllm/bin/python -P -m pytest -m vllm"
+_vllm_deselected = 0
+
+
+def _deselect_vllm(config, items) -> None:
+    global _vllm_deselected
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    drop = [item for item in items if item.get_closest_marker("vllm")]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if not item.get_closest_marker("vllm")]
+    _vllm_deselected = len(drop)
+    if hasattr(config, "workeroutput"):      # a pytest-xdist worker: tell the controller
+        config.workeroutput["vllm_deselected"] = len(drop)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    global _vllm_deselected
+    _vllm_deselected = max(_vllm_deselected, node.workeroutput.get("vllm_deselected", 0))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _vllm_deselected:
+        terminalreporter.write_line(
+            f"vllm: {_vllm_deselected} tests need vLLM, which is not installed here: "
+            f"deselected; run them with `{VLLM_RUN}`")
+
+
 def pytest_collection_modifyitems(config, items):
+    _deselect_vllm(config, items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -1,8 +1,8 @@
 """Sampling from pi_ref: counts, stop tokens, seeds, the distribution sampled (chi-square against
 the model's softmax), left padding, the sample stage's output, kill-and-resume, ranks, and the
-vLLM backend's request/output mapping against a stand-in module."""
+vLLM backend's request/output mapping and guards (the backend itself, against real vLLM:
+tests/test_vllm.py)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -22,10 +22,11 @@ from vrpo_fast.errors import UserError
 from vrpo_fast.models import build_tiny_causal_lm
 from vrpo_fast.samplers import (
     TransformersSampler,
-    VLLMSampler,
     prompt_seed,
     stop_token_ids,
     trim_at_stop,
+    vllm_outputs,
+    vllm_requests,
 )
 
 
@@ -360,93 +361,71 @@ def test_stage_errors_name_the_key(tmp_path):
         sample_stage(config(tmp_path, **{"sample.shard_size": 0}), progress=False)
 
 
-# --- the vLLM backend -------------------------------------------------------------------------
+# --- the vLLM backend's mapping (real vLLM: tests/test_vllm.py) --------------------------------
 
-def fake_vllm(seen: dict, completions=None):
-    """A stand-in `vllm` module with the API shapes the sampler uses: LLM(model=..., ...),
-    SamplingParams(n=..., ...), LLM.generate(prompts=..., sampling_params=...) returning one
-    RequestOutput per prompt whose CompletionOutputs carry index and token_ids."""
-
-    class SamplingParams:
-        def __init__(self, **kw):
-            self.kw = kw
-
-    class LLM:
-        def __init__(self, **kw):
-            seen["llm"] = kw
-
-        def generate(self, prompts, sampling_params, *, use_tqdm=True):
-            seen["prompts"], seen["params"] = prompts, [p.kw for p in sampling_params]
-            outputs = []
-            for i, (p, params) in enumerate(zip(prompts, sampling_params)):
-                n = params.kw["n"]
-                made = completions(i, p, n) if completions else [
-                    types.SimpleNamespace(index=j, token_ids=[10 + j, len(p["prompt_token_ids"]),
-                                                             1, 5])
-                    for j in reversed(range(n))]       # out of order: the sampler sorts
-                outputs.append(types.SimpleNamespace(outputs=made))
-            return outputs
-
-    module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    return module
+def completion(index, token_ids, logprobs=None):
+    """A vLLM CompletionOutput's fields the sampler reads; logprobs: one {token: Logprob} per
+    step, as SamplingParams(logprobs=0) returns them."""
+    steps = None if logprobs is None else [
+        {t: types.SimpleNamespace(logprob=lp)} for t, lp in zip(token_ids, logprobs)]
+    return types.SimpleNamespace(index=index, token_ids=token_ids, logprobs=steps)
 
 
-def test_vllm_backend_maps_requests_and_outputs(monkeypatch, tokenizer, tmp_path):
-    seen = {}
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(seen))
-    model_dir = tmp_path / "m"
-    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(model_dir)   # eos 1 in its config
-    s = VLLMSampler(str(model_dir), tokenizer, tokenizer_path="tok", temperature=1.0, top_p=0.9,
-                    max_new_tokens=7, tensor_parallel_size=2, seed=3)
-    assert seen["llm"] == {"model": str(model_dir), "tokenizer": "tok",
-                           "tensor_parallel_size": 2, "seed": 3}
-    out = s.sample([[0, 5], [0, 6, 7]], 3, seed=11)
-    assert seen["prompts"] == [{"prompt_token_ids": [0, 5]}, {"prompt_token_ids": [0, 6, 7]}]
-    assert seen["params"] == [dict(n=3, temperature=1.0, top_p=0.9, max_tokens=7,
-                                   seed=prompt_seed(11, i)) for i in range(2)]
-    # sorted by completion index, cut after EOS (1)
-    assert out == [[[10, 2, 1], [11, 2, 1], [12, 2, 1]], [[10, 3, 1], [11, 3, 1], [12, 3, 1]]]
-
-
-def test_vllm_backend_rejects_a_wrong_number_of_completions(monkeypatch, tokenizer, tmp_path):
-    short = fake_vllm({}, completions=lambda i, p, n: [
-        types.SimpleNamespace(index=0, token_ids=[4, 1])])
-    monkeypatch.setitem(sys.modules, "vllm", short)
-    s = VLLMSampler(str(tmp_path), tokenizer, max_new_tokens=4)
+def test_vllm_requests_and_outputs_map_ids_order_and_log_probs():
+    assert vllm_requests([[0, 5], [0, 6, 7]]) == [{"prompt_token_ids": [0, 5]},
+                                                  {"prompt_token_ids": [0, 6, 7]}]
+    outputs = [types.SimpleNamespace(outputs=[   # out of index order: the sampler sorts
+        completion(1, [4, 1, 9], [-1.0, -0.5, -8.0]), completion(0, [3, 3], [-2.0, -0.25])]),
+        types.SimpleNamespace(outputs=[completion(0, [7]), completion(1, [1])])]
+    ids, logps = vllm_outputs(outputs, 2, stop_ids=[1])
+    # cut after the stop token; the log-prob sums the kept tokens only
+    assert ids == [[[3, 3], [4, 1]], [[7], [1]]]
+    assert logps[0] == [-2.25, -1.5]
+    assert all(math.isnan(v) for v in logps[1])        # no log-probs requested
     with pytest.raises(RuntimeError, match="1 completions for a prompt, expected 2"):
-        s.sample([[0, 5]], 2, seed=0)
+        vllm_outputs([types.SimpleNamespace(outputs=[completion(0, [4, 1])])], 2, [1])
 
 
 def test_backend_choice_and_vllm_guards(monkeypatch, tmp_path):
+    import vrpo_fast.samplers as samplers
     from vrpo_fast import sample as sample_module
-    from vrpo_fast.sample import choose_backend, make_sampler
+    from vrpo_fast.sample import backend_choice, choose_backend, vllm_args
 
     with_path = load_config(None, [f"--model.path={tmp_path}", "--model.tokenizer=byte"])
     tiny = load_config(None, [f"--model.tiny={TINY_YAML}"])
-    monkeypatch.setattr(sample_module, "vllm_available", lambda: True)
+    monkeypatch.setattr(sample_module, "vllm_problem", lambda: None)
+    where = "a GPU" if torch.cuda.is_available() else "the CPU"
+    assert backend_choice(with_path) == ("vllm", f"auto: vllm imports, {where}")
     assert choose_backend(with_path) == "vllm"
-    assert choose_backend(tiny) == "transformers"            # vLLM cannot load model.tiny
-    monkeypatch.setattr(sample_module, "vllm_available", lambda: False)
-    assert choose_backend(with_path) == "transformers"
+    assert backend_choice(tiny) == ("transformers", "auto: the reference model is model.tiny, "
+                                                    "which vLLM cannot load")
+    monkeypatch.setattr(sample_module, "vllm_problem", lambda: "vllm is not installed")
+    assert backend_choice(with_path) == ("transformers", "auto: vllm is not installed")
+    forced = load_config(None, [f"--model.path={tmp_path}", "--sample.backend=vllm"])
+    assert backend_choice(forced) == ("vllm", "sample.backend")
     with pytest.raises(UserError, match="needs a model path"):
-        make_sampler(load_config(None, [f"--model.tiny={TINY_YAML}", "--sample.backend=vllm"]),
-                     None, "vllm")
+        vllm_args(load_config(None, [f"--model.tiny={TINY_YAML}", "--sample.backend=vllm"]))
+    # sample.backend=vllm where vllm does not import: one line, the way out named.
+    monkeypatch.setattr(samplers, "vllm_problem", lambda: "vllm is not installed")
+    with pytest.raises(UserError, match=r"^sample.backend: vllm cannot be used here \(vllm is "
+                                        r"not installed; .*sample.backend=transformers"):
+        vllm_args(forced)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(UserError, match="under torchrun"):
-        make_sampler(with_path, None, "vllm")
+        vllm_args(forced)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-                    reason="the real vLLM backend needs vllm and a GPU")
-def test_real_vllm_backend(tmp_path, tokenizer):
-    model_dir = tmp_path / "m"
-    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    s = VLLMSampler(str(model_dir), tokenizer, max_new_tokens=4)
-    prompts = [tokenizer("ab>")["input_ids"], tokenizer("b>")["input_ids"]]
-    out = s.sample(prompts, 4, seed=0)
-    assert [len(per) for per in out] == [4, 4]
-    assert all(1 <= len(ids) <= 4 and (ids[-1] == 1 or len(ids) == 4) for per in out
-               for ids in per)
-    assert out == s.sample(prompts, 4, seed=0)           # per-prompt seeds
+def test_sample_with_backend_vllm_where_vllm_does_not_import_writes_nothing(tmp_path, capsys,
+                                                                            monkeypatch):
+    import vrpo_fast.samplers as samplers
+    from vrpo_fast.cli import main
+
+    monkeypatch.setattr(samplers, "vllm_problem", lambda: "vllm is not installed")
+    build_tiny_causal_lm(seed=0, **TINY).save_pretrained(tmp_path / "m")
+    args = [a for a in overrides(tmp_path) if not a.startswith("--model.tiny")]
+    capsys.readouterr()                                 # saving the model printed a bar
+    assert main(["sample", *args, f"--model.path={tmp_path / 'm'}",
+                 "--sample.backend=vllm"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "vllm cannot be used here" in err, err
+    assert not (tmp_path / "sampled").exists()

