@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh OUT                 # on one H100 / H200: at most ~8 minutes
 #   scripts/gpu_check.sh OUT --dry-run       # the same sections at tiny shapes on the CPU (CI)
-#   scripts/gpu_check.sh OUT --only sweep_a,step_m8 [--budget-s 460] [--lora-layers 8]
+#   scripts/gpu_check.sh OUT --only sweep_a,step_m8 [--budget-s 440] [--lora-layers 8]
 #
 # Writes OUT/results.json, OUT/results.md (every row with its status, the device, the commit,
 # the versions, the targets met or not) and OUT/gpu_check.log. On a GPU machine that cannot

@@ -191,6 +191,11 @@ def test_a_section_that_fails_leaves_failed_rows_with_its_reason(tmp_path):
     status = {(r["provider"], r["direction"]): r["status"] for r in rows}
     assert status[("eager", "full")] == "failed: no row (timed out after 50 s)"
     assert status[("ours", "full")] == "measured"
+    for path in tmp_path.iterdir():
+        path.unlink()
+    rows = gpu_check.collect(section, dict(reason="skipped: out of time (8 s of the run's "
+                                                  "460 s left)"), tmp_path)
+    assert {r["status"] for r in rows} == {"skipped: out of time (8 s of the run's 460 s left)"}
 
 
 def _rows(over=None):

@@ -1,7 +1,7 @@
 """The GPU proof in one run: every measurement the trainer's speed claims rest on, each section
 in its own process under its own time cap, one JSON and one markdown table at the end.
 
-    scripts/gpu_check.sh OUT [--dry-run] [--only SECTION,...] [--budget-s 460]
+    scripts/gpu_check.sh OUT [--dry-run] [--only SECTION,...] [--budget-s 440]
     python -m vrpo_fast.bench.gpu_check OUT [...]        # what the script runs
 
 Sections (each row of the report carries its status: measured, failed: why, skipped: why):
@@ -86,7 +86,7 @@ def sections(dry: bool, lora_layers: int) -> list[Section]:
     """The run's sections in order, at the GPU's shapes or (dry) tiny CPU ones."""
     out = [Section("env", "device, versions, commit, bf16 matmul rate", 20, inner="env",
                    expected=[("env", "matmul")])]
-    rep = ["--rep-ms", "1", "--rounds", "1"] if dry else ["--rep-ms", "100"]
+    rep = ["--rep-ms", "1", "--rounds", "1", "--warmup", "0"] if dry else ["--rep-ms", "100"]
     no_compile = {"compile": "dry run: torch.compile of the full-logit head takes minutes on "
                              "2 CPU cores"} if dry else {}
     for key in "ab":
@@ -125,7 +125,7 @@ def sections(dry: bool, lora_layers: int) -> list[Section]:
                           f"HH lengths, M = {M}", 50 + 5 * (M == 8),
             commands=[["bench", "step", *model, "--M", str(M), "--lengths", "hh",
                        "--providers", ",".join(STEP_PROVIDERS),
-                       *(["--rep-ms", "1", "--rounds", "1"] if dry else ["--rep-ms", "1000"])]],
+                       *(rep if dry else ["--rep-ms", "1000"])]],
             expected=[(p, None) for p in STEP_PROVIDERS]))
     out.append(Section("lora", f"LoRA, {'tiny Llama' if dry else 'Llama-3.1-8B'} shape "
                                f"({lora_layers if not dry else DRY_LLAMA['num_layers']} layers), "
@@ -502,6 +502,9 @@ def collect(section: Section, result: dict, work: Path) -> list[dict]:
         r = by.get((provider, direction))
         if r is None and provider in section.skipped:
             r = dict(provider=provider, direction=direction, note=section.skipped[provider])
+        if r is None and (result.get("reason") or "").startswith("skipped: "):
+            r = dict(provider=provider, direction=direction,
+                     note=result["reason"][len("skipped: "):])
         if r is None:
             why = result.get("reason") or command_errors.get(provider) or \
                 command_errors.get(",".join(STEP_PROVIDERS)) or command_errors.get(None) or \
@@ -629,9 +632,10 @@ def parse_args(argv):
                         help="every section at tiny shapes on the CPU (CI)")
     parser.add_argument("--only", default=None,
                         help="comma-separated sections (default all; env always runs)")
-    parser.add_argument("--budget-s", type=float, default=460,
+    parser.add_argument("--budget-s", type=float, default=440,
                         help="the whole run's time; a section starts only with >= 10 s left "
-                             "and gets min(its cap, what is left) (default 460)")
+                             "and gets min(its cap, what is left) (default 440: with the "
+                             "installs before it, ~8 minutes)")
     parser.add_argument("--lora-layers", type=int, default=8,
                         help="decoder layers of the Llama-3.1-8B-shaped LoRA model (default 8)")
     parser.add_argument("--cpu-memory-gib", type=float, default=0.02,
