@@ -49,7 +49,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from vrpo_fast.train.distributed import barrier
+from vrpo_fast.errors import UserError
+from vrpo_fast.models import save_lora
+from vrpo_fast.train.distributed import all_reduce_, barrier, broadcast_object
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "checkpoint.json"
@@ -233,6 +235,13 @@ def rng_state() -> dict:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random streams."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -368,3 +377,147 @@ def full_model_state_dict(model) -> dict:
     """Unsharded weights on CPU (rank 0 gets them; other ranks get an empty dict)."""
     return get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# -- the trainer's checkpoints: resume, save, final/ ----------------------------------------------
+
+class Checkpointer:
+    """Resume and saving for a `Trainer` (vrpo_fast.train.loop): which checkpoint a run resumes
+    from and under which settings, what a checkpoint holds besides the weights and optimizer
+    (step, skipped steps, RNG states, the DRO state, the lagged copy of aux.mode lagged, the
+    data's fingerprint), and <output_dir>/final/. It reads the trainer's state when called
+    (built in the trainer's __init__, before the models), and `resume` writes the restored
+    step, counters, DRO state and random streams back into it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.cfg, self.dist, self.out = trainer.cfg, trainer.dist, trainer.out
+
+    def resume(self) -> None:
+        """Resume from the newest checkpoint that is complete and loads, saying on stdout which
+        ones were passed over and why; with none at all, start afresh (metrics.jsonl too)."""
+        tr = self.trainer
+        remove_incomplete(self.out, self.dist.is_main)
+        # Rank 0 inspects the folder; every rank then tries the same checkpoints in order.
+        found = broadcast_object([(p, checkpoint_problem(p))
+                                  for p in checkpoints(self.out)] if self.dist.is_main
+                                 else None)
+        if not found:
+            tr.metrics.truncate_after(0)   # a run killed before its first checkpoint
+            return
+        passed = []
+        for path, problem in found:
+            if problem is None:
+                self._check_resume_settings(path)
+                try:
+                    state = load_checkpoint(path, tr.policy, tr.optimizer,
+                                            rank=self.dist.rank, frozen=self._frozen_state())
+                    break
+                except CheckpointUnreadable as err:
+                    problem = str(err)
+            passed.append(f"{path.name}: {problem}")
+            if self.dist.is_main:
+                print(f"note: {path} cannot be resumed ({problem}); trying the checkpoint "
+                      f"before it")
+        else:
+            raise UserError(f"train.output_dir: no checkpoint in {checkpoint_root(self.out)} "
+                            f"can be resumed ({'; '.join(passed)}); restore one, or move them "
+                            f"away to start afresh")
+        tr.step = state["step"]
+        tr.skipped_total = state["skipped_total"]
+        if tr.dro is not None and state.get("dro", {}).get("kind") == tr.dro.kind:
+            tr.dro.load_state_dict(state["dro"])
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
+        else:  # a rank the checkpoint's run did not have
+            seed_everything(hash((self.cfg.train.seed, tr.step, self.dist.rank)) % 2**32)
+        tr.metrics.truncate_after(tr.step)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {tr.step}")
+            if state["world_size"] != self.dist.world_size:
+                print(f"note: the checkpoint was written by {state['world_size']} rank(s), this "
+                      f"run has {self.dist.world_size}: weights, optimizer, schedule and data "
+                      f"order carry over; the trajectory is the same up to the order of "
+                      f"gradient reductions")
+
+    def _check_resume_settings(self, path: Path) -> None:
+        """Refuse settings or data that would change which rows the remaining steps see (or
+        which model the weights fit); note the other changes."""
+        fixed, other = config_changes(path, self.cfg.to_dict())
+        if fixed:
+            raise UserError(f"{fixed[0].split(':')[0]}: {path} was written under other "
+                            f"settings that decide which data the remaining steps see or "
+                            f"which model the weights fit ({'; '.join(fixed)}); resume with "
+                            f"the checkpoint's values, or start a new train.output_dir")
+        # Every rank reads the same manifest and holds the same data: the same verdict.
+        saved = read_manifest(path).get("data")
+        now = getattr(self.trainer.groups, "fingerprint", None)
+        if saved is not None and now is not None and saved != now:
+            if not self.cfg.train.allow_data_change:
+                raise UserError(f"data.path: {self.cfg.data.path} holds other rows than the "
+                                f"data {path} was trained on (their content is compared, not "
+                                f"the path): the remaining steps would not see the data the run "
+                                f"promised; resume with that data, set "
+                                f"train.allow_data_change=true to go on with this one, or start "
+                                f"a new train.output_dir")
+            if self.dist.is_main:
+                print(f"note: resuming {path} on other data than its own "
+                      f"(train.allow_data_change): the steps after {path.name} draw from "
+                      f"{self.cfg.data.path}")
+        if other and self.dist.is_main:
+            print(f"note: resuming {path} with settings other than its own ({'; '.join(other)}):"
+                  f" the steps after {path.name} follow the new ones")
+
+    def _frozen_state(self) -> dict:
+        # The lagged copy is training state: it is not a function of the current weights.
+        return {"lagged": self.trainer.aux} if self.cfg.aux.mode == "lagged" else {}
+
+    def save(self) -> None:
+        """A checkpoint of the trainer's current step (atomic; see save_checkpoint)."""
+        tr = self.trainer
+        if not self._weights_finite():
+            raise UserError(f"step {tr.step}: weights are not finite; no checkpoint written "
+                            f"(the previous one is intact)")
+        extra = {"step": tr.step, "skipped_total": tr.skipped_total, "rng": rng_state()}
+        if tr.dro is not None:
+            extra["dro"] = tr.dro.state_dict()
+        save_checkpoint(self.out, tr.step, tr.policy, tr.optimizer, extra,
+                        rank=self.dist.rank, world_size=self.dist.world_size,
+                        keep_last=self.cfg.train.keep_last, config_yaml=self.cfg.to_yaml(),
+                        data=getattr(tr.groups, "fingerprint", None), frozen=self._frozen_state())
+
+    def _weights_finite(self) -> bool:
+        bad = torch.zeros((), device=self.trainer.device)
+        for p in self.trainer.policy.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).sum()
+        return all_reduce_(bad).item() == 0  # host sync: once per save
+
+    def save_final(self) -> Path:
+        """<output_dir>/final/: a Hugging Face model + tokenizer, written atomically; with
+        lora.enabled the adapter in peft's format (and with lora.merge_final the merged model
+        in final/merged)."""
+        tr = self.trainer
+        full = full_model_state_dict(tr.policy)
+        final = self.out / "final"
+        if self.dist.is_main:
+            import transformers
+
+            tmp = self.out / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            prefix = next(iter(full)).split(".")[0] + "."    # the wrapper's attribute name
+            state = {k.removeprefix(prefix): v for k, v in full.items()}
+            if self.cfg.lora.enabled:
+                save_lora(state, tr.lm.config, self.cfg.lora, tmp,
+                          base_path=self.cfg.model.path, merged=self.cfg.lora.merge_final)
+            else:
+                plain = getattr(transformers, tr.export_class).from_config(tr.lm.config)
+                plain.load_state_dict(state)
+                plain.save_pretrained(tmp)
+            tr.tokenizer.save_pretrained(tmp)
+            if self.cfg.lora.enabled and self.cfg.lora.merge_final:
+                tr.tokenizer.save_pretrained(tmp / "merged")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        barrier()
+        return final

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import atexit
 import math
-import random
-import shutil
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import vrpo_fast.attention as packed_attention
@@ -44,7 +41,6 @@ from vrpo_fast.models import (
     lora_initial_value,
     model_from_config,
     model_path,
-    save_lora,
     tokenizer_from_config,
     weight_files,
 )
@@ -52,13 +48,12 @@ from vrpo_fast.objective import LABELLED_STATS, implicit_preference, reward_pref
 from vrpo_fast.ops import dispatch_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceLogps, SequenceRewards, SequenceVRPOLoss
-from vrpo_fast.train import checkpoint as ckpt
 from vrpo_fast.train import lock
+from vrpo_fast.train.checkpoint import Checkpointer, seed_everything
 from vrpo_fast.train.data import GroupStream, load_training_groups
 from vrpo_fast.train.distributed import (
     Dist,
     all_reduce_,
-    barrier,
     broadcast_object,
     init_distributed,
 )
@@ -157,7 +152,8 @@ class Trainer:
         self.local_groups = t.batch_groups // world
         self.out = Path(t.output_dir)
         self._lock = self._take_lock()
-        self._seed_everything(t.seed)
+        seed_everything(t.seed)
+        self.checkpointer = Checkpointer(self)   # resume, checkpoints, final/
 
 
         self.tokenizer = tokenizer_from_config(cfg)
@@ -277,11 +273,6 @@ class Trainer:
                             f"largest prompt group ({largest} tokens: its prompt once and its "
                             f"{2 + 2 * self.M} responses); set it to at least {largest}, or "
                             f"leave it unset")
-
-    def _seed_everything(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
 
     def _lora_initial(self, name, shape):
         """The initial value of a LoRA adapter the empty policy lacks (None otherwise)."""
@@ -668,139 +659,14 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
 
-    def resume_if_possible(self) -> None:
-        """Resume from the newest checkpoint that is complete and loads, saying on stdout which
-        ones were passed over and why; with none at all, start afresh (metrics.jsonl too)."""
-        ckpt.remove_incomplete(self.out, self.dist.is_main)
-        # Rank 0 inspects the folder; every rank then tries the same checkpoints in order.
-        found = broadcast_object([(p, ckpt.checkpoint_problem(p))
-                                  for p in ckpt.checkpoints(self.out)] if self.dist.is_main
-                                 else None)
-        if not found:
-            self.metrics.truncate_after(0)   # a run killed before its first checkpoint
-            return
-        passed = []
-        for path, problem in found:
-            if problem is None:
-                self._check_resume_settings(path)
-                try:
-                    state = ckpt.load_checkpoint(path, self.policy, self.optimizer,
-                                                 rank=self.dist.rank,
-                                                 frozen=self._frozen_state())
-                    break
-                except ckpt.CheckpointUnreadable as err:
-                    problem = str(err)
-            passed.append(f"{path.name}: {problem}")
-            if self.dist.is_main:
-                print(f"note: {path} cannot be resumed ({problem}); trying the checkpoint "
-                      f"before it")
-        else:
-            raise UserError(f"train.output_dir: no checkpoint in {ckpt.checkpoint_root(self.out)} "
-                            f"can be resumed ({'; '.join(passed)}); restore one, or move them "
-                            f"away to start afresh")
-        self.step = state["step"]
-        self.skipped_total = state["skipped_total"]
-        if self.dro is not None and state.get("dro", {}).get("kind") == self.dro.kind:
-            self.dro.load_state_dict(state["dro"])
-        if state["rng"] is not None:
-            ckpt.set_rng_state(state["rng"])
-        else:  # a rank the checkpoint's run did not have
-            self._seed_everything(hash((self.cfg.train.seed, self.step, self.dist.rank)) % 2**32)
-        self.metrics.truncate_after(self.step)
-        if self.dist.is_main:
-            print(f"resumed from {path} at step {self.step}")
-            if state["world_size"] != self.dist.world_size:
-                print(f"note: the checkpoint was written by {state['world_size']} rank(s), this "
-                      f"run has {self.dist.world_size}: weights, optimizer, schedule and data "
-                      f"order carry over; the trajectory is the same up to the order of "
-                      f"gradient reductions")
-
-    def _check_resume_settings(self, path: Path) -> None:
-        """Refuse settings or data that would change which rows the remaining steps see (or
-        which model the weights fit); note the other changes."""
-        fixed, other = ckpt.config_changes(path, self.cfg.to_dict())
-        if fixed:
-            raise UserError(f"{fixed[0].split(':')[0]}: {path} was written under other "
-                            f"settings that decide which data the remaining steps see or "
-                            f"which model the weights fit ({'; '.join(fixed)}); resume with "
-                            f"the checkpoint's values, or start a new train.output_dir")
-        # Every rank reads the same manifest and holds the same data: the same verdict.
-        saved = ckpt.read_manifest(path).get("data")
-        now = self._data_fingerprint()
-        if saved is not None and now is not None and saved != now:
-            if not self.cfg.train.allow_data_change:
-                raise UserError(f"data.path: {self.cfg.data.path} holds other rows than the "
-                                f"data {path} was trained on (their content is compared, not "
-                                f"the path): the remaining steps would not see the data the run "
-                                f"promised; resume with that data, set "
-                                f"train.allow_data_change=true to go on with this one, or start "
-                                f"a new train.output_dir")
-            if self.dist.is_main:
-                print(f"note: resuming {path} on other data than its own "
-                      f"(train.allow_data_change): the steps after {path.name} draw from "
-                      f"{self.cfg.data.path}")
-        if other and self.dist.is_main:
-            print(f"note: resuming {path} with settings other than its own ({'; '.join(other)}):"
-                  f" the steps after {path.name} follow the new ones")
-
-    def _data_fingerprint(self) -> str | None:
-        return getattr(self.groups, "fingerprint", None)
-
-    def _frozen_state(self) -> dict:
-        # The lagged copy is training state: it is not a function of the current weights.
-        return {"lagged": self.aux} if self.cfg.aux.mode == "lagged" else {}
-
     def save(self) -> None:
-        if not self._weights_finite():
-            raise UserError(f"step {self.step}: weights are not finite; no checkpoint written "
-                            f"(the previous one is intact)")
-        extra = {"step": self.step, "skipped_total": self.skipped_total, "rng": ckpt.rng_state()}
-        if self.dro is not None:
-            extra["dro"] = self.dro.state_dict()
-        ckpt.save_checkpoint(self.out, self.step, self.policy, self.optimizer, extra,
-                             rank=self.dist.rank, world_size=self.dist.world_size,
-                             keep_last=self.cfg.train.keep_last, config_yaml=self.cfg.to_yaml(),
-                             data=self._data_fingerprint(), frozen=self._frozen_state())
-
-    def _weights_finite(self) -> bool:
-        bad = torch.zeros((), device=self.device)
-        for p in self.policy.parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            bad += (~torch.isfinite(local.detach())).sum()
-        return all_reduce_(bad).item() == 0  # host sync: once per save
-
-    def save_final(self) -> Path:
-        """<output_dir>/final/: a Hugging Face model + tokenizer, written atomically; with
-        lora.enabled the adapter in peft's format (and with lora.merge_final the merged model
-        in final/merged)."""
-        full = ckpt.full_model_state_dict(self.policy)
-        final = self.out / "final"
-        if self.dist.is_main:
-            import transformers
-
-            tmp = self.out / "final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            prefix = next(iter(full)).split(".")[0] + "."    # the wrapper's attribute name
-            state = {k.removeprefix(prefix): v for k, v in full.items()}
-            if self.cfg.lora.enabled:
-                save_lora(state, self.lm.config, self.cfg.lora, tmp,
-                          base_path=self.cfg.model.path, merged=self.cfg.lora.merge_final)
-            else:
-                plain = getattr(transformers, self.export_class).from_config(self.lm.config)
-                plain.load_state_dict(state)
-                plain.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if self.cfg.lora.enabled and self.cfg.lora.merge_final:
-                self.tokenizer.save_pretrained(tmp / "merged")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        barrier()
-        return final
+        """A checkpoint of the current step (train/checkpoint.py: Checkpointer.save)."""
+        self.checkpointer.save()
 
     def fit(self) -> Path:
         t = self.cfg.train
         try:
-            self.resume_if_possible()
+            self.checkpointer.resume()
             if self.step > t.max_steps:
                 # final/ would be the step-N model under a config that asked for fewer steps.
                 raise UserError(f"train.max_steps: {t.max_steps}, but {self.out} holds a "
@@ -817,7 +683,7 @@ class Trainer:
                 if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
                     self.save()
             self.metrics.close()
-            return self.save_final()
+            return self.checkpointer.save_final()
         finally:
             self.metrics.close()
             self._release_lock()
