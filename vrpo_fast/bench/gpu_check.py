@@ -7,6 +7,8 @@ in its own process under its own time cap, one JSON and one markdown table at th
 Sections (each row of the report carries its status: measured, failed: why, skipped: why):
 
   env        the device, versions, commit and the bf16 matmul rate (8192^3)
+  kernels    (dry run only) the heads' Triton kernels in Triton's interpreter against float64:
+             on the CPU the head sections' "ours" is the chunked PyTorch reference
   sweep_a/b  the one-sweep LM head + VRPO loss (`vrpo-fast bench fused-vrpo`) beside eager,
              torch.compile, Liger / Cut Cross-Entropy as the LM head and the two-pass head, at
              N = 8192, D = 4096, V = 128256 and N = 16384, D = 4096, V = 151936 (bf16)
@@ -80,12 +82,23 @@ class Section:
     inner: str | None = None
     expected: list = field(default_factory=list)     # (provider, pass) of every row it owes
     skipped: dict = field(default_factory=dict)      # provider -> why it is not run
+    env: dict = field(default_factory=dict)          # set in the section's process
 
 
 def sections(dry: bool, lora_layers: int) -> list[Section]:
     """The run's sections in order, at the GPU's shapes or (dry) tiny CPU ones."""
     out = [Section("env", "device, versions, commit, bf16 matmul rate", 20, inner="env",
                    expected=[("env", "matmul")])]
+    kernels = [("linear_logprob", "interpreted"), ("fused_vrpo", "interpreted")]
+    if dry:
+        out.append(Section("kernels", "the Triton kernels of the heads in Triton's interpreter "
+                                      "against float64", 0, inner="kernels", expected=kernels,
+                           env={"TRITON_INTERPRET": "1"}))
+    else:
+        on_gpu = "a GPU run: the head sections time the compiled kernels (ours)"
+        out.append(Section("kernels", "the Triton kernels in Triton's interpreter (dry run "
+                                      "only)", 0, expected=kernels,
+                           skipped={p: on_gpu for p, _ in kernels}))
     rep = ["--rep-ms", "1", "--rounds", "1", "--warmup", "0"] if dry else ["--rep-ms", "100"]
     no_compile = {"compile": "dry run: torch.compile of the full-logit head takes minutes on "
                              "2 CPU cores"} if dry else {}
@@ -120,6 +133,12 @@ def sections(dry: bool, lora_layers: int) -> list[Section]:
              "24,12"] if dry else \
         ["--model", "qwen2.5-0.5b", "--groups", "16", "--cap", "512,256"]
     for M in (2, 8):
+        if dry and M == 2:
+            same = "dry run: the step's paths at M = 2 are step_m8's (measured there)"
+            out.append(Section("step_m2", "training step, M = 2 (dry run: see step_m8)", 0,
+                               expected=[(p, None) for p in STEP_PROVIDERS],
+                               skipped={p: same for p in STEP_PROVIDERS}))
+            continue
         out.append(Section(
             f"step_m{M}", f"training step, {'tiny model' if dry else 'Qwen2.5-0.5B shape'}, "
                           f"HH lengths, M = {M}", 50 + 5 * (M == 8),
@@ -385,7 +404,35 @@ def run_train(ctx) -> list[dict]:
     return rows
 
 
-INNER = {"env": run_env, "lora": run_lora, "train": run_train}
+def run_kernels(ctx) -> list[dict]:
+    """The dry run's Triton path (on the CPU the head sections' "ours" is the chunked PyTorch
+    reference): the fused log-prob kernel and the one sweep's Triton steps in the interpreter
+    (TRITON_INTERPRET=1, set for this section's process), values and gradients against
+    float64, never timed."""
+    from vrpo_fast.bench import fused_vrpo, linear_logprob
+    from vrpo_fast.ops import FusedLinearVRPOLoss, linear_logprobs
+
+    rows = []
+    start = time.perf_counter()
+    h, w, t, grad = linear_logprob.make_inputs(96, 16, 64, "fp32")
+    check = linear_logprob.check(lambda h, w, t: linear_logprobs(h, w, t, impl="triton"),
+                                 h, w, t, grad, "fp32")
+    rows.append(dict(provider="linear_logprob", direction="interpreted", check=check,
+                     shape=dict(N=96, D=16, V=64), wall_s=time.perf_counter() - start))
+    start = time.perf_counter()
+    d = fused_vrpo.make_inputs(300, 16, 64, "fp32", M=1)
+    sweep = FusedLinearVRPOLoss(beta=fused_vrpo.BETA, impl="triton", check_inputs=False)
+    check = fused_vrpo.check(lambda h, w, t, seg, G, K, ref, g: sweep(h, w, t, seg, G, K, ref,
+                                                                        g)[0], d, "fp32")
+    rows.append(dict(provider="fused_vrpo", direction="interpreted", check=check,
+                     shape=dict(N=300, D=16, V=64, M=1), wall_s=time.perf_counter() - start))
+    for r in rows:
+        if not r["check"]["ok"]:
+            r["error"] = "correctness check failed against float64"
+    return rows
+
+
+INNER = {"env": run_env, "kernels": run_kernels, "lora": run_lora, "train": run_train}
 
 
 def inner_main(name: str, ctx) -> int:
@@ -443,7 +490,7 @@ def _run_section(section: Section, args, cap: float, log) -> dict:
            "vrpo_fast.bench.gpu_check", "--inner", section.name, "--work", str(args.work),
            "--lora-layers", str(args.lora_layers), "--cpu-memory-gib", str(args.cpu_memory_gib),
            "--configs", str(args.configs), args.out] + (["--dry-run"] if args.dry_run else [])
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **section.env)
     log.write(f"\n===== {section.name}: {section.title} (cap {cap:.0f} s)\n")
     log.flush()
     start = time.perf_counter()
