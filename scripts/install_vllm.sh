@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-vllm (or $VENV): vLLM, then vrpo_fast on top of vLLM's own pins, for the vLLM
-# sampler and its tests (`python -P -m pytest -m vllm`). The main .venv is not touched.
+# sampler, its tests (`python -P -m pytest -m vllm`) and the sampling benchmark. The main .venv
+# is not touched.
 #
 #   bash scripts/install_vllm.sh            # VENV=.venv-vllm
 #
@@ -28,7 +29,7 @@ fi
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 pip freeze --exclude-editable | grep -v '^-e ' > "$constraints"
-pip install --quiet -c "$constraints" -e . pytest pytest-xdist
+pip install --quiet -c "$constraints" -e . pytest pytest-xdist pytest-benchmark
 # -P: the checkout's top-level folders (kernels/) must not shadow installed packages.
 "$VENV/bin/python" -P -c '
 import torch, transformers, vllm, vrpo_fast
