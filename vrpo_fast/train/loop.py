@@ -26,7 +26,6 @@ import torch
 
 import vrpo_fast.attention as packed_attention
 from vrpo_fast.config import Config
-from vrpo_fast.cv_gap import GapCheck
 from vrpo_fast.dro import KLDRO, Chi2DRO, GroupDRO
 from vrpo_fast.errors import UserError, check_output
 from vrpo_fast.host_memory import keep_freed_memory
@@ -44,7 +43,7 @@ from vrpo_fast.models import (
     tokenizer_from_config,
     weight_files,
 )
-from vrpo_fast.objective import LABELLED_STATS, implicit_preference, reward_preference, vrpo_loss
+from vrpo_fast.objective import implicit_preference, reward_preference, vrpo_loss
 from vrpo_fast.ops import dispatch_vrpo_loss
 from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceLogps, SequenceRewards, SequenceVRPOLoss
@@ -57,7 +56,14 @@ from vrpo_fast.train.distributed import (
     broadcast_object,
     init_distributed,
 )
-from vrpo_fast.train.metrics import MetricsLogger, check_loggers, peak_flops, read_metrics
+from vrpo_fast.train.metrics import (
+    CvGapWatch,
+    MarginWatch,
+    MetricsLogger,
+    StepStats,
+    check_loggers,
+    peak_flops,
+)
 from vrpo_fast.train.modules import needs_fsdp, shard, shard_empty
 
 
@@ -196,8 +202,12 @@ class Trainer:
         self.step = 0
         self.skipped_total = 0
         self.bad_in_row = 0
+        self._label_scale: float | None = None   # the step's (_step_label_scale), set per step
         self.metrics = MetricsLogger(self.out, cfg, is_main=self.dist.is_main, quiet=quiet)
-        self._warned_margin = False
+        # Each step's record passes these (they add fields and warn).
+        self.watchers = (MarginWatch(),
+                         CvGapWatch(cfg, self.groups, self.stream, self.M, self.out,
+                                    is_main=self.dist.is_main))
         self._n_params = sum(p.numel() for p in self.lm.parameters())
         self._peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) \
             if self.device.type == "cuda" else None
@@ -500,7 +510,7 @@ class Trainer:
             domains = [self.groups.domain_ids[i] for i in self.stream.global_indices(self.step)]
         self.dro.begin(domains)
 
-    def _dro_end(self, stat_sums: dict, stat_weights: dict) -> None:
+    def _dro_end(self, step_stats: StepStats) -> None:
         """Update the DRO state from the step's global batch (one collective) and add it to
         the step's statistics (the same on every rank, weight 1 each: the ranks' mean is the
         value)."""
@@ -512,12 +522,10 @@ class Trainer:
             return all_reduce_(slots)
 
         self.dro.update(gather)
-        stat_sums["dro_objective"] = self.dro.objective().double()
-        stat_weights["dro_objective"] = 1
+        step_stats.put("dro_objective", self.dro.objective())
         if isinstance(self.dro, GroupDRO):
             for name, q in zip(self.groups.domain_names, self.dro.domain_weights()):
-                stat_sums[f"dro_weight/{name}"] = q.double()
-                stat_weights[f"dro_weight/{name}"] = 1
+                step_stats.put(f"dro_weight/{name}", q)
 
     def train_step(self) -> dict:
         """One optimizer step: this rank's share of the step's `train.batch_groups` groups in
@@ -541,11 +549,8 @@ class Trainer:
         micro = [indices[i:i + t.micro_batch_groups]
                  for i in range(0, len(indices), t.micro_batch_groups)]
         loss_sum = torch.zeros((), device=self.device)
-        # Each statistic as (sum of micro-batch means x their weights, sum of the weights).
-        stat_sums: dict[str, torch.Tensor] = {}
-        stat_weights: dict[str, float] = {}
+        step_stats = StepStats(self.device)
         labelled = getattr(self.groups, "labelled", None)
-        tokens = 0
         start = time.perf_counter()
         if self.dro is not None:
             self._dro_begin()
@@ -559,13 +564,9 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
             n_labelled = len(idx) if labelled is None else sum(labelled[j] for j in idx)
-            for k, v in stats.items():
-                w = n_labelled if k in LABELLED_STATS else len(idx)
-                stat_sums[k] = stat_sums.get(k, 0) + v.detach().double() * w
-                stat_weights[k] = stat_weights.get(k, 0) + w
-            tokens += ntok
+            step_stats.add(stats, ntok, prompts=len(idx), labelled=n_labelled)
         if self.dro is not None:
-            self._dro_end(stat_sums, stat_weights)
+            self._dro_end(step_stats)
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -586,76 +587,20 @@ class Trainer:
         if cfg.aux.mode == "lagged" and self.step % cfg.aux.refresh_every == 0:
             self._refresh_lagged()
         elapsed = time.perf_counter() - start
-        # One collective (on the step's device: NCCL has no CPU tensors) and one host copy for
-        # the step's counters: tokens summed over ranks, statistics' sums and weights too.
-        keys = list(stat_sums)
-        counts = torch.tensor([tokens, *(stat_weights[k] for k in keys)], dtype=torch.float64,
-                              device=self.device)                 # one host-to-device copy
-        totals = all_reduce_(torch.cat([counts, *(stat_sums[k].reshape(1) for k in keys)]))
-        total_tokens, *rest = totals.tolist()
-        weights, stat_values = rest[:len(keys)], rest[len(keys):]
+        # One collective and one host copy: tokens and the statistics over all ranks.
+        total_tokens, means = step_stats.reduce()
         record = {"step": self.step, "loss": loss_sum.item(), "lr": lr,
                   "grad_norm": grad_norm.item(), "tokens": int(total_tokens),
                   "tokens_per_s": total_tokens / max(elapsed, 1e-9),
                   "skipped": int(not finite), "skipped_total": self.skipped_total}
-        for k, v, w in zip(keys, stat_values, weights):
-            if w > 0:
-                record[k] = v / w
+        record.update(means)
         if self._peak_flops:
             # 6 N per token for forward + backward of the policy (reference passes not counted).
             record["mfu"] = 6 * self._n_params * record["tokens_per_s"] / (
                 self._peak_flops * self.dist.world_size)
-        self._check_margins(record)
-        self._track_cv_gap(record)
+        for watch in self.watchers:
+            watch.observe(record)
         return record
-
-    def _track_cv_gap(self, record) -> None:
-        """cv_gap's test (vrpo_fast.cv_gap): the step's labelled prompts' d = term_label -
-        term_mc (their mean and mean square, reduced like every labelled statistic) go into a
-        test over the first pass's labelled prompts, each once, at train.cv_gap_looks fixed
-        steps with train.cv_gap_alpha spread over them; its fields join the record and it warns
-        once. A resumed run replays the steps already in metrics.jsonl, so resuming changes
-        neither the values nor the verdict."""
-        if self.cfg.loss.estimator != "vrpo" or self.M == 0 or "term_mc" not in record:
-            return
-        if not hasattr(self, "_cv_gap"):
-            self._cv_gap = self._new_cv_gap_check(record["step"])
-        fields, message = self._cv_gap_add(self._cv_gap, record)
-        record.update(fields)
-        if message and self.dist.is_main:
-            warnings.warn(message, stacklevel=1)
-
-    def _new_cv_gap_check(self, step: int) -> GapCheck:
-        """The run's GapCheck, with the steps before `step` (a resumed run's) replayed from
-        metrics.jsonl; their warning, if any, was given then."""
-        t = self.cfg.train
-        check = GapCheck(min(t.max_steps, len(self.groups) // t.batch_groups), t.cv_gap_looks,
-                         t.cv_gap_alpha)
-        for r in read_metrics(self.out) if step > 1 else []:
-            if r.get("step", 0) < step and "term_mc" in r:
-                self._cv_gap_add(check, r)
-        return check
-
-    def _cv_gap_add(self, check: GapCheck, record: dict):
-        """Feed step record["step"] to `check`: its count of labelled prompts from the data
-        order, the mean and mean square of their d from the record."""
-        step = record["step"]
-        labelled = getattr(self.groups, "labelled", None)
-        batch = self.stream.global_indices(step - 1)
-        n = len(batch) if labelled is None else sum(labelled[i] for i in batch)
-        if "cv_gap_step" not in record:          # no labelled prompt in the step
-            n = 0
-        return check.add(step, n, record.get("cv_gap_step"), record.get("cv_gap_step_sq"))
-
-    def _check_margins(self, record) -> None:
-        # With the sigmoid loss the VRPO objective is bounded below only through the Monte
-        # Carlo term; a long run on little data can drive margins off to infinity.
-        if not self._warned_margin and abs(record.get("margin", 0.0)) > 50:
-            self._warned_margin = True
-            warnings.warn(f"step {record['step']}: mean chosen-rejected margin "
-                          f"{record['margin']:.1f} is exploding; the sigmoid VRPO objective is "
-                          f"unbounded below on small data: consider loss.loss_type=ramp, a "
-                          f"smaller train.lr or fewer steps", stacklevel=1)
 
     # -- the run -----------------------------------------------------------------------------
 

@@ -1,11 +1,20 @@
 """Metrics: a console progress bar, <output_dir>/metrics.jsonl (one object per optimizer step),
-and optional TensorBoard / Weights & Biases (imported only when enabled)."""
+and optional TensorBoard / Weights & Biases (imported only when enabled); a step's statistics
+reduced over micro-batches and ranks (`StepStats`), and the watchers that read each step's record
+(`MarginWatch`, `CvGapWatch`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
+
+import torch
+
+from vrpo_fast.cv_gap import GapCheck
+from vrpo_fast.objective import LABELLED_STATS
+from vrpo_fast.train.distributed import all_reduce_
 
 # Dense bf16 peak FLOP/s by device name, for MFU (GPU only).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -112,3 +121,108 @@ class MetricsLogger:
 def read_metrics(output_dir) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+class StepStats:
+    """A step's statistics as means over its global batch: each micro-batch's means weighed by
+    its prompts, or by its labelled prompts for `LABELLED_STATS` (left out of a step without
+    labelled prompts), summed over micro-batches and ranks in one collective, with the step's
+    packed tokens."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        # Each statistic as (sum of micro-batch means x their weights, sum of the weights).
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self.tokens = 0
+
+    def add(self, stats: dict, tokens: int, prompts: int, labelled: int) -> None:
+        """One micro-batch's statistics (its means), tokens, prompts and labelled prompts."""
+        for k, v in stats.items():
+            w = labelled if k in LABELLED_STATS else prompts
+            self.sums[k] = self.sums.get(k, 0) + v.detach().double() * w
+            self.weights[k] = self.weights.get(k, 0) + w
+        self.tokens += tokens
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        """A value that is the same on every rank (weight 1 each: the ranks' mean is it)."""
+        self.sums[key] = value.double()
+        self.weights[key] = 1
+
+    def reduce(self) -> tuple[float, dict[str, float]]:
+        """(tokens over all ranks, each statistic's mean over the global batch). One
+        collective (on the step's device: NCCL has no CPU tensors) and one host copy."""
+        stat_sums, stat_weights, tokens = self.sums, self.weights, self.tokens
+        keys = list(stat_sums)
+        counts = torch.tensor([tokens, *(stat_weights[k] for k in keys)], dtype=torch.float64,
+                              device=self.device)                 # one host-to-device copy
+        totals = all_reduce_(torch.cat([counts, *(stat_sums[k].reshape(1) for k in keys)]))
+        total_tokens, *rest = totals.tolist()
+        weights, stat_values = rest[:len(keys)], rest[len(keys):]
+        return total_tokens, {k: v / w for k, v, w in zip(keys, stat_values, weights) if w > 0}
+
+
+class MarginWatch:
+    """With the sigmoid loss the VRPO objective is bounded below only through the Monte Carlo
+    term; a long run on little data can drive margins off to infinity: warns once."""
+
+    def __init__(self):
+        self.warned = False
+
+    def observe(self, record: dict) -> None:
+        if not self.warned and abs(record.get("margin", 0.0)) > 50:
+            self.warned = True
+            warnings.warn(f"step {record['step']}: mean chosen-rejected margin "
+                          f"{record['margin']:.1f} is exploding; the sigmoid VRPO objective is "
+                          f"unbounded below on small data: consider loss.loss_type=ramp, a "
+                          f"smaller train.lr or fewer steps", stacklevel=1)
+
+
+class CvGapWatch:
+    """cv_gap's test (vrpo_fast.cv_gap): the step's labelled prompts' d = term_label -
+    term_mc (their mean and mean square, reduced like every labelled statistic) go into a
+    test over the first pass's labelled prompts, each once, at train.cv_gap_looks fixed
+    steps with train.cv_gap_alpha spread over them; its fields join the record and it warns
+    once. A resumed run replays the steps already in metrics.jsonl, so resuming changes
+    neither the values nor the verdict.
+
+    groups: the run's prompt groups (`labelled`, or None when every prompt is); stream: its
+    GroupStream (which groups each step sees); M: Monte Carlo pairs per prompt."""
+
+    def __init__(self, cfg, groups, stream, M: int, out: Path, *, is_main: bool):
+        self.cfg, self.groups, self.stream, self.out, self.is_main = cfg, groups, stream, out, \
+            is_main
+        self.enabled = cfg.loss.estimator == "vrpo" and M != 0
+        self.check: GapCheck | None = None      # built at the first step observed (resume)
+
+    def observe(self, record: dict) -> None:
+        if not self.enabled or "term_mc" not in record:
+            return
+        if self.check is None:
+            self.check = self._new_check(record["step"])
+        fields, message = self._add(self.check, record)
+        record.update(fields)
+        if message and self.is_main:
+            warnings.warn(message, stacklevel=1)
+
+    def _new_check(self, step: int) -> GapCheck:
+        """The run's GapCheck, with the steps before `step` (a resumed run's) replayed from
+        metrics.jsonl; their warning, if any, was given then."""
+        t = self.cfg.train
+        check = GapCheck(min(t.max_steps, len(self.groups) // t.batch_groups), t.cv_gap_looks,
+                         t.cv_gap_alpha)
+        for r in read_metrics(self.out) if step > 1 else []:
+            if r.get("step", 0) < step and "term_mc" in r:
+                self._add(check, r)
+        return check
+
+    def _add(self, check: GapCheck, record: dict):
+        """Feed step record["step"] to `check`: its count of labelled prompts from the data
+        order, the mean and mean square of their d from the record."""
+        step = record["step"]
+        labelled = getattr(self.groups, "labelled", None)
+        batch = self.stream.global_indices(step - 1)
+        n = len(batch) if labelled is None else sum(labelled[i] for i in batch)
+        if "cv_gap_step" not in record:          # no labelled prompt in the step
+            n = 0
+        return check.add(step, n, record.get("cv_gap_step"), record.get("cv_gap_step_sq"))
