@@ -162,7 +162,7 @@ MUTANTS = [
     Mutant("cv_gap_counts_unlabelled",
            "cv_gap counts a step's groups, not its labelled prompts",
            "vrpo_fast/train/metrics.py",
-           "n = len(batch) if labelled is None else sum(labelled[i] for i in batch)",
+           "n = self.groups.labelled_count(batch)",
            "n = len(batch)",
            ("tests/test_cv_gap.py", "-k", "train_tests")),
     Mutant("cv_gap_no_bonferroni",

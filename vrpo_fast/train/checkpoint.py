@@ -451,7 +451,7 @@ class Checkpointer:
                             f"the checkpoint's values, or start a new train.output_dir")
         # Every rank reads the same manifest and holds the same data: the same verdict.
         saved = read_manifest(path).get("data")
-        now = getattr(self.trainer.groups, "fingerprint", None)
+        now = self.trainer.groups.fingerprint
         if saved is not None and now is not None and saved != now:
             if not self.cfg.train.allow_data_change:
                 raise UserError(f"data.path: {self.cfg.data.path} holds other rows than the "
@@ -484,7 +484,7 @@ class Checkpointer:
         save_checkpoint(self.out, tr.step, tr.policy, tr.optimizer, extra,
                         rank=self.dist.rank, world_size=self.dist.world_size,
                         keep_last=self.cfg.train.keep_last, config_yaml=self.cfg.to_yaml(),
-                        data=getattr(tr.groups, "fingerprint", None), frozen=self._frozen_state())
+                        data=tr.groups.fingerprint, frozen=self._frozen_state())
 
     def _weights_finite(self) -> bool:
         bad = torch.zeros((), device=self.trainer.device)

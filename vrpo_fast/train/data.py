@@ -53,7 +53,39 @@ class GroupBatch:
         return torch.tensor(self._labelled, dtype=torch.bool, device=device)
 
 
-class TrainingGroups:
+class Groups:
+    """The prompt groups a trainer trains on, as its loop reads them: `TrainingGroups`
+    (responses from the data) and `train.rloo.PromptGroups` (prompts only).
+
+        len(groups), select(indices)   the number of groups; a micro-batch of them
+        prompt_ids                     each group's prompt token ids
+        response_ids                   each group's responses' token ids; None: drawn in training
+        labelled                       each group's "has a labelled pair"; None: all have
+        num_mc_pairs                   M, the Monte Carlo pairs per group
+        domain_names, domain_ids       see `domain_index`; both None without domains
+        fingerprint                    the rows' `data_fingerprint` (resume checks it), or None
+    """
+
+    prompt_ids: list[list[int]]
+    domain_names: list[str] | None
+    domain_ids: list[int] | None
+    response_ids: list[list[list[int]]] | None = None
+    labelled: list[bool] | None = None
+    num_mc_pairs: int = 0
+    fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, idx: list[int]):
+        raise NotImplementedError
+
+    def labelled_count(self, indices) -> int:
+        """How many of the groups at `indices` have a labelled pair."""
+        return len(indices) if self.labelled is None else sum(self.labelled[i] for i in indices)
+
+
+class TrainingGroups(Groups):
     """All tokenized groups, truncated to the M Monte Carlo pairs the loss uses.
 
     domains: each example's domain (None for none); when every example has one, domain_names
@@ -79,9 +111,6 @@ class TrainingGroups:
                 ref = [0.0, 0.0] + ref
             self.ref.append(None if ref is None else ref[:K])
             self.labelled.append(bool(ex.labelled))
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
 
     def select(self, idx: list[int]) -> GroupBatch:
         return GroupBatch([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx],

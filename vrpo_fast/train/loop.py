@@ -218,8 +218,8 @@ class Trainer:
     export_class = "AutoModelForCausalLM"    # the Hugging Face class of <output_dir>/final
 
     def load_data(self) -> None:
-        """Load the training data: sets `self.groups` (len(), select(indices) -> a micro-batch
-        of groups; see train.data.TrainingGroups), `self.data_report` and `self.M`, the Monte
+        """Load the training data: sets `self.groups` (a train.data.Groups: len(),
+        select(indices) -> a micro-batch of groups, ...), `self.data_report` and `self.M`, the Monte
         Carlo pairs per prompt. Runs before the model is built."""
         self.groups, self.data_report = load_training_groups(self.cfg, self.tokenizer,
                                                              self.dist)
@@ -273,7 +273,7 @@ class Trainer:
         """A packing budget must hold the largest prompt group (its prompt once and all its
         responses): groups are never split or truncated to fit."""
         budget = self.cfg.train.max_tokens
-        responses = getattr(self.groups, "response_ids", None)   # None: drawn during training
+        responses = self.groups.response_ids    # None: drawn during training
         if budget is None or responses is None:
             return
         largest = max(len(p) + sum(map(len, rs))
@@ -497,11 +497,8 @@ class Trainer:
         """With unlabelled prompts, the factor that makes a labelled prompt's first two terms a
         mean over the labelled prompts of the step's GLOBAL batch (known from the data order, no
         collective), so micro-batches and ranks cannot change the objective."""
-        labelled = getattr(self.groups, "labelled", None)
-        if labelled is None:
-            return None
         batch = self.stream.global_indices(self.step)
-        count = sum(labelled[i] for i in batch)
+        count = self.groups.labelled_count(batch)
         return None if count == len(batch) else len(batch) / max(1, count)
 
     def _dro_begin(self) -> None:
@@ -550,7 +547,6 @@ class Trainer:
                  for i in range(0, len(indices), t.micro_batch_groups)]
         loss_sum = torch.zeros((), device=self.device)
         step_stats = StepStats(self.device)
-        labelled = getattr(self.groups, "labelled", None)
         start = time.perf_counter()
         if self.dro is not None:
             self._dro_begin()
@@ -563,8 +559,8 @@ class Trainer:
             loss, stats, ntok = self.micro_step(self.groups.select(idx))
             loss.backward()
             loss_sum += loss.detach()
-            n_labelled = len(idx) if labelled is None else sum(labelled[j] for j in idx)
-            step_stats.add(stats, ntok, prompts=len(idx), labelled=n_labelled)
+            step_stats.add(stats, ntok, prompts=len(idx),
+                           labelled=self.groups.labelled_count(idx))
         if self.dro is not None:
             self._dro_end(step_stats)
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")

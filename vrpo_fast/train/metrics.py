@@ -186,7 +186,7 @@ class CvGapWatch:
     once. A resumed run replays the steps already in metrics.jsonl, so resuming changes
     neither the values nor the verdict.
 
-    groups: the run's prompt groups (`labelled`, or None when every prompt is); stream: its
+    groups: the run's prompt groups (train.data.Groups); stream: its
     GroupStream (which groups each step sees); M: Monte Carlo pairs per prompt."""
 
     def __init__(self, cfg, groups, stream, M: int, out: Path, *, is_main: bool):
@@ -220,9 +220,8 @@ class CvGapWatch:
         """Feed step record["step"] to `check`: its count of labelled prompts from the data
         order, the mean and mean square of their d from the record."""
         step = record["step"]
-        labelled = getattr(self.groups, "labelled", None)
         batch = self.stream.global_indices(step - 1)
-        n = len(batch) if labelled is None else sum(labelled[i] for i in batch)
+        n = self.groups.labelled_count(batch)
         if "cv_gap_step" not in record:          # no labelled prompt in the step
             n = 0
         return check.add(step, n, record.get("cv_gap_step"), record.get("cv_gap_step_sq"))

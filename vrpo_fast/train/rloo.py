@@ -29,22 +29,18 @@ from vrpo_fast.packing import pack_groups, row_padding, trainer_budget
 from vrpo_fast.passes import SequenceRewards
 from vrpo_fast.samplers import TransformersSampler
 from vrpo_fast.train.checkpoint import data_fingerprint
-from vrpo_fast.train.data import domain_index
+from vrpo_fast.train.data import Groups, domain_index
 from vrpo_fast.train.loop import Trainer
 
 
-class PromptGroups:
-    """Prompts only: the responses are drawn on-policy every step. `domains`: each prompt's
-    domain or None (see train.data.TrainingGroups)."""
-
-    num_mc_pairs = 0
+class PromptGroups(Groups):
+    """Prompts only: the responses are drawn on-policy every step (response_ids None, M = 0,
+    every prompt counted as labelled). `domains`: each prompt's domain or None (see
+    train.data.TrainingGroups)."""
 
     def __init__(self, prompt_ids, domains=None):
         self.prompt_ids = prompt_ids
         self.domain_names, self.domain_ids = domain_index(domains)
-
-    def __len__(self):
-        return len(self.prompt_ids)
 
     def select(self, idx):
         return PromptBatch([self.prompt_ids[i] for i in idx],
