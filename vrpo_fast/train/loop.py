@@ -122,10 +122,15 @@ class Trainer:
 
     A subclass that keeps micro_step and overrides preferences / compute_loss changes only
     the objective; one that overrides micro_step (on-policy sampling) owns the whole
-    micro-batch and returns (loss, stats, tokens) the same way. Either override keeps the
-    two-pass LM head (`lm_head`), so that compute_loss receives the policy's log-probs; the
-    one sweep computes this class's own compute_loss without them.
+    micro-batch and returns (loss, stats, tokens) the same way. A subclass with either
+    override declares `supports_one_sweep = False`: it keeps the two-pass LM head (`lm_head`),
+    so that compute_loss receives the policy's log-probs; the one sweep computes this class's
+    own compute_loss without them.
     """
+
+    # The one sweep (SequenceVRPOLoss: LM head and loss together) computes this class's
+    # objective; False in a subclass that overrides compute_loss or micro_step.
+    supports_one_sweep = True
 
     def __init__(self, cfg: Config, dist: Dist | None = None, *, quiet: bool = False):
         self.cfg = cfg
@@ -447,8 +452,7 @@ class Trainer:
             return choice
         if not isinstance(self.policy, SequenceVRPOLoss):
             why = "the trained model does not give sequence log-probs (this stage's wrap)"
-        elif (type(self).compute_loss is not Trainer.compute_loss
-              or type(self).micro_step is not Trainer.micro_step):
+        elif not self.supports_one_sweep:
             why = f"{type(self).__name__} computes its own loss"
         elif self.dro is not None:
             why = ("DRO weighting (loss.dro_tau / loss.group_dro_eta) couples the groups of a "

@@ -52,6 +52,7 @@ class RewardTrainer(Trainer):
     lagged g from the lagged reward model) and compute_loss (`vrpo_reward_loss`)."""
 
     export_class = "AutoModelForSequenceClassification"
+    supports_one_sweep = False      # its own compute_loss (and rewards, not log-probs)
 
     def __init__(self, cfg, *args, **kwargs):
         if cfg.loss.loss_type == "ipo":

@@ -64,6 +64,8 @@ class RLOOTrainer(Trainer):
     micro_step (draw k samples on-policy, score them, the leave-one-out surrogate), which
     calls prompt_share for the DRO weighting and the global mean."""
 
+    supports_one_sweep = False      # its own micro_step
+
     def __init__(self, cfg, *args, **kwargs):
         if not cfg.rl.reward_model:
             raise UserError("rl.reward_model: train-rl needs a reward model folder")
