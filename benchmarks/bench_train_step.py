@@ -1,4 +1,4 @@
-"""One optimizer step at HH-like lengths (BENCHMARKS.md item 3), each forward + backward +
+"""One optimizer step at HH-like lengths, each forward + backward +
 AdamW on a small Llama-style model: (a) the reference implementation's layout, (b) plain DPO in
 the same naive layout, TRL's DPOTrainer (when installed), (c) vrpo_fast with cached reference
 log-probs (its LM head and loss in two passes, and in one sweep), and the trainer's step with

@@ -1,5 +1,5 @@
 """One TRL training step: TRL's DPOTrainer against VRPOTrainer (vrpo_fast.integrations.trl) on
-the same model and data (issue 20):
+the same model and data:
 
   trl_dpo    DPOTrainer: chosen and rejected each padded in their own row behind a copy of the
              prompt, TRL's chunked fused LM head, a reference forward every step

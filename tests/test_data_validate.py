@@ -1,4 +1,4 @@
-"""Data validation: every problem class of issue 5, in both column forms (the reference
+"""Data validation: every problem class, in both column forms (the reference
 implementation's a_k / *_preference and the list form samples / aux_prefs / ref_logps), in
 standard and conversational text, read from JSONL, Parquet and a saved datasets folder; the
 lines `vrpo-fast check-data` prints (row number and field) and its exit status; the skip policy.

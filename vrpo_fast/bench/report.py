@@ -88,7 +88,7 @@ def train_step_table(rows):
     every = _groups(rows, "train_step")
     if not every:
         return []
-    out = ["### Training step (BENCHMARKS.md item 3)", ""]
+    out = ["### Training step", ""]
     groups = [(shape, by) for shape, by in every if any((v, None) in by for v in STEP_VARIANTS)]
     if groups:
         out += _layout_table(groups) + [""]
@@ -155,7 +155,7 @@ def linear_logprob_tables(rows):
     groups = _groups(rows, "linear_logprob")
     if not groups:
         return []
-    out = ["### Fused linear log-prob (BENCHMARKS.md item 1)", "",
+    out = ["### Fused linear log-prob", "",
            "TFLOP/s count useful work (2NDV forward, 4NDV backward, 6NDV both, 2NDV score: the "
            "forward without gradient); peak memory includes the inputs; the lower bound is "
            "inputs + output (+ gradients).", ""]
@@ -180,7 +180,7 @@ def vrpo_loss_table(rows):
     groups = _groups(rows, "vrpo_loss")
     if not groups:
         return []
-    out = ["### VRPO loss on (B, 2 + 2M) log-probs (BENCHMARKS.md item 2)", "",
+    out = ["### VRPO loss on (B, 2 + 2M) log-probs", "",
            "Microseconds per call, median (min-max); ours = the fused Triton kernel (CUDA "
            "only: on the CPU the dispatch runs the eager formula, so there is no separate "
            "row).", "",
@@ -219,7 +219,7 @@ def packing_tables(rows):
     groups = _groups(rows, "sequence_logps")
     if not groups:
         return []
-    out = ["### Sequence log-probs, packed vs naive (issue 3)", "",
+    out = ["### Sequence log-probs, packed vs naive", "",
            "score = no-grad forward; train = forward + backward. naive/packed is the time "
            "ratio; the token ratio (P + KR) / (K(P + R)) is the packed share of the unpadded "
            "naive tokens (the expected speed-up is at least its inverse).", "",
