@@ -413,3 +413,50 @@ def test_live_weight_updates_match_the_updated_policy_and_do_not_grow_memory(mod
     assert growth < model_bytes, (f"engine memory grew {growth / 2**20:.1f} MiB over "
                                       f"updates 2-5 (a model is {model_bytes / 2**20:.1f} MiB)",
                                       memory)
+
+
+# --- on-policy rounds: one engine, new weights between rounds -------------------------------
+
+
+def test_rounds_sample_from_each_rounds_pi_ref_through_one_live_updated_engine(
+        models, tmp_path, monkeypatch):
+    """`run.rounds: 2` with the vLLM backend: round 0's engine stays up and takes round 0's
+    trained policy in place (update_weights) for round 1; round 1's draws are exactly those a
+    fresh engine on round 0's saved final/ gives for the same prompts and shard seeds."""
+    import shutil
+
+    from helpers import ROOT
+
+    from vrpo_fast.data.tokenize import tokenize_prompt
+    from vrpo_fast.sample import shard_seed
+
+    # A folder of its own: the module's shared engine for this model must not be updated.
+    folder = tmp_path / "pi0"
+    shutil.copytree(models["qwen2"][0], folder)
+    built, updates = [], []
+    real_init, real_update = VLLMSampler.__init__, VLLMSampler.update_weights
+    monkeypatch.setattr(VLLMSampler, "__init__",
+                        lambda self, *a, **k: built.append(a[0]) or real_init(self, *a, **k))
+    monkeypatch.setattr(VLLMSampler, "update_weights",
+                        lambda self, w: updates.append(1) or real_update(self, w))
+    out = tmp_path / "rounds"
+    code = cli_main(["run", "--config", str(ROOT / "configs" / "rounds" / "tiny-rounds.yaml"),
+                     f"--model.path={folder}", "--model.tiny=null", "--model.tokenizer=byte",
+                     "--sample.backend=vllm", "--eval.backend=transformers",
+                     f"--rounds.output={out}", "--rounds.prompts_per_round=8",
+                     "--sample.shard_size=4", "--train.max_steps=4", "--train.batch_groups=4",
+                     "--train.micro_batch_groups=4", "--train.save_every=0",
+                     "--eval.num_prompts=4", "--eval.num_samples=2"])
+    assert code == 0
+    assert built == [str(folder)] and updates == [1]        # one engine, updated once
+
+    tok = byte_tokenizer()
+    rows = shards.read_shards(out / "r1" / "sampled")
+    seed = json.loads((out / "r1" / "sampled" / "provenance.json").read_text())["sampling"]["seed"]
+    n = len(rows[0]["sample_ids"])
+    fresh = VLLMSampler(str(out / "r0" / "train" / "final"), tok, max_new_tokens=8)
+    for index in range(0, len(rows) // 4):
+        part = rows[4 * index:4 * index + 4]
+        drawn = fresh.sample([tokenize_prompt(r["prompt"], tok) for r in part], n,
+                             seed=shard_seed(seed, index))
+        assert [r["sample_ids"] for r in part] == drawn, f"shard {index}"
