@@ -7,8 +7,9 @@
 #
 # Writes OUT/results.json, OUT/results.md (every row with its status, the device, the commit,
 # the versions, the targets met or not) and OUT/gpu_check.log. On a GPU machine that cannot
-# reach a registry, the wheels its image lacks travel in .whl/ (fetched beforehand, here, by
-# ../shared/tools/device-wheels.sh) and are installed first; the checkout itself is installed
+# reach a registry, the wheels its image lacks travel in .whl/ (fetched beforehand where a
+# registry is reachable, e.g. `pip download -d .whl liger-kernel cut-cross-entropy`) and are
+# installed first; the checkout itself is installed
 # into the same folder when `vrpo_fast.kernels` does not import from it as it is. A copy of the
 # tree without .git has no commit: pass it as VRPO_BENCH_COMMIT=$(git rev-parse --short HEAD).
 set -uo pipefail
