@@ -59,7 +59,7 @@ from vrpo_fast.provenance import (
     ids_fingerprint,
     read_provenance,
 )
-from vrpo_fast.sample import choose_backend, make_sampler, sample_row, shard_seed
+from vrpo_fast.sample import choose_backend, make_sampler, shard_drawer
 from vrpo_fast.samplers import stop_token_ids
 from vrpo_fast.stage import run_sharded_stage, shard_count
 
@@ -252,14 +252,7 @@ def sample_round(cfg_r, examples, engine: Engine, *, progress: bool) -> Path:
 
     def setup():
         sampler = engine.for_round(cfg_r, tokenizer, backend, ref)
-        eos_text = tokenizer.eos_token or ""
-
-        def draw_shard(index: int, lo: int, hi: int) -> list[dict]:
-            drawn = sampler.sample(prompt_ids[lo:hi], n, seed=shard_seed(s.seed, index))
-            return [sample_row(ex, ids, tokenizer, sampler.stop_ids, eos_text)
-                    for ex, ids in zip(examples[lo:hi], drawn)]
-
-        return draw_shard
+        return shard_drawer(sampler, examples, prompt_ids, n, s.seed, tokenizer)
 
     return run_sharded_stage(
         out, record, num_items=len(examples), shard_size=s.shard_size, key="rounds.output",

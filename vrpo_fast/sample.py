@@ -171,21 +171,26 @@ def sample_stage(cfg, *, progress: bool = True) -> Path:
         if backend == "vllm":
             ref = None                  # vLLM loads its own copy
         sampler = make_sampler(cfg, tokenizer, backend, ref, engine_args)
-        eos_text = tokenizer.eos_token or ""
-
-        def draw_shard(index: int, lo: int, hi: int) -> list[dict]:
-            drawn = sampler.sample(prompt_ids[lo:hi], s.num_samples,
-                                   seed=shard_seed(s.seed, index))
-            return [sample_row(ex, ids, tokenizer, sampler.stop_ids, eos_text)
-                    for ex, ids in zip(examples[lo:hi], drawn)]
-
-        return draw_shard
+        return shard_drawer(sampler, examples, prompt_ids, s.num_samples, s.seed, tokenizer)
 
     return run_sharded_stage(
         out, record, num_items=len(examples), shard_size=s.shard_size, key="sample.output",
         holds="samples", differs_hint="other model, prompts or sampling settings",
         announce=announce, setup=setup, progress=progress, desc=f"sample ({backend})",
         unit="prompt")
+
+
+def shard_drawer(sampler, examples, prompt_ids, n: int, seed: int, tokenizer):
+    """draw_shard(index, lo, hi) -> the output rows of prompts lo:hi, n responses each, drawn
+    under shard_seed(seed, index): what `run_sharded_stage` calls per shard."""
+    eos_text = tokenizer.eos_token or ""
+
+    def draw_shard(index: int, lo: int, hi: int) -> list[dict]:
+        drawn = sampler.sample(prompt_ids[lo:hi], n, seed=shard_seed(seed, index))
+        return [sample_row(ex, ids, tokenizer, sampler.stop_ids, eos_text)
+                for ex, ids in zip(examples[lo:hi], drawn)]
+
+    return draw_shard
 
 
 def sample_row(ex, sample_ids: list[list[int]], tokenizer, stop_ids, eos_text: str) -> dict:

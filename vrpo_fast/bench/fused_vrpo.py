@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from vrpo_fast.bench.env import Unavailable, device
-from vrpo_fast.bench.linear_logprob import DTYPES, TOLERANCE
+from vrpo_fast.bench.env import device
+from vrpo_fast.bench.linear_logprob import DTYPES, TOLERANCE, fused_cross_entropy
 from vrpo_fast.bench.memory import measure, tensor_bytes
 from vrpo_fast.bench.references import rel_err
 from vrpo_fast.objective import vrpo_loss
@@ -82,18 +82,7 @@ def provider_fn(name: str):
         _compiled = _compiled or torch.compile(eager)     # once per process, as a trainer would
         return _compiled
     if name in ("liger", "cce"):
-        if device() != "cuda":
-            raise Unavailable(f"{name}: its kernels are Triton, CUDA only (GPU-only provider)")
-        try:
-            if name == "liger":
-                from liger_kernel.transformers.functional import (
-                    liger_fused_linear_cross_entropy as fused,
-                )
-            else:
-                from cut_cross_entropy import linear_cross_entropy as fused
-        except ImportError:
-            dist = "liger-kernel" if name == "liger" else "cut-cross-entropy"
-            raise Unavailable(f"{name}: {dist} is not installed") from None
+        fused = fused_cross_entropy(name)
 
         def head(h, w, t, seg, G, K, ref, g):
             return _loss(-fused(h, w, t, reduction="none").float(), seg, G, K, ref, g)

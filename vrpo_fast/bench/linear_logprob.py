@@ -52,6 +52,24 @@ def make_inputs(N: int, D: int, V: int, dtype: str, seed: int = 0):
 _compiled = {}
 
 
+def fused_cross_entropy(name: str):
+    """Liger-Kernel's ("liger") or Cut Cross-Entropy's ("cce") fused linear cross-entropy,
+    (h, w, t, reduction="none") -> per-token loss; Unavailable off CUDA or not installed."""
+    if device() != "cuda":
+        raise Unavailable(f"{name}: its kernels are Triton, CUDA only (GPU-only provider)")
+    try:
+        if name == "liger":
+            from liger_kernel.transformers.functional import (
+                liger_fused_linear_cross_entropy as fused,
+            )
+        else:
+            from cut_cross_entropy import linear_cross_entropy as fused
+    except ImportError:
+        dist = "liger-kernel" if name == "liger" else "cut-cross-entropy"
+        raise Unavailable(f"{name}: {dist} is not installed") from None
+    return fused
+
+
 def provider_fn(name: str, temperature: float = 1.0):
     """(h, w, t) -> (N,) log p(t); raises Unavailable where the provider cannot run here."""
     if name == "eager":
@@ -62,18 +80,7 @@ def provider_fn(name: str, temperature: float = 1.0):
                 lambda h, w, t: eager_linear_logprobs(h, w, t, temperature))
         return _compiled[temperature]
     if name in ("liger", "cce"):
-        if device() != "cuda":
-            raise Unavailable(f"{name}: its kernels are Triton, CUDA only (GPU-only provider)")
-        try:
-            if name == "liger":
-                from liger_kernel.transformers.functional import (
-                    liger_fused_linear_cross_entropy as fused,
-                )
-            else:
-                from cut_cross_entropy import linear_cross_entropy as fused
-        except ImportError:
-            dist = "liger-kernel" if name == "liger" else "cut-cross-entropy"
-            raise Unavailable(f"{name}: {dist} is not installed") from None
+        fused = fused_cross_entropy(name)
         scale = 1.0 / temperature
         return lambda h, w, t: -fused(h * scale if scale != 1.0 else h, w, t, reduction="none")
     if name == "ours":
